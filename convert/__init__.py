@@ -1,0 +1,1 @@
+"""Checkpoint conversion for DiffusionGemma (imported as ``mlx_dgemma.convert``)."""

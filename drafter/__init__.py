@@ -1,0 +1,1 @@
+"""Speculative canvas proposal for DiffusionGemma (imported as ``mlx_dgemma.drafter``)."""

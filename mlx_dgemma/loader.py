@@ -1,0 +1,165 @@
+"""Find a checkpoint (folder, hub id or hub cache), check it, and load it lazily into a ``Model``.
+
+Every problem a user can cause is reported as a one-line ``CheckpointError`` before any heavy work:
+weights are memory-mapped, so nothing is read until it is first used.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelArgs
+from .errors import CheckpointError
+from .model import Model
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt", "*.md"]
+
+
+def resolve(path_or_repo: str | Path) -> Path:
+    """A local folder for ``path_or_repo``: the folder itself, or the hub cache (downloading if allowed)."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    repo = str(path_or_repo)
+    if path.exists() or repo.count("/") != 1 or repo.startswith((".", "/", "~")):
+        raise CheckpointError(f"model folder not found: {path_or_repo} (give a folder or a Hugging Face repo id)")
+    from huggingface_hub import snapshot_download
+
+    try:  # the hub cache first: works offline and costs no request
+        return Path(snapshot_download(repo, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot get {repo} from the Hugging Face hub ({type(e).__name__}) and it is not in the hub cache: "
+            "check the repo id and your network, or pass a local folder"
+        ) from None
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint folder, as a dict."""
+    file = folder / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"no config.json in {folder}: point at a DiffusionGemma checkpoint folder")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}): re-download it") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those the index names, else every ``*.safetensors``."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError):
+            raise CheckpointError(f"{index} is not a valid safetensors index: re-download it") from None
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{len(missing)} weight shard(s) missing in {folder}: {', '.join(missing[:3])}; "
+                "the download is incomplete, fetch the missing files"
+            )
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {folder}: convert or download the checkpoint first")
+    return files
+
+
+def check_safetensors(file: Path) -> None:
+    """Raise if ``file`` is not a complete safetensors file (truncated downloads are the usual cause)."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError("header larger than the file")
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{file} is not a valid safetensors file: re-download or re-convert it") from None
+    if 8 + header_len + end > size:
+        raise CheckpointError(
+            f"{file} is truncated ({size} of {8 + header_len + end} bytes): re-download or re-convert it"
+        )
+
+
+def load_weights(folder: Path) -> dict[str, mx.array]:
+    """Every tensor of a checkpoint, memory-mapped (nothing is read until used)."""
+    weights: dict[str, mx.array] = {}
+    for file in weight_files(folder):
+        check_safetensors(file)
+        weights.update(mx.load(str(file)))
+    return weights
+
+
+def _quantize(model: Model, config: dict[str, Any], weights: dict[str, mx.array]) -> None:
+    """Swap in quantized layers where the checkpoint stores quantized tensors (mlx-lm / mlx-vlm layout)."""
+    q = config.get("quantization") or config.get("quantization_config")
+    if not q or "bits" not in q:
+        return
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if f"{path}.scales" not in weights:
+            return False
+        override = q.get(path)
+        return override if isinstance(override, dict) else True
+
+    nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
+                class_predicate=predicate)
+
+
+def _check_tensors(model: Model, weights: dict[str, mx.array], folder: Path) -> None:
+    expected = dict(_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}"
+                        f"{', ...' if len(unexpected) > 3 else ''})")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} with the wrong shape ({k}: {tuple(weights[k].shape)}, "
+                        f"config says {tuple(expected[k].shape)})")
+    if problems:
+        raise CheckpointError(
+            f"weights in {folder} do not match its config.json: {'; '.join(problems)}; "
+            "the checkpoint is incomplete or its config belongs to another model"
+        )
+
+
+def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, mx.array]]:
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree, prefix=prefix)
+
+
+def load_model(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> Model:
+    """Load a DiffusionGemma text model from a folder or hub id (HF, sharded, or mlx-community layout).
+
+    ``dtype`` casts the floating-point weights (e.g. ``mx.float32`` for CPU tests); default keeps them as stored.
+    """
+    folder = resolve(path_or_repo)
+    config = read_config(folder)
+    model = Model(ModelArgs.from_config(config, source=str(folder / "config.json")))
+    weights = model.sanitize(load_weights(folder))
+    _quantize(model, config, weights)
+    _check_tensors(model, weights, folder)
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    return model

@@ -1,0 +1,94 @@
+"""Tiny random DiffusionGemma checkpoints written by the reference (transformers), and their outputs.
+
+The reference runs in its own process (``tests/reference/make_fixture.py``): our package preloads OpenBLAS,
+which slows torch, and a separate process keeps torch and MLX from sharing a BLAS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent
+MAKE_FIXTURE = ROOT / "reference" / "make_fixture.py"
+
+BASE_TEXT = {
+    "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 48,
+    "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "num_global_key_value_heads": 1,
+    "head_dim": 16, "global_head_dim": 32, "num_experts": 8, "top_k_experts": 2, "sliding_window": 16,
+    "max_position_embeddings": 4096, "use_bidirectional_attention": "vision",
+}
+
+# Prompts (40 tokens) longer than the sliding window (16); batch rows of different lengths.
+SPECS = {
+    "base": {"text": BASE_TEXT, "canvas_length": 8, "seed": 0, "prompt_len": 40, "batch_prompt_lens": [30, 19]},
+    "narrow": {
+        "text": {**BASE_TEXT, "num_attention_heads": 2, "num_key_value_heads": 1, "num_global_key_value_heads": 2,
+                 "head_dim": 32, "global_head_dim": 64, "num_experts": 4, "top_k_experts": 1,
+                 "moe_intermediate_size": 40, "num_hidden_layers": 7},
+        "canvas_length": 12, "seed": 1, "prompt_len": 23, "batch_prompt_lens": [9, 23],
+    },
+    "wide": {
+        "text": {**BASE_TEXT, "hidden_size": 128, "intermediate_size": 128, "moe_intermediate_size": 64,
+                 "num_attention_heads": 8, "num_key_value_heads": 4, "num_global_key_value_heads": 2,
+                 "head_dim": 32, "global_head_dim": 64, "num_experts": 16, "top_k_experts": 4,
+                 "sliding_window": 24, "num_hidden_layers": 12},
+        "canvas_length": 16, "seed": 2, "prompt_len": 64, "batch_prompt_lens": [64, 37],
+    },
+}
+
+
+def reference_env() -> dict[str, str]:
+    """The environment for the reference process: no OpenBLAS preload (it slows torch 3x)."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env["PYTHONHASHSEED"] = "0"
+    return env
+
+
+def make_fixture(spec: dict, out: Path) -> Path:
+    subprocess.run(
+        [sys.executable, str(MAKE_FIXTURE), "--spec", json.dumps(spec), "--out", str(out)],
+        check=True, env=reference_env(), capture_output=True, text=True,
+    )
+    return out
+
+
+class Fixture:
+    """A fixture folder: checkpoints in several layouts plus the reference's outputs."""
+
+    def __init__(self, name: str, folder: Path):
+        self.name, self.folder = name, folder
+        self.ref = dict(np.load(folder / "reference.npz"))
+        self.hf = folder / "hf"
+        self.hf_released = folder / "hf_released"
+        self.spec = SPECS.get(name)
+
+
+_CACHE: dict[str, Fixture] = {}
+
+
+@pytest.fixture(scope="session")
+def fixture_factory(tmp_path_factory):
+    def get(name: str) -> Fixture:
+        if name not in _CACHE:
+            folder = tmp_path_factory.mktemp(f"fixture-{name}")
+            _CACHE[name] = Fixture(name, make_fixture(SPECS[name], folder))
+        return _CACHE[name]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=sorted(SPECS))
+def fixture(request, fixture_factory) -> Fixture:
+    return fixture_factory(request.param)
+
+
+@pytest.fixture(scope="session")
+def base(fixture_factory) -> Fixture:
+    return fixture_factory("base")
