@@ -7,3 +7,7 @@ class DGemmaError(Exception):
 
 class CheckpointError(DGemmaError, ValueError):
     """A model folder, config or weight file that cannot be loaded."""
+
+
+class GenerationError(DGemmaError, ValueError):
+    """A generation request that cannot be served as asked (empty prompt, too long, unsupported option)."""

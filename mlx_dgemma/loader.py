@@ -18,6 +18,8 @@ from .config import ModelArgs
 from .errors import CheckpointError
 from .model import Model
 
+DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt", "*.md"]
 
 
@@ -46,13 +48,9 @@ def resolve(path_or_repo: str | Path) -> Path:
 
 def read_config(folder: Path) -> dict[str, Any]:
     """``config.json`` of a checkpoint folder, as a dict."""
-    file = folder / "config.json"
-    if not file.is_file():
+    if not (folder / "config.json").is_file():
         raise CheckpointError(f"no config.json in {folder}: point at a DiffusionGemma checkpoint folder")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}): re-download it") from None
+    return _read_json(folder / "config.json")
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -154,7 +152,8 @@ def load_model(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> Model
     """
     folder = resolve(path_or_repo)
     config = read_config(folder)
-    model = Model(ModelArgs.from_config(config, source=str(folder / "config.json")))
+    args = ModelArgs.from_config(config, source=str(folder / "config.json"))
+    model = Model(args, _read_json(folder / "generation_config.json"))
     weights = model.sanitize(load_weights(folder))
     _quantize(model, config, weights)
     _check_tensors(model, weights, folder)
@@ -163,3 +162,30 @@ def load_model(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> Model
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     return model
+
+
+def load_tokenizer(path_or_repo: str | Path) -> Any:
+    """The checkpoint's tokenizer (an mlx-lm ``TokenizerWrapper``: HF tokenizer plus streaming detokenizer)."""
+    folder = resolve(path_or_repo)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise CheckpointError(f"no tokenizer (tokenizer.json or tokenizer.model) in {folder}: copy it from the "
+                              "original checkpoint")
+    from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
+
+    eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+    return load_mlx_lm_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+
+
+def load(path_or_repo: str | Path | None = None, dtype: mx.Dtype | None = None) -> tuple[Model, Any]:
+    """Load a model and its tokenizer: a folder, a Hugging Face repo id, or (no argument) the embedded default."""
+    folder = resolve(path_or_repo if path_or_repo is not None else DEFAULT_MODEL)
+    return load_model(folder, dtype), load_tokenizer(folder)
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}): re-download it") from None

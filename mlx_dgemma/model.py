@@ -10,6 +10,8 @@ Reference: transformers 5.23 ``models/diffusion_gemma/modeling_diffusion_gemma.p
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
@@ -249,10 +251,12 @@ class DiffusionGemmaModel(nn.Module):
 class Model(nn.Module):
     """DiffusionGemma's text model: ``encode`` a prompt into a cache, ``denoise`` canvases against it."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, generation_config: dict | None = None):
         super().__init__()
         self.args = args
         self.model = DiffusionGemmaModel(args)
+        # A read-only mapping, kept out of the module tree (plain dicts there are treated as submodules).
+        self.generation_config = MappingProxyType(dict(generation_config or {}))
 
     @property
     def layers(self) -> list[DecoderLayer]:

@@ -57,6 +57,13 @@ def peaked(rng: np.random.Generator, shape: tuple[int, ...], vocab: int, margin:
     return logits.astype(np.float32)
 
 
+def onehot(rng: np.random.Generator, c: int, vocab: int, margin: float) -> np.ndarray:
+    """[c, vocab] logits: `margin` at one random token, 0 elsewhere (entropy set by the margin alone)."""
+    logits = np.zeros((c, vocab), dtype=np.float32)
+    logits[np.arange(c), rng.integers(0, vocab, size=c)] = margin
+    return logits
+
+
 # ---------------------------------------------------------------------------------------------- schedule
 
 
@@ -161,6 +168,8 @@ def test_accept_mask_hand_example() -> None:
     np.testing.assert_array_equal(
         npa(accept_mask(ent, 0.1)), [[False, True, True, True, True], [False, False, True, False, False]]
     )
+    # Sum-before exactly equal to the bound is accepted (<=, as the reference); values exact in float32.
+    np.testing.assert_array_equal(npa(accept_mask(mx.array([[0.5, 0.25, 3.0]]), 0.25)), [[True, True, False]])
 
 
 # ----------------------------------------------------------------------------------------- noise, canvas
@@ -217,10 +226,11 @@ def _stopping_sequence() -> list[tuple[np.ndarray, np.ndarray]]:
         argmax = np.stack([rows[r][s][0] for r in range(2)]).astype(np.int32)
         logits = np.empty((2, c, v), dtype=np.float32)
         for r in range(2):
-            if rows[r][s][1]:  # mean entropy ~1e-20 << threshold
-                logits[r] = peaked(rng, (c,), v, margin=60.0)
-            else:  # mean entropy ~2 >> threshold
-                logits[r] = rng.normal(size=(c, v)) * 0.5
+            near = (s + r) % 2 == 1  # every other entry sits within a factor 3 of the threshold
+            if rows[r][s][1]:  # confident: mean entropy 0.0022 or ~1e-20, threshold 0.005
+                logits[r] = onehot(rng, c, v, 11.0) if near else peaked(rng, (c,), v, margin=60.0)
+            else:  # not confident: mean entropy 0.0136 or ~2
+                logits[r] = onehot(rng, c, v, 9.0) if near else rng.normal(size=(c, v)) * 0.5
         steps.append((argmax, logits))
     return steps
 
@@ -256,6 +266,8 @@ def test_stopping_matches_reference(threshold: int) -> None:
     assert history.shape == (threshold, 2, 6) and history.dtype == mx.int32
     got = []
     for argmax, logits in _stopping_sequence():
+        mean_ent = entropy(mxa(logits)).mean(-1)
+        assert mx.all((mean_ent < 0.0025) | (mean_ent > 0.01)).item()  # not ulp-close to the threshold
         ref_stop = ref(torch.from_numpy(argmax).long(), torch.from_numpy(logits)).numpy()
         stop, history = is_stable_and_confident(mxa(argmax), history, entropy(mxa(logits)), cfg)
         assert stop.dtype == mx.bool_

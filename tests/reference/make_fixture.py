@@ -284,6 +284,21 @@ def run_batch(model: Model, spec: dict, gen: torch.Generator) -> dict[str, torch
     return out
 
 
+def run_generate(model: Model, spec: dict, gen: torch.Generator, prompts: dict) -> dict[str, torch.Tensor]:
+    """generate() with a given starting canvas and one denoising step (E): its commit is the argmax of the
+    first step's processed logits, so it does not depend on the random stream and must match exactly."""
+    vocab, canvas_len = model.config.text_config.vocab_size, spec["canvas_length"]
+    out = {"gen_start": random_ids(gen, (1, canvas_len), vocab)}
+    kwargs = {"max_denoising_steps": 1, "max_new_tokens": canvas_len, "return_dict_in_generate": False}
+    prompt = prompts["prompt"]
+    out["gen_tokens"] = model.generate(prompt, decoder_input_ids=out["gen_start"], **kwargs)[:, prompt.shape[1] :]
+    out["gen_batch_start"] = random_ids(gen, (2, canvas_len), vocab)
+    prompt, mask = prompts["batch_prompt"], prompts["batch_mask"]
+    sequences = model.generate(prompt, attention_mask=mask, decoder_input_ids=out["gen_batch_start"], **kwargs)
+    out["gen_batch_tokens"] = sequences[:, prompt.shape[1] :]
+    return out
+
+
 def to_numpy(name: str, tensor: torch.Tensor) -> np.ndarray:
     if tensor.is_floating_point():
         array = tensor.detach().to(torch.float32).numpy()
@@ -297,6 +312,7 @@ def record_reference(model: Model, spec: dict, path: Path) -> dict[str, np.ndarr
     gen = torch.Generator().manual_seed(spec["seed"] + 1)  # inputs do not reuse the weights' stream
     with torch.no_grad():
         tensors = {**run_single(model, spec, gen), **run_batch(model, spec, gen)}
+        tensors.update(run_generate(model, spec, gen, tensors))
     arrays = {name: to_numpy(name, tensor) for name, tensor in tensors.items()}
     arrays["canvas_length"] = np.int32(spec["canvas_length"])
     np.savez(path, **arrays)

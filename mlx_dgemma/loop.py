@@ -1,0 +1,121 @@
+"""The block-by-block generation loop on token ids: encode → denoise a canvas → commit → encode it → ...
+
+This is ``DiffusionGemmaGenerationMixin.generate`` of the reference, step for step, as a generator of
+events so that callers can stream drafts and commits. Text, chat templates and statistics live in
+``generation.py``; the per-step sampler pieces in ``sampler.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .cache import DiffusionCache
+from .model import Model
+from .sampler import SamplerConfig, denoise_step, finalize_canvas, init_history, initial_canvas
+
+PREFILL_CHUNK = 2048  # encoder positions per call: bounds the activations of a long prompt
+
+
+@dataclass
+class StepEvent:
+    """After each denoising step: the current argmax canvas (the draft a viewer shows)."""
+
+    canvas_index: int
+    step: int  # remaining steps, N..1, as the reference counts them
+    argmax: mx.array  # int32 [B, C]
+    done: mx.array  # bool [B]: rows whose canvas stopped denoising
+
+
+@dataclass
+class CommitEvent:
+    """A committed canvas: tokens after the first EOS are pad; ``finished`` rows have met an EOS."""
+
+    canvas_index: int
+    tokens: mx.array  # int32 [B, C]
+    finished: mx.array  # bool [B]
+    decoder_passes: mx.array  # int32 [B]: passes this canvas cost each row
+
+
+def prefill(model: Model, prompt: mx.array, cache: DiffusionCache, mask: mx.array | None = None) -> None:
+    """Encode a prompt into ``cache`` in chunks (the encoder is causal, so chunking changes nothing)."""
+    for start in range(0, prompt.shape[1], PREFILL_CHUNK):
+        end = start + PREFILL_CHUNK
+        model.encode(prompt[:, start:end], cache, None if mask is None else mask[:, start:end])
+        mx.eval(cache.state_arrays())
+
+
+def denoise_canvas(
+    model: Model,
+    cache: DiffusionCache,
+    cfg: SamplerConfig,
+    key: mx.array,
+    canvas_index: int = 0,
+    start: mx.array | None = None,
+    adaptive_stopping: bool = True,
+) -> Iterator[StepEvent | CommitEvent]:
+    """Denoise one canvas against ``cache``; yields a ``StepEvent`` per step, then the argmax as a commit.
+
+    ``start`` replaces the uniform random starting canvas (the reference's ``decoder_input_ids``).
+    The commit event carries the raw argmax; ``generate_tokens`` finalizes it (EOS, pad).
+    """
+    batch = cache[0].keys.shape[0]
+    init_key, key = mx.random.split(key)
+    canvas = start if start is not None else initial_canvas(init_key, batch, model.args.canvas_length,
+                                                             model.args.vocab_size)
+    canvas = canvas.astype(mx.int32)
+    argmax, sc_logits = canvas, None
+    done = mx.zeros((batch,), dtype=mx.bool_)
+    history = init_history(cfg, batch, canvas.shape[1])
+    passes = mx.zeros((batch,), dtype=mx.int32)
+    for step in range(cfg.max_denoising_steps, 0, -1):
+        key, step_key = mx.random.split(key)
+        passes = passes + (~done).astype(mx.int32)
+        logits = model.denoise(canvas, cache, sc_logits)
+        out = denoise_step(logits, canvas, argmax, sc_logits, done, history, step, step_key, cfg)
+        canvas, argmax, sc_logits, history = out.canvas, out.argmax, out.logits, out.history
+        done = out.done if adaptive_stopping else done
+        mx.eval(canvas, argmax, sc_logits, history, done, passes)
+        yield StepEvent(canvas_index, step, argmax, done)
+        if adaptive_stopping and done.all().item():  # the one host round-trip per step
+            break
+    yield CommitEvent(canvas_index, argmax, done, passes)
+
+
+def generate_tokens(
+    model: Model,
+    cache: DiffusionCache,
+    max_tokens: int,
+    cfg: SamplerConfig,
+    seed: int | None = None,
+    start: mx.array | None = None,
+    adaptive_stopping: bool = True,
+    eos_ids: list[int] | None = None,
+) -> Iterator[StepEvent | CommitEvent]:
+    """Generate up to ``max_tokens`` tokens after the prompt already encoded in ``cache`` (see ``prefill``).
+
+    Each committed canvas is finalized as the reference does (everything after the first EOS becomes
+    pad; a finished row stops) and encoded into the cache before the next canvas is denoised. The caller
+    truncates to ``max_tokens``: canvases are always denoised whole, since the model was trained on them.
+    """
+    a = model.args
+    key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    finished = mx.zeros((cache[0].keys.shape[0],), dtype=mx.bool_)
+    for index in range(math.ceil(max_tokens / a.canvas_length)):
+        key, canvas_key = mx.random.split(key)
+        events = denoise_canvas(model, cache, cfg, canvas_key, index, start if index == 0 else None,
+                                adaptive_stopping)
+        for event in events:
+            if isinstance(event, StepEvent):
+                yield event
+        tokens, finished = finalize_canvas(event.tokens, finished, eos_ids or a.eos_token_id, a.pad_token_id)
+        mx.eval(tokens, finished)
+        yield CommitEvent(index, tokens, finished, event.decoder_passes)
+        if finished.all().item() or (index + 1) * a.canvas_length >= max_tokens:
+            break
+        model.encode(tokens, cache)
+        mx.eval(cache.state_arrays())
