@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, prompt: str) -> int:
     view = CanvasView(sys.stdout) if live else None
     events = stream_generate(
         model, tokenizer, prompt, args.max_tokens, system=args.system,
-        use_chat_template=not args.no_chat_template, thinking=True if args.thinking else None, seed=args.seed,
+        use_chat_template=not args.no_chat_template, thinking=args.thinking, seed=args.seed,
         max_denoising_steps=args.steps, t_max=args.temp_max, t_min=args.temp_min,
         entropy_bound=args.entropy_bound, drafts=live,
     )
