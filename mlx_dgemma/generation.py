@@ -15,6 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from .cache import DiffusionCache
 from .errors import GenerationError
 from .loop import CommitEvent, StepEvent, generate_tokens, prefill
 from .model import Model
@@ -109,8 +110,14 @@ def encode_prompt(
         return list(tokenizer.encode(prompt))
     if system is not None:
         messages = [{"role": "system", "content": system}, *messages]
-    kwargs = {} if thinking is None else {"enable_thinking": thinking}
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    if thinking is None:
+        # The template's own default: mlx-lm's wrapper would otherwise switch thinking on when it spots
+        # thinking tokens in the vocabulary.
+        hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
+        text = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                             enable_thinking=thinking)
     # The template writes its own <bos>; don't let the tokenizer add another.
     return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -171,6 +178,8 @@ def stream_generate(
     confidence_threshold: float | None = None,
     adaptive_stopping: bool = True,
     drafts: bool = True,
+    prompt_ids: Sequence[int] | None = None,
+    cache: DiffusionCache | None = None,
     **unsupported: Any,
 ) -> Iterator[Draft | Commit | Done]:
     """Generate a response, yielding drafts, commits and a final ``Done`` (see the module docstring).
@@ -178,6 +187,10 @@ def stream_generate(
     ``max_tokens`` is exact (default: the checkpoint's ``max_new_tokens``, else 256). Sampler options
     default to the checkpoint's ``generation_config.json``. Autoregressive-only options (``top_p``,
     ``repetition_penalty``, ...) raise a ``GenerationError`` naming the option.
+
+    ``prompt_ids`` are the prompt's token ids, used as given (``prompt`` may then be ``None``). ``cache``
+    is a cache that already holds the first ``cache.offset`` of them (e.g. a previous turn's): only the rest
+    are encoded; it is left holding the prompt and every canvas encoded after it.
     """
     for name in unsupported:
         hint = UNSUPPORTED.get(name, "it is not a DiffusionGemma generation option")
@@ -188,14 +201,21 @@ def stream_generate(
     )
     gen_config = getattr(model, "generation_config", {}) or {}
     max_tokens = max_tokens if max_tokens is not None else gen_config.get("max_new_tokens") or 256
-    ids = encode_prompt(tokenizer, prompt, system, use_chat_template, thinking)
+    if prompt_ids is None:
+        ids = encode_prompt(tokenizer, prompt, system, use_chat_template, thinking)
+    else:
+        ids = list(prompt_ids)
+    cache = cache if cache is not None else model.make_cache()
+    if not ids or cache.offset > len(ids):
+        raise GenerationError(f"prompt_ids has {len(ids)} tokens but the cache already holds {cache.offset}: "
+                              "give a non-empty prompt that the cache is a prefix of")
     check_context(model, len(ids), max_tokens)
     eos = _eos_ids(model, tokenizer)
 
     mx.reset_peak_memory()
     start = time.perf_counter()
-    cache = model.make_cache()
-    prefill(model, mx.array([ids], dtype=mx.int32), cache)
+    encoded = len(ids) - cache.offset
+    prefill(model, mx.array([ids[cache.offset :]], dtype=mx.int32), cache)
     prompt_time = time.perf_counter() - start
     passes, canvases, kept, reason = 0, 0, 0, "length"
     text = _Text(tokenizer)
@@ -223,7 +243,7 @@ def stream_generate(
         canvases=canvases,
         decoder_passes=passes,
         tokens_per_forward=kept / max(passes, 1),
-        prompt_tps=len(ids) / max(prompt_time, 1e-9),
+        prompt_tps=encoded / max(prompt_time, 1e-9),
         generation_tps=kept / max(elapsed - prompt_time, 1e-9),
         peak_memory_gb=mx.get_peak_memory() / 1e9,
     )

@@ -73,3 +73,17 @@ def test_adaptive_stopping_off_runs_every_step(base):
     prefill(model, mx.array(base.ref["prompt"]), cache)
     events = list(generate_tokens(model, cache, 8, cfg, seed=0))
     assert [e.step for e in events if isinstance(e, StepEvent)] == [4]
+
+
+def test_compiled_sampler_step_gives_the_same_tokens(base):
+    """The mx.compile'd step (the default on GPUs) commits exactly what the plain step commits."""
+    model = load_model(base.hf, dtype=mx.float32)
+    cfg = SamplerConfig(max_denoising_steps=3)
+
+    def run(compiled):
+        cache = model.make_cache()
+        prefill(model, mx.array(base.ref["prompt"]), cache)
+        return [np.array(e.tokens) for e in commits(generate_tokens(model, cache, 16, cfg, seed=5, compiled=compiled))]
+
+    plain, compiled = run(False), run(True)
+    assert len(plain) == 2 and all(np.array_equal(a, b) for a, b in zip(plain, compiled))
