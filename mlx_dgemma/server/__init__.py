@@ -1,0 +1,79 @@
+"""``mlx_dgemma.server``: an OpenAI-compatible HTTP server for DiffusionGemma (FastAPI + uvicorn).
+
+    mlx_dgemma.server --model PATH_OR_REPO [--host 127.0.0.1] [--port 8080] [--context-length N]
+                      [--max-concurrency N] [--no-prompt-cache]
+    python -m mlx_dgemma.server ...
+
+Binds to loopback unless ``--host`` says otherwise. Without ``--model`` it serves the embedded (untrained)
+default model.
+
+Endpoints
+    ``GET /v1/models`` (and ``/v1/models/{id}``): the served model, with the context length the server
+    really accepts (the model's native window ``max_position_embeddings``, unless ``--context-length``
+    lowers it) in ``context_length``, ``max_model_len`` and ``max_context_length``.
+    ``POST /v1/chat/completions``: the checkpoint's chat template, with system/developer messages,
+    ``tools`` (passed to the template, which must mention them; tool calls in the answer are returned as
+    text, not parsed into ``tool_calls``) and ``chat_template_kwargs`` (e.g. ``{"enable_thinking": true}``).
+    ``POST /v1/completions``: a raw prompt (one string or one list of token ids), no template.
+    ``GET /health``: queue state and counters (served, cancelled, failed, prompt-cache reused tokens).
+
+Model names: the served id (the ``--model`` argument, a folder's name, or ``default``), the ``--model``
+argument as given, and ``default``; another name is a 404. ``model`` may be omitted.
+
+Generation
+    * ``max_tokens`` / ``max_completion_tokens`` are exact. Without them the answer may use the whole
+      remaining context. The prompt plus ``max_tokens`` rounded up to whole canvases must fit in the
+      context length, else HTTP 400 naming both numbers (code ``context_length_exceeded``).
+    * ``stop`` (a string or a list) ends the answer; the stop sequence is not returned. A stop sequence
+      can span canvases: while streaming, the last ``len(longest stop) - 1`` characters are held back
+      until they cannot start one. ``finish_reason`` is ``stop`` (end of turn or a stop sequence) or
+      ``length`` (``max_tokens`` reached). ``usage.completion_tokens`` counts the answer's tokens (with a
+      stop sequence: the tokens through its end); ``usage.prompt_tokens_details.cached_tokens`` counts
+      the prompt tokens reused from the previous request's encoder cache.
+    * Diffusion options, under their own names: ``max_denoising_steps``, ``t_max``, ``t_min``,
+      ``entropy_bound``, ``seed``; defaults from the checkpoint's ``generation_config.json``.
+    * ``temperature`` T (0 to 2) maps onto the linear temperature schedule: ``t_max = T`` and
+      ``t_min = T * (default t_min / default t_max)``, i.e. ``t_min = T / 2`` with the released
+      defaults (0.8 / 0.4, which T = 0.8 reproduces). T = 0 is served as T = 0.01 (the nearest the
+      schedule gets to greedy) and, when no ``seed`` is given, with seed 0, so that it is reproducible.
+      Giving ``temperature`` together with ``t_max``/``t_min`` is a 400.
+    * Fields we cannot honour are a 400 naming the field unless they carry their "off" value (null
+      always is): ``n``/``best_of`` ≠ 1, ``top_p`` ≠ 1, ``top_k``, ``min_p``, presence / frequency /
+      repetition penalties, ``logprobs``, ``top_logprobs``, ``logit_bias``, ``echo``, ``suffix``,
+      ``response_format`` other than text, ``tool_choice`` other than auto/none, non-text modalities,
+      ``audio``, ``prediction``, ``functions``, ``reasoning_effort``, ``verbosity``. Unknown fields are a
+      400 too. Metadata with no effect on the answer (``user``, ``metadata``, ``store``, ``service_tier``,
+      ``prompt_cache_key``, ``safety_identifier``, ``parallel_tool_calls``) is accepted and ignored.
+
+Streaming (``stream: true``, server-sent events in OpenAI's chunk format)
+    Each committed canvas is sent as soon as it is committed (chat: a first chunk carries the role).
+    ``stream_options.include_usage`` adds the usage chunk (``choices: []``) before ``data: [DONE]``.
+    Extension: ``stream_options.include_drafts: true`` also sends, after every denoising step, a chunk
+    with ``choices: []`` and ``"draft": {"text", "canvas", "step"}``: the canvas being denoised (a
+    preview: it is not part of the answer and stop sequences are not applied to it). The chunk with the
+    ``finish_reason`` (and a non-streaming response) carries ``"diffusion": {"canvases",
+    "decoder_passes", "tokens_per_forward"}``. An error after the stream began is sent as one
+    ``data: {"error": ...}`` event.
+
+Concurrency
+    One worker thread owns MLX and serves requests one at a time, first in first out. At most
+    ``--max-concurrency`` requests may be queued or running; beyond that a 429 (``Retry-After: 1``). A
+    client that disconnects has its request dropped from the queue, or stopped at the next denoising
+    step. An error in one request is answered to that request only.
+
+Prompt cache
+    The encoder cache of the previous request is kept (the prompt alone, and the prompt plus any canvases
+    encoded after it). A prompt that extends one of them (the next turn of the same conversation) encodes
+    only the new tokens; the output is the same as without reuse. Caches are only extended, never
+    trimmed (sliding-window layers cannot be trimmed).
+
+Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 (malformed JSON, an
+invalid or unsupported field, a prompt that does not fit), 404 (unknown model), 429 (busy), 500.
+"""
+
+from __future__ import annotations
+
+from .app import create_app
+from .cli import BackgroundServer, main
+
+__all__ = ["BackgroundServer", "create_app", "main"]

@@ -1,0 +1,5 @@
+"""``python -m mlx_dgemma.server``."""
+
+from . import main
+
+main()

@@ -1,0 +1,430 @@
+"""The OpenAI-compatible server, driven over loopback by the real ``openai`` client and raw HTTP (httpx).
+
+Servers run in-process (uvicorn on a background thread, a free port) on the embedded default model, with
+few denoising steps and small ``max_tokens``; one test starts the real command line in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from mlx_dgemma import DEFAULT_MODEL, generate, load
+from mlx_dgemma.server import BackgroundServer, create_app, main
+from mlx_dgemma.server.protocol import APIError, ChatRequest, schedule, seed_of
+from mlx_dgemma.server.worker import StopScanner
+
+FAST = {"max_denoising_steps": 3}
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The model and tokenizer in this process, to compute what the server should answer."""
+    return load()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with BackgroundServer(create_app(max_concurrency=8)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+
+
+def base(server: BackgroundServer) -> str:
+    return server.url.removesuffix("/v1")
+
+
+def health(server: BackgroundServer) -> dict[str, Any]:
+    return httpx.get(f"{base(server)}/health").json()
+
+
+def chat(client: openai.OpenAI, messages=HELLO, *, seed: int = 0, max_tokens: int = 20, **kw: Any):
+    extra = {**FAST, **kw.pop("extra_body", {})}
+    return client.chat.completions.create(model="default", messages=messages, max_tokens=max_tokens, seed=seed,
+                                          extra_body=extra, **kw)
+
+
+def stream_chat(client: openai.OpenAI, messages=HELLO, **kw: Any) -> list[Any]:
+    return list(chat(client, messages, stream=True, **kw))
+
+
+def content_of(chunks: list[Any]) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+# --- models, health, CLI -------------------------------------------------------------------------------------
+
+
+def test_models_reports_the_native_context(server, reference):
+    model, _ = reference
+    card = httpx.get(f"{server.url}/models").json()["data"][0]
+    native = model.args.max_position_embeddings
+    assert card["id"] == "default"
+    assert card["context_length"] == card["max_model_len"] == native
+    assert health(server)["status"] == "ok"
+
+
+def test_lowered_context_length_is_reported_and_enforced(reference):
+    _, tokenizer = reference
+    with BackgroundServer(create_app(context_length=300)) as srv:
+        card = httpx.get(f"{srv.url}/models").json()["data"][0]
+        assert card["context_length"] == card["max_model_len"] == 300
+        prompt = "count " * 400
+        n = len(tokenizer.encode(prompt))
+        r = httpx.post(f"{srv.url}/completions", json={"prompt": prompt, "max_tokens": 4})
+        assert r.status_code == 400
+        message = r.json()["error"]["message"]
+        assert str(n) in message and "300" in message
+
+
+def test_command_line_serves_on_loopback():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_dgemma.server", "--port", str(port), "--log-level",
+                             "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                card = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+                time.sleep(0.2)
+        assert card["id"] == "default" and card["context_length"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_command_line_rejects_a_context_beyond_the_native_window(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--context-length", "99999999"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "99999999" in err and "native window" in err
+
+
+# --- answers -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_tokens", [1, 45])
+def test_chat_matches_the_library_and_max_tokens_is_exact(client, reference, max_tokens):
+    model, tokenizer = reference
+    r = chat(client, seed=5, max_tokens=max_tokens)
+    expected = generate(model, tokenizer, HELLO, max_tokens=max_tokens, seed=5, **FAST)
+    assert r.choices[0].message.content == expected and r.choices[0].message.role == "assistant"
+    u = r.usage
+    assert u.completion_tokens <= max_tokens
+    assert (r.choices[0].finish_reason == "length") == (u.completion_tokens == max_tokens)
+    assert u.prompt_tokens > 0 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+
+
+def test_streaming_sends_each_canvas_as_it_is_committed(client, reference):
+    model, _ = reference
+    max_tokens = 3 * model.args.canvas_length
+    plain = chat(client, seed=2, max_tokens=max_tokens)
+    arrivals, chunks = [], []
+    for chunk in chat(client, seed=2, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True}):
+        arrivals.append(time.monotonic())
+        chunks.append(chunk)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    texts = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.content]
+    canvases = plain.model_extra["diffusion"]["canvases"]
+    assert len(texts) == canvases == 3  # one chunk per committed canvas
+    assert arrivals[texts[1]] - arrivals[texts[0]] > 0.01  # sent as committed, not replayed at the end
+    assert content_of(chunks) == plain.choices[0].message.content
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finish] == [plain.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_drafts_extension_sends_every_step(client):
+    chunks = stream_chat(client, seed=1, max_tokens=20, stream_options={"include_drafts": True})
+    drafts = [c.model_extra["draft"] for c in chunks if "draft" in (c.model_extra or {})]
+    stats = next(c.model_extra["diffusion"] for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert len(drafts) == stats["decoder_passes"] >= 1
+    assert all(isinstance(d["text"], str) and d["canvas"] == 0 for d in drafts)
+    assert [d["step"] for d in drafts] == list(range(FAST["max_denoising_steps"], 0, -1))[: len(drafts)]
+
+
+def test_completions_stream_and_not(client, reference):
+    model, tokenizer = reference
+    kw = {"model": "default", "prompt": "Once upon a time", "max_tokens": 40, "seed": 3, "extra_body": FAST}
+    r = client.completions.create(**kw)
+    expected = generate(model, tokenizer, "Once upon a time", max_tokens=40, seed=3, use_chat_template=False, **FAST)
+    assert r.choices[0].text == expected and r.object == "text_completion"
+    streamed = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
+    assert streamed[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+def test_stop_sequence_across_canvases_is_not_returned(client, reference):
+    model, _ = reference
+    max_tokens = 3 * model.args.canvas_length
+    full = chat(client, seed=7, max_tokens=max_tokens)
+    parts = [c.choices[0].delta.content for c in stream_chat(client, seed=7, max_tokens=max_tokens)
+             if c.choices and c.choices[0].delta.content]
+    text, cut = "".join(parts), len(parts[0])
+    assert text == full.choices[0].message.content
+    # A 5-character stop sequence that first occurs across the end of the first canvas.
+    stop = next(text[cut - k : cut - k + 5] for k in (2, 1, 3, 4) if text.find(text[cut - k : cut - k + 5]) == cut - k)
+    expected = text[: text.find(stop)]
+    r = chat(client, seed=7, max_tokens=max_tokens, stop=[stop, "never-there"])
+    assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < full.usage.completion_tokens
+    chunks = stream_chat(client, seed=7, max_tokens=max_tokens, stop=stop)
+    assert content_of(chunks) == expected and stop not in content_of(chunks)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+def test_stop_scanner_holds_back_a_possible_start():
+    s = StopScanner(["END"])
+    assert s.feed("abcE") == "ab"  # the last len("END") - 1 characters could begin "END"
+    assert s.feed("Nx") == "cE"
+    assert s.feed("yEND tail") == "Nxy" and s.stop_end == len("abcENxyEND")
+    assert s.flush() == ""
+    s = StopScanner([])
+    assert s.feed("abc") == "abc" and s.flush() == ""
+
+
+def test_temperature_maps_onto_the_schedule(reference):
+    model, _ = reference
+    one = ChatRequest(messages=HELLO, temperature=1.0)
+    assert schedule(one, model) == {"t_max": 1.0, "t_min": 0.5}
+    zero = ChatRequest(messages=HELLO, temperature=0)
+    assert schedule(zero, model) == {"t_max": 0.01, "t_min": 0.005} and seed_of(zero) == 0
+    with pytest.raises(APIError, match="temperature"):
+        schedule(ChatRequest(messages=HELLO, temperature=1.0, t_max=0.9), model)
+
+
+def test_temperature_zero_is_reproducible(client):
+    a = client.chat.completions.create(model="default", messages=HELLO, max_tokens=12, temperature=0,
+                                       extra_body=FAST)
+    b = client.chat.completions.create(model="default", messages=HELLO, max_tokens=12, temperature=0,
+                                       extra_body=FAST)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_system_prompt_and_thinking_reach_the_template(client):
+    plain = chat(client, max_tokens=1).usage.prompt_tokens
+    system = chat(client, [{"role": "system", "content": "Be terse."}, *HELLO], max_tokens=1).usage.prompt_tokens
+    thinking = chat(client, max_tokens=1, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert system > plain and thinking.usage.prompt_tokens != plain
+
+
+# --- concurrency, disconnects, failures ----------------------------------------------------------------------
+
+
+def test_concurrent_requests_are_all_served_correctly(client):
+    seeds = [11, 12, 13, 14]
+    expected = {s: chat(client, seed=s, max_tokens=40).choices[0].message.content for s in seeds}
+    results: dict[int, str] = {}
+
+    def one(seed: int) -> None:
+        if seed % 2:
+            results[seed] = content_of(stream_chat(client, seed=seed, max_tokens=40))
+        else:
+            results[seed] = chat(client, seed=seed, max_tokens=40).choices[0].message.content
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == expected
+
+
+def test_disconnect_mid_stream_frees_the_slot(server, client, reference):
+    model, _ = reference
+    before = health(server)
+    stream = chat(client, seed=1, max_tokens=40 * model.args.canvas_length, stream=True,
+                  extra_body={"max_denoising_steps": 8})
+    start = time.monotonic()
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break  # the first canvas is committed: 39 more would follow
+    stream.close()
+    while health(server)["running"] or health(server)["cancelled"] == before["cancelled"]:
+        assert time.monotonic() - start < 5, "the cancelled request still holds the worker"
+        time.sleep(0.02)
+    r = chat(client, seed=2, max_tokens=8)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    after = health(server)
+    assert after["cancelled"] == before["cancelled"] + 1 and after["served"] == before["served"] + 1
+    assert time.monotonic() - start < 10
+
+
+def test_a_client_gone_before_a_plain_answer_is_cancelled(server, reference):
+    model, _ = reference
+    before = health(server)
+    body = {"messages": HELLO, "max_tokens": 40 * model.args.canvas_length, "max_denoising_steps": 8}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/chat/completions", json=body, timeout=0.5)
+    start = time.monotonic()
+    while health(server)["running"] or health(server)["cancelled"] == before["cancelled"]:
+        assert time.monotonic() - start < 5, "the abandoned request still holds the worker"
+        time.sleep(0.02)
+    assert health(server)["served"] == before["served"]
+
+
+def test_busy_server_answers_429(reference):
+    model, _ = reference
+    with BackgroundServer(create_app(max_concurrency=1)) as srv:
+        c = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0)
+        stream = c.chat.completions.create(model="default", messages=HELLO, stream=True,
+                                           max_tokens=20 * model.args.canvas_length, extra_body=FAST)
+        next(iter(stream))  # the one slot is taken
+        with pytest.raises(openai.RateLimitError, match="max-concurrency 1"):
+            c.chat.completions.create(model="default", messages=HELLO, max_tokens=4)
+        stream.close()
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{base(srv)}/health").json()["running"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert c.chat.completions.create(model="default", messages=HELLO, max_tokens=4, extra_body=FAST).usage
+
+
+def test_a_failing_request_does_not_take_the_server_down(server, client, monkeypatch):
+    import mlx_dgemma.server.worker as worker
+
+    real = worker.stream_generate
+
+    def failing(*args: Any, **kwargs: Any):
+        if kwargs.get("seed") == 666:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "stream_generate", failing)
+    with pytest.raises(openai.InternalServerError, match="boom"):
+        chat(client, seed=666)
+    body = {"messages": HELLO, "stream": True, "seed": 666, "max_tokens": 4}
+    with httpx.stream("POST", f"{server.url}/chat/completions", json=body) as r:
+        chunks = [line for line in r.iter_lines() if line]
+    errors = [json.loads(line[6:]) for line in chunks if line.startswith("data: {\"error\"")]
+    assert errors and "boom" in errors[0]["error"]["message"] and chunks[-1] == "data: [DONE]"
+    assert chat(client, seed=1).choices[0].message.content is not None
+    assert health(server)["failed"] >= 2
+
+
+# --- client errors -------------------------------------------------------------------------------------------
+
+
+def test_malformed_json_is_400(server):
+    r = httpx.post(f"{server.url}/chat/completions", content=b'{"messages": [', headers={
+        "content-type": "application/json"})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert "JSON" in error["message"] and error["type"] == "invalid_request_error"
+    r = httpx.post(f"{server.url}/chat/completions", json={"max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_oversize_prompt_is_400_with_both_numbers(client, reference):
+    model, tokenizer = reference
+    window = model.args.max_position_embeddings
+    prompt = "word " * window
+    n = len(tokenizer.encode(prompt))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="default", prompt=prompt, max_tokens=4)
+    assert str(n) in e.value.message and str(window) in e.value.message
+    with pytest.raises(openai.BadRequestError, match=f"max_tokens={window}") as e:
+        chat(client, max_tokens=window)
+    assert e.value.body["param"] == "max_tokens"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-5", messages=HELLO, max_tokens=4)
+    assert e.value.body["code"] == "model_not_found" and "gpt-5" in e.value.message
+
+
+@pytest.mark.parametrize("field,value", [
+    ("top_p", 0.5), ("logprobs", True), ("n", 2), ("presence_penalty", 0.5), ("frequency_penalty", 1.0),
+    ("logit_bias", {"5": 10}), ("response_format", {"type": "json_object"}), ("tool_choice", "required"),
+    ("top_k", 5), ("banana", 1),
+])
+def test_unsupported_field_is_400_naming_it(server, field, value):
+    r = httpx.post(f"{server.url}/chat/completions", json={"messages": HELLO, "max_tokens": 4, field: value})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == field and field in error["message"]
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(server):
+    neutral = {"top_p": 1, "n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False,
+               "response_format": {"type": "text"}, "user": "me", "max_denoising_steps": 2}
+    r = httpx.post(f"{server.url}/chat/completions", json={"messages": HELLO, "max_tokens": 4, **neutral})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+
+
+# --- prompt cache and agents ---------------------------------------------------------------------------------
+
+
+def test_prompt_cache_is_reused_across_turns_with_the_same_output(client):
+    turn1 = chat(client, seed=1, max_tokens=10)
+    messages = [*HELLO, {"role": "assistant", "content": turn1.choices[0].message.content},
+                {"role": "user", "content": "And then?"}]
+    reused = chat(client, messages, seed=4, max_tokens=30)
+    cached = reused.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < reused.usage.prompt_tokens
+    chat(client, [{"role": "user", "content": "Something else entirely"}], max_tokens=2)
+    fresh = chat(client, messages, seed=4, max_tokens=30)
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    assert fresh.choices[0].message.content == reused.choices[0].message.content
+
+
+TOOLS = [{"type": "function", "function": {"name": "read_file", "description": "Read a file",
+                                            "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]
+
+
+def test_tools_need_a_template_that_takes_them(server):
+    r = httpx.post(f"{server.url}/chat/completions", json={"messages": HELLO, "max_tokens": 4, "tools": TOOLS})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+
+
+def test_agent_finds_a_64k_context_and_chats_in_turns(tmp_path):
+    """A model whose config says 131072 positions, and whose template renders tool definitions."""
+    folder = tmp_path / "long-context"
+    shutil.copytree(DEFAULT_MODEL, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 131072
+    (folder / "config.json").write_text(json.dumps(config))
+    template = (folder / "chat_template.jinja").read_text()
+    tools = "{%- if tools -%}{{- '<tools>' + (tools | tojson) + '</tools>' -}}{%- endif -%}"
+    (folder / "chat_template.jinja").write_text(template.replace("{{- bos_token -}}", "{{- bos_token -}}" + tools, 1))
+    with BackgroundServer(create_app(str(folder))) as srv:
+        models = httpx.get(f"{srv.url}/models").json()["data"]
+        model = models[0]["id"]
+        assert model == "long-context" and models[0]["context_length"] >= 65536  # the agent would refuse below
+        agent = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0)
+        messages: list[dict[str, Any]] = [{"role": "system", "content": "You are a coding agent."}]
+        prompt_tokens = []
+        for turn, ask in enumerate(["List the files.", "Now open the first one."]):
+            messages.append({"role": "user", "content": ask})
+            chunks = list(agent.chat.completions.create(
+                model=model, messages=messages, stream=True, max_tokens=24, stream_options={"include_usage": True},
+                tools=TOOLS, extra_body={**FAST, "seed": turn}))
+            prompt_tokens.append(chunks[-1].usage.prompt_tokens)
+            answer = content_of(chunks)
+            assert answer and chunks[-2].choices[0].finish_reason in ("stop", "length")
+            assert (chunks[-1].usage.prompt_tokens_details.cached_tokens > 0) == (turn > 0)
+            messages.append({"role": "assistant", "content": answer})
+        without_tools = agent.chat.completions.create(model=model, messages=messages[:2], max_tokens=1,
+                                                      extra_body=FAST)
+        assert without_tools.usage.prompt_tokens < prompt_tokens[0]  # the tool definitions reached the template
