@@ -117,7 +117,8 @@ def _quantize(model: Model, config: dict[str, Any], weights: dict[str, mx.array]
                 class_predicate=predicate)
 
 
-def _check_tensors(model: Model, weights: dict[str, mx.array], folder: Path) -> None:
+def check_tensors(model: Model, weights: dict[str, mx.array], folder: Path) -> None:
+    """Raise one line naming missing, unexpected and mis-shaped tensors of a checkpoint."""
     expected = dict(_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -156,7 +157,7 @@ def load_model(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> Model
     model = Model(args, _read_json(folder / "generation_config.json"))
     weights = model.sanitize(load_weights(folder))
     _quantize(model, config, weights)
-    _check_tensors(model, weights, folder)
+    check_tensors(model, weights, folder)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
