@@ -16,6 +16,7 @@ With no --model, runs the small model shipped inside the package."""
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_dgemma.generate", description=DESCRIPTION)
     p.add_argument("--model", help="model folder or Hugging Face repo id (default: the embedded model)")
+    p.add_argument("--adapter-path", help="fine-tuned adapters from mlx_dgemma.train to apply")
     p.add_argument("--prompt", "-p", default="Write a haiku about the sea.",
                    help="the prompt, or '-' to read it from standard input")
     p.add_argument("--system", help="system prompt (passed to the chat template)")
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace, prompt: str) -> int:
     from .generation import Commit, Done, Draft, stream_generate
     from .loader import load
 
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     live = args.show_canvas and sys.stdout.isatty()
     view = CanvasView(sys.stdout) if live else None
     events = stream_generate(

@@ -177,10 +177,20 @@ def load_tokenizer(path_or_repo: str | Path) -> Any:
     return load_mlx_lm_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)
 
 
-def load(path_or_repo: str | Path | None = None, dtype: mx.Dtype | None = None) -> tuple[Model, Any]:
-    """Load a model and its tokenizer: a folder, a Hugging Face repo id, or (no argument) the embedded default."""
+def load(
+    path_or_repo: str | Path | None = None, dtype: mx.Dtype | None = None, adapter_path: str | Path | None = None
+) -> tuple[Model, Any]:
+    """Load a model and its tokenizer: a folder, a Hugging Face repo id, or (no argument) the embedded default.
+
+    ``adapter_path`` applies fine-tuned adapters written by ``mlx_dgemma.train``.
+    """
     folder = resolve(path_or_repo if path_or_repo is not None else DEFAULT_MODEL)
-    return load_model(folder, dtype), load_tokenizer(folder)
+    model = load_model(folder, dtype)
+    if adapter_path is not None:
+        from .train import load_adapters
+
+        load_adapters(model, adapter_path)
+    return model, load_tokenizer(folder)
 
 
 def _read_json(file: Path) -> dict[str, Any]:

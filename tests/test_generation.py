@@ -158,3 +158,33 @@ def test_cli_show_canvas_redraws_on_a_terminal():
     assert proc.wait(timeout=120) == 0
     screen = b"".join(chunks).decode(errors="replace")
     assert "[canvas 1, step 3]" in screen and "\x1b[J" in screen
+
+
+def test_adapter_path_applies_fine_tuned_adapters(tmp_path):
+    """load(adapter_path=...) and the CLI's --adapter-path apply adapters saved by mlx_dgemma.train."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_dgemma.train.lora import LoRAConfig, adapter_config, apply_lora, save_adapters
+
+    model, _ = load()
+    apply_lora(model, LoRAConfig())
+    trained = {k: mx.random.normal(v.shape, key=mx.random.key(i)) * 0.1
+               for i, (k, v) in enumerate(tree_flatten(model.trainable_parameters()))}
+    model.update(tree_unflatten(list(trained.items())))
+    save_adapters(model, tmp_path / "adapters", adapter_config("lora", LoRAConfig(), model.args.num_hidden_layers))
+
+    base, _ = load()
+    tuned, _ = load(adapter_path=tmp_path / "adapters")
+    canvas = mx.arange(model.args.canvas_length)[None] + 20
+    logits = []
+    for m in (base, tuned, model):
+        cache = m.make_cache()
+        m.encode(mx.array([[2, 40, 41, 42]]), cache)
+        logits.append(m.denoise(canvas, cache))
+    assert not mx.allclose(logits[0], logits[1]).item()
+    assert mx.allclose(logits[1], logits[2], atol=1e-4).item()
+    out = cli("--adapter-path", str(tmp_path / "adapters"), "--prompt", "hi", "--max-tokens", "4", "--steps", "2")
+    assert out.returncode == 0, out.stderr
+    bad = cli("--adapter-path", str(tmp_path / "nothing"), "--prompt", "hi")
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr

@@ -1,0 +1,167 @@
+"""Training data: JSONL records → the prompt and answer token ids the model is trained on.
+
+One JSON object per line (blank lines are skipped), either form:
+
+* ``{"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", "content": "..."}]}``
+* ``{"prompt": "...", "completion": "...", "system": "..." (optional)}``
+
+The prompt is exactly what generation feeds the encoder: the chat template over every message but the last, with
+the generation prompt (``generation.encode_prompt``). The answer is the last (assistant) message's text followed
+by the template's end-of-turn token, i.e. the tokens generation must produce, up to the EOS that stops it. Only
+the final assistant turn is supervised; earlier turns are part of the prompt (NeMo's recipe is single-turn SFT).
+A tokenizer without a chat template takes ``prompt``/``completion`` records as raw text, the answer ending in EOS.
+
+A bad line stops loading with a one-line error naming the file and line number.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import DGemmaError
+from ..generation import encode_prompt
+from .errors import TrainError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: prompt ids (encoder) and answer ids (canvases), the answer ending in an EOS id."""
+
+    prompt: list[int]
+    answer: list[int]
+
+
+def num_canvases(answer_length: int, canvas_length: int) -> int:
+    """Canvases that inference needs to produce an answer of ``answer_length`` tokens (at least one)."""
+    return max(1, -(-answer_length // canvas_length))
+
+
+def data_files(path: str | Path) -> tuple[Path, Path | None]:
+    """``(train, valid)`` files: a folder's ``train.jsonl`` and ``valid.jsonl`` (optional), or a single file."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path, None
+    if path.is_dir():
+        train, valid = path / "train.jsonl", path / "valid.jsonl"
+        if not train.is_file():
+            raise TrainError(f"no train.jsonl in {path}: put the training records there (one JSON object a line)")
+        return train, valid if valid.is_file() else None
+    raise TrainError(f"data not found: {path} (give a folder with train.jsonl [and valid.jsonl], or a .jsonl file)")
+
+
+def load_jsonl(
+    path: str | Path,
+    tokenizer: Any,
+    eos_ids: Iterable[int],
+    max_positions: int | None = None,
+    canvas_length: int | None = None,
+) -> list[Example]:
+    """Every record of a JSONL file as an :class:`Example`; raises :class:`TrainError` at the first bad line.
+
+    With ``max_positions`` and ``canvas_length``, an example whose prompt plus answer canvases would not fit
+    the model's context is an error too.
+    """
+    path = Path(path)
+    eos = set(eos_ids)
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                example = encode_record(json.loads(line), tokenizer, eos)
+                _check_fits(example, max_positions, canvas_length)
+            except json.JSONDecodeError as e:
+                raise TrainError(f"{path.name} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except (ValueError, DGemmaError) as e:
+                raise TrainError(f"{path.name} line {number}: {e}") from None
+            examples.append(example)
+    if not examples:
+        raise TrainError(f"{path} has no records: write one JSON object a line")
+    return examples
+
+
+def encode_record(record: Any, tokenizer: Any, eos_ids: set[int]) -> Example:
+    """Token ids of one record (``messages`` or ``prompt``/``completion``); ``ValueError`` says what is wrong."""
+    messages = record_messages(record)
+    answer_text = message_text(messages[-1]).strip()
+    if not answer_text:
+        raise ValueError("the answer (last message / completion) is empty")
+    if getattr(tokenizer, "chat_template", None):
+        prompt = encode_prompt(tokenizer, messages[:-1])
+        end = turn_end(tokenizer, messages, answer_text, eos_ids)
+    elif "prompt" in record and "system" not in record:
+        prompt = encode_prompt(tokenizer, record["prompt"], use_chat_template=False)
+        end = [_first_eos(tokenizer, eos_ids)]
+    else:
+        raise ValueError("chat messages need a chat template, and this tokenizer has none: use prompt/completion")
+    answer = list(tokenizer.encode(answer_text, add_special_tokens=False)) + end
+    return Example(list(prompt), answer)
+
+
+def record_messages(record: Any) -> list[dict[str, Any]]:
+    """The chat messages of a record, checked: at least one prompt message, and an assistant message last."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise ValueError("'messages' must be a list of {\"role\": ..., \"content\": ...} objects")
+        if len(messages) < 2 or messages[-1]["role"] not in ("assistant", "model"):
+            raise ValueError("'messages' needs a prompt message and must end with the assistant's answer")
+        return messages
+    if "prompt" in record and "completion" in record:
+        if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
+            raise ValueError("'prompt' and 'completion' must be strings")
+        if not record["prompt"].strip():
+            raise ValueError("the prompt is empty")
+        system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        return [*system, {"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["completion"]}]
+    raise ValueError(f"expected 'messages' or 'prompt' and 'completion', found keys {sorted(record)}")
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A message's text: its string content, or its text parts joined."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    raise ValueError("a message's 'content' must be a string or a list of text parts")
+
+
+def turn_end(tokenizer: Any, messages: list[dict[str, Any]], answer_text: str, eos_ids: set[int]) -> list[int]:
+    """The tokens the chat template writes after the answer, up to and including the first EOS id.
+
+    For Gemma templates this is the end-of-turn token, which the generation loop stops at.
+    """
+    template = getattr(tokenizer, "_tokenizer", tokenizer)  # the template's own defaults (see encode_prompt)
+    full = template.apply_chat_template(messages, tokenize=False)
+    at = full.rfind(answer_text)
+    if at >= 0:
+        tail = list(tokenizer.encode(full[at + len(answer_text) :], add_special_tokens=False))
+        for i, token in enumerate(tail):
+            if token in eos_ids:
+                return tail[: i + 1]
+    return [_first_eos(tokenizer, eos_ids)]
+
+
+def _first_eos(tokenizer: Any, eos_ids: set[int]) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return eos if eos is not None else min(eos_ids)
+
+
+def _check_fits(example: Example, max_positions: int | None, canvas_length: int | None) -> None:
+    if max_positions is None or canvas_length is None:
+        return
+    needed = len(example.prompt) + num_canvases(len(example.answer), canvas_length) * canvas_length
+    if needed > max_positions:
+        raise ValueError(
+            f"prompt of {len(example.prompt)} and answer of {len(example.answer)} tokens need {needed} positions "
+            f"(answers are denoised in {canvas_length}-token canvases), but the model has {max_positions}: shorten it"
+        )

@@ -1,0 +1,333 @@
+"""The training loop: micro-batches, gradient accumulation, an MLX optimizer, validation, checkpoints, resume.
+
+Everything random in step ``s`` (which examples, which canvas, the noise, self-conditioning, dropout) is drawn from
+generators seeded by ``(seed, s, micro-batch)``, and the optimizer state is checkpointed with the weights. A run
+resumed from a checkpoint therefore continues at the same step with the same losses as an uninterrupted run.
+
+Checkpoint folder (``out``): ``adapters.safetensors`` + ``adapter_config.json`` (see ``lora.py``),
+``optimizer.safetensors`` (the optimizer's state) and ``trainer_state.json`` (step, seed, loss history).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TextIO
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from ..model import Model
+from .data import Example
+from .errors import TrainError
+from .lora import ADAPTER_FILE, _atomic, save_adapters, trainable_weights
+from .objective import Batch, Noise, ObjectiveConfig, choose_canvases, make_batch, sample_noise, training_loss
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZERS = ("adamw", "adam", "sgd")
+VALID_STREAM = 1 << 31  # seeds validation noise apart from every training step
+
+
+@dataclass
+class TrainConfig:
+    """The loop's settings (the objective's are in ``objective``)."""
+
+    iters: int = 100
+    batch_size: int = 1
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # or "cosine": decay to a tenth after ``warmup`` linear steps
+    warmup: int = 0
+    grad_clip: float | None = 1.0
+    val_every: int = 50
+    val_batches: int = 8
+    save_every: int = 100
+    report_every: int = 10
+    seed: int = 0
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainError(f"unknown optimizer {self.optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise TrainError(f"unknown learning-rate schedule {self.lr_schedule!r}: choose constant or cosine")
+        for name, least in (("iters", 0), ("batch_size", 1), ("grad_accum", 1)):
+            if getattr(self, name) < least:
+                raise TrainError(f"{name.replace('_', '-')} must be at least {least} (got {getattr(self, name)})")
+
+
+@dataclass
+class StepLog:
+    """One optimizer step: its losses (means over the micro-batches), tokens trained on, and seconds taken."""
+
+    step: int
+    loss: float
+    diffusion: float
+    encoder: float
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    steps: list[StepLog]  # the steps this call ran
+    val: list[tuple[int, float]]  # (step, validation loss)
+    step: int  # steps completed in all, resumed ones included
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(s.tokens for s in self.steps) / max(sum(s.seconds for s in self.steps), 1e-9)
+
+
+class Progress:
+    """A bar redrawn in place on a terminal; plain lines every ``every`` steps when piped."""
+
+    def __init__(self, total: int, out: TextIO | None = None, every: int = 10):
+        self.out = out if out is not None else sys.stdout
+        self.total, self.every, self.live = total, max(every, 1), self.out.isatty()
+        self.window: list[StepLog] = []
+        self.started = time.perf_counter()
+
+    def update(self, log: StepLog) -> None:
+        self.window = [*self.window[-(self.every - 1) :], log]
+        loss = sum(s.loss for s in self.window) / len(self.window)
+        tps = sum(s.tokens for s in self.window) / max(sum(s.seconds for s in self.window), 1e-9)
+        text = f"step {log.step}/{self.total}  loss {loss:.4f}  {tps:,.0f} tok/s"
+        if self.live:
+            done = int(24 * log.step / max(self.total, 1))
+            self.out.write(f"\r[{'#' * done}{'.' * (24 - done)}] {text}\x1b[K")
+            self.out.flush()
+        elif log.step % self.every == 0 or log.step == self.total:
+            self.line(f"{text}  (diffusion {log.diffusion:.4f}, encoder {log.encoder:.4f})")
+
+    def line(self, text: str) -> None:
+        """A line of its own (validation, checkpoint), below the bar on a terminal."""
+        self.out.write(("\r\x1b[K" if self.live else "") + text + "\n")
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.live:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    """The optimizer ``cfg`` names, with its learning-rate schedule."""
+    lr: Any = cfg.learning_rate
+    if cfg.lr_schedule == "cosine":
+        decay = optim.cosine_decay(cfg.learning_rate, max(cfg.iters - cfg.warmup, 1), cfg.learning_rate / 10)
+        lr = decay
+        if cfg.warmup:
+            ramp = optim.linear_schedule(0.0, cfg.learning_rate, cfg.warmup)
+            lr = optim.join_schedules([ramp, decay], [cfg.warmup])
+    elif cfg.warmup:
+        lr = optim.join_schedules([optim.linear_schedule(0.0, cfg.learning_rate, cfg.warmup),
+                                   lambda _: cfg.learning_rate], [cfg.warmup])
+    if cfg.optimizer == "adamw":
+        return optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return optim.Adam(learning_rate=lr)
+    return optim.SGD(learning_rate=lr, weight_decay=cfg.weight_decay)
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def example_indices(n: int, seed: int, first: int, count: int) -> list[int]:
+    """Examples ``first .. first + count - 1`` of the stream: each epoch a fresh seeded shuffle of all ``n``."""
+    return [int(_epoch_order(n, seed, j // n)[j % n]) for j in range(first, first + count)]
+
+
+class Trainer:
+    """Runs the objective over a data set with an optimizer; saves and resumes checkpoints in ``out``."""
+
+    def __init__(
+        self,
+        model: Model,
+        train_set: Sequence[Example],
+        valid_set: Sequence[Example] | None,
+        out: str | Path,
+        cfg: TrainConfig,
+        adapter_config: dict[str, Any],
+        fill_id: int,
+        progress: Progress | None = None,
+    ):
+        self.model, self.train_set, self.valid_set = model, list(train_set), list(valid_set or [])
+        self.out, self.cfg, self.adapter_config, self.fill_id = Path(out), cfg, adapter_config, fill_id
+        self.progress = progress
+        self.optimizer = make_optimizer(cfg)
+        self.step = 0
+        self.history: list[tuple[int, float]] = []
+        self.val_history: list[tuple[int, float]] = []
+        self._loss_and_grad = nn.value_and_grad(model, self._loss)
+
+    # -- one step ----------------------------------------------------------------------------------------------
+
+    def _loss(self, batch: Batch, noise: Noise) -> tuple[mx.array, mx.array, mx.array]:
+        return training_loss(self.model, batch, noise, self.cfg.objective.encoder_loss_weight)
+
+    def micro_batch(self, step: int, micro: int) -> tuple[Batch, Noise]:
+        """The examples, canvases and noise of micro-batch ``micro`` of step ``step`` (deterministic)."""
+        cfg = self.cfg
+        first = (step * cfg.grad_accum + micro) * cfg.batch_size
+        examples = [self.train_set[i] for i in example_indices(len(self.train_set), cfg.seed, first, cfg.batch_size)]
+        return self._prepare(examples, np.random.default_rng([cfg.seed, step, micro]))
+
+    def _prepare(self, examples: Sequence[Example], rng: np.random.Generator) -> tuple[Batch, Noise]:
+        args = self.model.args
+        batch = make_batch(examples, choose_canvases(examples, args.canvas_length, rng), args.canvas_length,
+                           args.pad_token_id, self.fill_id)
+        return batch, sample_noise(np.array(batch.targets), args.vocab_size, rng, self.cfg.objective)
+
+    def train_step(self, step: int) -> StepLog:
+        """Accumulate the gradients of ``grad_accum`` micro-batches, clip, and take one optimizer step."""
+        start, cfg = time.perf_counter(), self.cfg
+        mx.random.seed((cfg.seed * 1_000_003 + step) % (1 << 32))  # dropout, if any
+        self.model.train()
+        grads, sums, tokens = None, np.zeros(3), 0
+        for micro in range(cfg.grad_accum):
+            batch, noise = self.micro_batch(step, micro)
+            losses, g = self._loss_and_grad(batch, noise)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(grads, losses)
+            sums += [float(x.item()) for x in losses]
+            tokens += batch.num_tokens
+        grads = tree_map(lambda g: g / cfg.grad_accum, grads)
+        if cfg.grad_clip:
+            grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        loss, diffusion, encoder = (float(x) for x in sums / cfg.grad_accum)
+        return StepLog(step + 1, loss, diffusion, encoder, tokens, time.perf_counter() - start)
+
+    def validate(self) -> float | None:
+        """Mean loss over the first ``val_batches`` batches of the validation set, with fixed noise."""
+        if not self.valid_set:
+            return None
+        self.model.eval()
+        size, losses = self.cfg.batch_size, []
+        for i in range(min(self.cfg.val_batches, math.ceil(len(self.valid_set) / size))):
+            examples = self.valid_set[i * size : (i + 1) * size]
+            batch, noise = self._prepare(examples, np.random.default_rng([self.cfg.seed, VALID_STREAM, i]))
+            loss = self._loss(batch, noise)[0]
+            losses.append(float(loss.item()))
+        return sum(losses) / len(losses)
+
+    # -- the run -----------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train from ``self.step`` to ``cfg.iters``, validating and saving as configured.
+
+        Ctrl-C finishes the step under way, saves a checkpoint and raises ``KeyboardInterrupt`` (a second
+        Ctrl-C stops at once, leaving the previous checkpoint).
+        """
+        cfg, logs, vals = self.cfg, [], []
+        try:
+            with _DeferredInterrupt() as interrupt:
+                while self.step < cfg.iters:
+                    logs.append(self._one_step())
+                    if self.valid_set and ((cfg.val_every and self.step % cfg.val_every == 0)
+                                           or self.step == cfg.iters):
+                        vals.append((self.step, self.validate()))
+                        self.val_history.append(vals[-1])
+                        self._say(f"step {self.step}: validation loss {vals[-1][1]:.4f}")
+                    if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.iters:
+                        self.save()
+                    if interrupt.requested:
+                        self.save()
+                        self._say(f"interrupted: checkpoint at step {self.step} in {self.out} (continue with --resume)")
+                        raise KeyboardInterrupt
+        finally:
+            if self.progress:
+                self.progress.close()
+        return TrainResult(logs, vals, self.step)
+
+    def _one_step(self) -> StepLog:
+        log = self.train_step(self.step)
+        self.step = log.step
+        self.history.append((log.step, log.loss))
+        if self.progress:
+            self.progress.update(log)
+        return log
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            self.progress.line(text)
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+
+    def _identity(self) -> dict[str, Any]:
+        """What must not change between a run and its resumption for the data order to stay the same."""
+        c = self.cfg
+        return {"seed": c.seed, "batch_size": c.batch_size, "grad_accum": c.grad_accum,
+                "train_examples": len(self.train_set)}
+
+    def save(self) -> None:
+        """Write the adapters, the optimizer state and the trainer state (each file atomically)."""
+        save_adapters(self.model, self.out, self.adapter_config)
+        state = dict(tree_flatten(self.optimizer.state))
+        _atomic(self.out / OPTIMIZER_FILE, lambda p: mx.save_safetensors(str(p), state))
+        trainer_state = {"step": self.step, **self._identity(), "config": _jsonable(asdict(self.cfg)),
+                         "history": self.history, "val_history": self.val_history}
+        _atomic(self.out / STATE_FILE, lambda p: p.write_text(json.dumps(trainer_state) + "\n"))
+
+    def resume(self) -> int:
+        """Load the checkpoint in ``out`` (weights, optimizer state, step); returns the step it continues at."""
+        file = self.out / STATE_FILE
+        if not file.is_file():
+            raise TrainError(f"nothing to resume in {self.out}: no {STATE_FILE} (start without --resume)")
+        state = json.loads(file.read_text())
+        changed = [k for k, v in self._identity().items() if state.get(k) != v]
+        if changed:
+            k = changed[0]
+            raise TrainError(f"cannot resume {self.out}: {k} was {state.get(k)}, now {self._identity()[k]}; "
+                             "resume with the same data, --seed, --batch-size and --grad-accum")
+        weights = mx.load(str(self.out / ADAPTER_FILE))
+        if set(weights) != set(trainable_weights(self.model)):
+            raise TrainError(f"cannot resume {self.out}: its adapters do not match this run's --lora/--full settings")
+        self.model.load_weights(list(weights.items()), strict=False)
+        self.optimizer.state = tree_unflatten(list(mx.load(str(self.out / OPTIMIZER_FILE)).items()))
+        self.step = int(state["step"])
+        self.history = [tuple(h) for h in state.get("history", [])]
+        self.val_history = [tuple(h) for h in state.get("val_history", [])]
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        return self.step
+
+
+class _DeferredInterrupt:
+    """Within the block, a first Ctrl-C only sets ``requested``; a second one interrupts at once."""
+
+    def __enter__(self) -> _DeferredInterrupt:
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
