@@ -428,3 +428,11 @@ def test_agent_finds_a_64k_context_and_chats_in_turns(tmp_path):
         without_tools = agent.chat.completions.create(model=model, messages=messages[:2], max_tokens=1,
                                                       extra_body=FAST)
         assert without_tools.usage.prompt_tokens < prompt_tokens[0]  # the tool definitions reached the template
+
+
+def test_bad_adapter_path_is_a_one_line_startup_error(tmp_path):
+    from mlx_dgemma import DGemmaError
+
+    with pytest.raises(DGemmaError) as info:
+        create_app(adapter_path=tmp_path / "missing")
+    assert "no adapters" in str(info.value) and "\n" not in str(info.value)

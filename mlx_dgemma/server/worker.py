@@ -188,7 +188,8 @@ class Worker:
     thread that made them, so a model loaded elsewhere could not be evaluated here.
     """
 
-    def __init__(self, model: str | Path | None, max_concurrency: int = 16, prompt_cache: bool = True):
+    def __init__(self, model: str | Path | None, max_concurrency: int = 16, prompt_cache: bool = True,
+                 adapter_path: str | Path | None = None):
         self.max_concurrency, self._use_prompt_cache = max_concurrency, prompt_cache
         self.model: Model  # these three are set on the worker thread, before start() returns
         self.tokenizer: Any
@@ -201,7 +202,7 @@ class Worker:
         self._ready = threading.Event()
         self._stopping = False
         self._load_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, args=(model,), name="mlx_dgemma-worker", daemon=True)
+        self._thread = threading.Thread(target=self._main, args=(model, adapter_path), name="mlx_dgemma-worker", daemon=True)
 
     def start(self) -> None:
         """Start the thread and wait until it has loaded the model; re-raise a loading error here."""
@@ -233,9 +234,9 @@ class Worker:
         self._queue.put(job)
         return job
 
-    def _main(self, model: str | Path | None) -> None:
+    def _main(self, model: str | Path | None, adapter_path: str | Path | None) -> None:
         try:
-            self.model, self.tokenizer = load(model)
+            self.model, self.tokenizer = load(model, adapter_path=adapter_path)
             self.prompt_cache = PromptCache(self.model, self._use_prompt_cache)
         except BaseException as e:
             self._load_error = e
