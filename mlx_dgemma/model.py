@@ -14,6 +14,7 @@ from types import MappingProxyType
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
@@ -76,6 +77,11 @@ class Experts(nn.Module):
         self.down_proj = SwitchLinear(self.intermediate, args.hidden_size, args.num_experts, bias=False)
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        y = self._by_expert(x, idx) if self._per_expert_matmuls() else self._gathered(x, idx)
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+    def _gathered(self, x: mx.array, idx: mx.array) -> mx.array:
+        """``gather_mm``/``gather_qmm`` over all (token, expert) pairs: one fused kernel per projection."""
         x = mx.expand_dims(x, (-2, -3))
         # Grouping tokens by expert makes each expert's weights stream once (mlx-lm's SwitchGLU does the same).
         do_sort = idx.size >= 64
@@ -87,8 +93,41 @@ class Experts(nn.Module):
         y = _switch(self.down_proj, nn.gelu_approx(gate) * up, order_idx, do_sort)
         if do_sort:
             y = _scatter_unsort(y, inv_order, idx.shape)
-        y = y.squeeze(-2)
-        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        return y.squeeze(-2)
+
+    def _per_expert_matmuls(self) -> bool:
+        """On the CPU backend, one BLAS matmul per expert beats ``gather_mm`` ~5x (measured at tenth scale);
+        on a GPU ``gather_mm`` is the fused kernel to use. Quantized and adapted experts always gather."""
+        mode = EXPERT_MATMULS
+        if mode == "auto":
+            mode = "per_expert" if mx.default_device() == mx.cpu else "gather"
+        plain = type(self.gate_up_proj) is SwitchLinear and type(self.down_proj) is SwitchLinear
+        return mode == "per_expert" and plain
+
+    def _by_expert(self, x: mx.array, idx: mx.array) -> mx.array:
+        """Sort (token, expert) pairs by expert and run each expert's tokens as one dense matmul.
+
+        Needs the per-expert counts on the host (one sync per layer), which the CPU backend pays anyway.
+        """
+        k = idx.shape[-1]
+        flat = idx.reshape(-1)
+        order = mx.argsort(flat)
+        counts = np.bincount(np.array(flat), minlength=self.gate_up_proj.weight.shape[0])
+        xs = x.reshape(-1, x.shape[-1])[order // k]
+        dtype = mx.float32  # the CPU has no fast half-precision matmul; weights are upcast per expert
+        outs, start = [], 0
+        for e in np.flatnonzero(counts):
+            seg = xs[start : start + counts[e]].astype(dtype)
+            gate_up = seg @ self.gate_up_proj.weight[e].astype(dtype).T
+            gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
+            outs.append((nn.gelu_approx(gate) * up) @ self.down_proj.weight[e].astype(dtype).T)
+            start += int(counts[e])
+        y = mx.concatenate(outs, axis=0)[mx.argsort(order)]
+        return y.reshape(*idx.shape, -1).astype(x.dtype)
+
+
+# "auto": per-expert matmuls on the CPU backend, gather_mm on GPUs; "gather" / "per_expert" force a path.
+EXPERT_MATMULS = "auto"
 
 
 def _switch(layer: nn.Module, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:

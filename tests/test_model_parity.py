@@ -71,6 +71,17 @@ def test_fp32_parity(fixture):
     assert max(errs.values()) < FP32_TOL, errs
 
 
+@pytest.mark.parametrize("path", ["gather", "per_expert"])
+def test_both_expert_paths_match(base, monkeypatch, path):
+    """gather_mm (the GPU path) and per-expert matmuls (the CPU default) both match the reference."""
+    import mlx_dgemma.model
+
+    monkeypatch.setattr(mlx_dgemma.model, "EXPERT_MATMULS", path)
+    model = load_model(base.hf, dtype=mx.float32)
+    errs = {**run_single(model, base.ref), **run_batch(model, base.ref)}
+    assert max(errs.values()) < FP32_TOL, errs
+
+
 def test_released_sharded_layout_matches(fixture):
     """The released config form (global_head_dim, no per_layer_config), sharded with an index."""
     assert (fixture.hf_released / "model.safetensors.index.json").exists()
