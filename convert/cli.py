@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import re
 import signal
-import sys
 from pathlib import Path
 from types import FrameType
 
-from mlx_dgemma.errors import DGemmaError
+from mlx_dgemma._cli import run_cli
 
 from .errors import ConvertError
 from .lmstudio import DEFAULT_PUBLISHER, LMSTUDIO_NOTE, lmstudio_target
@@ -113,11 +112,4 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return run(args)
-    except DGemmaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: no output folder was written", file=sys.stderr)
-        return 130
+    return run_cli(lambda: run(args), interrupted="interrupted: no output folder was written")

@@ -7,7 +7,7 @@ import shutil
 import sys
 from typing import TextIO
 
-from .errors import DGemmaError
+from ._cli import run_cli
 
 DESCRIPTION = """Generate text with DiffusionGemma: the answer is denoised one canvas (block of tokens) at a time.
 With no --model, runs the small model shipped inside the package."""
@@ -62,14 +62,7 @@ class CanvasView:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    try:
-        return run(args, prompt)
-    except DGemmaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\n[interrupted]", file=sys.stderr)
-        return 130
+    return run_cli(lambda: run(args, prompt))
 
 
 def run(args: argparse.Namespace, prompt: str) -> int:

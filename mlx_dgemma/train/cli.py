@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .._cli import run_cli
 from ..errors import DGemmaError
 
 DESCRIPTION = """Fine-tune DiffusionGemma with its block-diffusion objective (corrupted answer canvases denoised by the
@@ -73,14 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except DGemmaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\n[interrupted]", file=sys.stderr)
-        return 130
+    return run_cli(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:
