@@ -10,6 +10,7 @@ from types import FrameType
 
 from mlx_dgemma._cli import run_cli
 
+from .adapters import fused_source
 from .errors import ConvertError
 from .lmstudio import DEFAULT_PUBLISHER, LMSTUDIO_NOTE, lmstudio_target
 from .pipeline import convert
@@ -23,7 +24,8 @@ stays near the largest tensor; the folder appears complete or not at all."""
 EPILOG = """examples:
   mlx_dgemma.convert --hf-path google/diffusiongemma-26B-A4B-it -q                 # mixed 4-bit, ./<name>-MLX-4bit
   mlx_dgemma.convert --hf-path ./ckpt --mlx-path ./ckpt-8bit -q --q-bits 8
-  mlx_dgemma.convert --hf-path ./ckpt -q --lmstudio --publisher me               # into LM Studio's models folder"""
+  mlx_dgemma.convert --hf-path ./ckpt -q --lmstudio --publisher me               # into LM Studio's models folder
+  mlx_dgemma.convert --hf-path ./ckpt --adapter-path ./adapters -q               # fine-tuned, then quantized"""
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -53,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-recipe", choices=RECIPES, help="mixed (default): experts and self-conditioning at "
                    "--q-bits, embedding, attention, router and dense MLP at 8 bits (the mlx-community recipe); "
                    "uniform: everything at --q-bits")
+    p.add_argument("--adapter-path", help="fine-tuned adapters from mlx_dgemma.train to fuse into the weights "
+                   "first (the output is then text-only)")
     p.add_argument("--drop-vision", action="store_true", help="leave the vision tower out (text only; "
                    "mlx_dgemma never uses it, mlx-vlm and LM Studio can)")
     p.add_argument("--shard-size", default="5GiB", help="maximum size of a weight file, e.g. 2GB or 500MiB "
@@ -96,10 +100,18 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_flags(args)
+    target = output_path(args)
+    if args.adapter_path is None:
+        return _convert(args, args.hf_path, target)
+    with fused_source(args.hf_path, args.adapter_path, target.expanduser().absolute().parent) as fused:
+        return _convert(args, str(fused), target, f"\nFine-tuned: the adapters in `{args.adapter_path}` are fused in.\n")
+
+
+def _convert(args: argparse.Namespace, source: str, target: Path, card: str = "") -> int:
     result = convert(
-        args.hf_path, output_path(args), dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits or 4,
+        source, target, dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits or 4,
         q_group_size=args.q_group_size or 64, q_recipe=args.q_recipe or "mixed", drop_vision=args.drop_vision,
-        shard_size=parse_size(args.shard_size), force=args.force, card_extra=LMSTUDIO_NOTE if args.lmstudio else "",
+        shard_size=parse_size(args.shard_size), force=args.force, card_extra=card + (LMSTUDIO_NOTE if args.lmstudio else ""),
     )
     print(result.summary())
     return 0

@@ -31,10 +31,13 @@ def sidecar_files(source: Path) -> list[Path]:
 
 
 def copy_sidecars(source: Path, dest: Path) -> list[str]:
-    """Copy :func:`sidecar_files` (following hub-cache symlinks); warn when the source has no tokenizer."""
+    """Copy :func:`sidecar_files` (following hub-cache symlinks) and a bundled ``drafter/``; warn when the
+    source has no tokenizer."""
     files = sidecar_files(source)
     for path in files:
         shutil.copyfile(path, dest / path.name)
+    if (source / "drafter" / "config.json").is_file():  # the model's own drafter fits its conversions too
+        shutil.copytree(source / "drafter", dest / "drafter")
     if not any((source / name).is_file() for name in TOKENIZER_FILES):
         print(f"warning: {source} has no tokenizer (tokenizer.json or tokenizer.model): copy it into the output "
               "before generating", file=sys.stderr)

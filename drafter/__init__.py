@@ -1,1 +1,23 @@
-"""Speculative canvas proposal for DiffusionGemma (imported as ``mlx_dgemma.drafter``)."""
+"""Speculative canvas proposal for DiffusionGemma (imported as ``mlx_dgemma.drafter``).
+
+A proposer guesses each canvas; the target verifies it with its own sampler and commit rule
+(``mlx_dgemma.verify``). ``make_proposer("auto" | "none" | "lookup" | PATH, model)`` picks one.
+"""
+
+from .checkpoint import DrafterError, load_drafter, save_drafter, target_identity
+from .model import Drafter, DrafterArgs
+from .propose import DrafterProposer, LookupProposer, NoiseProposer, bundled_drafter, make_proposer
+
+__all__ = [
+    "Drafter",
+    "DrafterArgs",
+    "DrafterError",
+    "DrafterProposer",
+    "LookupProposer",
+    "NoiseProposer",
+    "bundled_drafter",
+    "load_drafter",
+    "make_proposer",
+    "save_drafter",
+    "target_identity",
+]

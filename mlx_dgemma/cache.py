@@ -65,6 +65,10 @@ class DiffusionCache(list):
     def __init__(self, layers: list[FullKVCache | WindowKVCache]):
         super().__init__(layers)
         self.valid: mx.array | None = None
+        # Hidden states of these encoder layers are kept for a drafter (its context features), one
+        # [B, L, len(capture) * hidden] chunk per encode call.
+        self.capture: tuple[int, ...] = ()
+        self.features: list[mx.array] = []
 
     @property
     def offset(self) -> int:
@@ -83,4 +87,4 @@ class DiffusionCache(list):
     def state_arrays(self) -> list[mx.array]:
         """Every array the cache holds, e.g. for ``mx.eval``."""
         arrays = [a for c in self for a in (c.keys, c.values) if a is not None]
-        return arrays + ([self.valid] if self.valid is not None else [])
+        return arrays + ([self.valid] if self.valid is not None else []) + self.features

@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_dgemma.generate", description=DESCRIPTION)
     p.add_argument("--model", help="model folder or Hugging Face repo id (default: the embedded model)")
     p.add_argument("--adapter-path", help="fine-tuned adapters from mlx_dgemma.train to apply")
+    p.add_argument("--drafter", default="auto", help="canvas proposer: auto (the model's own drafter, if it has "
+                   "one), none, lookup (prompt lookup) or a drafter folder")
     p.add_argument("--prompt", "-p", default="Write a haiku about the sea.",
                    help="the prompt, or '-' to read it from standard input")
     p.add_argument("--system", help="system prompt (passed to the chat template)")
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace, prompt: str) -> int:
         model, tokenizer, prompt, args.max_tokens, system=args.system,
         use_chat_template=not args.no_chat_template, thinking=args.thinking, seed=args.seed,
         max_denoising_steps=args.steps, t_max=args.temp_max, t_min=args.temp_min,
-        entropy_bound=args.entropy_bound, drafts=live,
+        entropy_bound=args.entropy_bound, drafts=live, drafter=args.drafter,
     )
     for event in events:
         if isinstance(event, Draft) and view:
@@ -100,6 +102,9 @@ def print_stats(done, out: TextIO) -> None:
     print(f"Generation: {s.generated_tokens} tokens, {s.generation_tps:.1f} tokens-per-sec "
           f"({s.canvases} canvases, {s.decoder_passes} decoder passes, "
           f"{s.tokens_per_forward:.2f} tokens per forward)", file=out)
+    if s.drafter != "none":
+        print(f"Drafter: {s.drafter}, {s.drafted_canvases} canvases drafted, {s.restarted_canvases} rejected",
+              file=out)
     print(f"Finish reason: {done.finish_reason}", file=out)
     print(f"Peak memory: {s.peak_memory_gb:.3f} GB", file=out)
 

@@ -20,6 +20,7 @@ from .errors import GenerationError
 from .loop import CommitEvent, StepEvent, generate_tokens, prefill
 from .model import Model
 from .sampler import SamplerConfig
+from .verify import DraftSession, VerifyConfig
 
 Prompt = str | Sequence[dict[str, Any]]
 
@@ -48,6 +49,9 @@ class GenerationStats:
     prompt_tps: float
     generation_tps: float
     peak_memory_gb: float
+    drafter: str = "none"  # the proposer that drafted canvases (see mlx_dgemma.drafter)
+    drafted_canvases: int = 0  # canvases that started from a draft ...
+    restarted_canvases: int = 0  # ... of which the target rejected (restarted from noise)
 
 
 @dataclass
@@ -180,6 +184,8 @@ def stream_generate(
     drafts: bool = True,
     prompt_ids: Sequence[int] | None = None,
     cache: DiffusionCache | None = None,
+    drafter: Any = "auto",
+    verify: VerifyConfig | None = None,
     **unsupported: Any,
 ) -> Iterator[Draft | Commit | Done]:
     """Generate a response, yielding drafts, commits and a final ``Done`` (see the module docstring).
@@ -191,6 +197,10 @@ def stream_generate(
     ``prompt_ids`` are the prompt's token ids, used as given (``prompt`` may then be ``None``). ``cache``
     is a cache that already holds the first ``cache.offset`` of them (e.g. a previous turn's): only the rest
     are encoded; it is left holding the prompt and every canvas encoded after it.
+
+    ``drafter`` proposes canvases for the model to verify (``mlx_dgemma.drafter.make_proposer``): ``"auto"``
+    (the model folder's own drafter, if any), ``"none"``, ``"lookup"``, a drafter folder or a proposer;
+    ``verify`` sets how drafts are verified. The commit rule stays the model's.
     """
     for name in unsupported:
         hint = UNSUPPORTED.get(name, "it is not a DiffusionGemma generation option")
@@ -205,7 +215,13 @@ def stream_generate(
         ids = encode_prompt(tokenizer, prompt, system, use_chat_template, thinking)
     else:
         ids = list(prompt_ids)
+    from .drafter import make_proposer
+
+    proposer = make_proposer(drafter, model)
     cache = cache if cache is not None else model.make_cache()
+    if cache.offset == 0:
+        cache.capture = getattr(proposer, "capture", ())
+    session = DraftSession(proposer, [ids], verify) if proposer is not None else None
     if not ids or cache.offset > len(ids):
         raise GenerationError(f"prompt_ids has {len(ids)} tokens but the cache already holds {cache.offset}: "
                               "give a non-empty prompt that the cache is a prefix of")
@@ -220,7 +236,7 @@ def stream_generate(
     passes, canvases, kept, reason = 0, 0, 0, "length"
     text = _Text(tokenizer)
     events = generate_tokens(model, cache, max_tokens, cfg, seed=seed, adaptive_stopping=adaptive_stopping,
-                             eos_ids=sorted(eos))
+                             eos_ids=sorted(eos), drafts=session)
     for event in events:
         if isinstance(event, StepEvent):
             if drafts:
@@ -246,6 +262,9 @@ def stream_generate(
         prompt_tps=encoded / max(prompt_time, 1e-9),
         generation_tps=kept / max(elapsed - prompt_time, 1e-9),
         peak_memory_gb=mx.get_peak_memory() / 1e9,
+        drafter=proposer.name if proposer is not None else "none",
+        drafted_canvases=session.drafted if session is not None else 0,
+        restarted_canvases=session.restarted if session is not None else 0,
     )
     yield Done(text.sent, reason, stats)
 

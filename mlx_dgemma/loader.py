@@ -162,6 +162,7 @@ def load_model(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> Model
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
+    model.source = str(folder)  # where a bundled drafter would be (``mlx_dgemma.drafter``)
     return model
 
 

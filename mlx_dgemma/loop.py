@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import mlx.core as mx
@@ -18,6 +18,7 @@ import mlx.core as mx
 from .cache import DiffusionCache
 from .model import Model
 from .sampler import SamplerConfig, StepOutput, denoise_step, finalize_canvas, init_history, initial_canvas
+from .verify import DraftSession, Proposal, VerifyConfig, agreement, draft_start
 
 PREFILL_CHUNK = 2048  # encoder positions per call: bounds the activations of a long prompt
 
@@ -40,6 +41,9 @@ class CommitEvent:
     tokens: mx.array  # int32 [B, C]
     finished: mx.array  # bool [B]
     decoder_passes: mx.array  # int32 [B]: passes this canvas cost each row
+    argmax: mx.array | None = None  # int32 [B, C]: the raw committed argmax, before EOS/pad finalization
+    drafted: bool = False  # denoising started from a proposal (see verify.py)
+    restarted: bool = False  # ... which the target rejected: it started over from noise
 
 
 def prefill(model: Model, prompt: mx.array, cache: DiffusionCache, mask: mx.array | None = None) -> None:
@@ -82,10 +86,12 @@ def denoise_canvas(
     start: mx.array | None = None,
     adaptive_stopping: bool = True,
     step_fn: Callable[..., StepOutput] | None = None,
+    history: mx.array | None = None,
 ) -> Iterator[StepEvent | CommitEvent]:
     """Denoise one canvas against ``cache``; yields a ``StepEvent`` per step, then the argmax as a commit.
 
-    ``start`` replaces the uniform random starting canvas (the reference's ``decoder_input_ids``).
+    ``start`` replaces the uniform random starting canvas (the reference's ``decoder_input_ids``), and
+    ``history`` the empty argmax history of the stability test (a drafted canvas seeds it: ``verify.py``).
     The commit event carries the raw argmax; ``generate_tokens`` finalizes it (EOS, pad).
     """
     batch = cache[0].keys.shape[0]
@@ -95,7 +101,7 @@ def denoise_canvas(
     canvas = canvas.astype(mx.int32)
     argmax, sc_logits = canvas, None
     done = mx.zeros((batch,), dtype=mx.bool_)
-    history = init_history(cfg, batch, canvas.shape[1])
+    history = history if history is not None else init_history(cfg, batch, canvas.shape[1])
     passes = mx.zeros((batch,), dtype=mx.int32)
     step_fn = step_fn or sampler_step(cfg)
     for step in range(cfg.max_denoising_steps, 0, -1):
@@ -112,6 +118,40 @@ def denoise_canvas(
     yield CommitEvent(canvas_index, argmax, done, passes)
 
 
+def denoise_drafted(
+    model: Model,
+    cache: DiffusionCache,
+    cfg: SamplerConfig,
+    key: mx.array,
+    canvas_index: int,
+    proposal: Proposal,
+    vcfg: VerifyConfig,
+    adaptive_stopping: bool = True,
+    step_fn: Callable[..., StepOutput] | None = None,
+) -> Iterator[StepEvent | CommitEvent]:
+    """Denoise one canvas starting from a draft; as ``denoise_canvas`` with ``key`` if the target rejects it.
+
+    The target's first pass reads the draft (part of it re-noised) with the stability history seeded from
+    it, so a draft the target's argmax reproduces, confidently, commits after that pass. If the first
+    pass agrees with less than ``vcfg.guard`` of the drafted positions, the canvas is denoised again from
+    noise exactly as without a draft (same key), one pass dearer.
+    """
+    start_key, draft_key = mx.random.split(mx.random.split(key, 3)[2])  # apart from the plain path's keys
+    start, history = draft_start(proposal, start_key, model.args.vocab_size, vcfg.renoise, cfg)
+    events = denoise_canvas(model, cache, cfg, draft_key, canvas_index, start, adaptive_stopping, step_fn, history)
+    first = next(events)
+    assert isinstance(first, StepEvent)
+    yield first
+    if not first.done.all().item() and agreement(first.argmax, proposal) < vcfg.guard:
+        for event in denoise_canvas(model, cache, cfg, key, canvas_index, None, adaptive_stopping, step_fn):
+            if isinstance(event, CommitEvent):
+                event = replace(event, decoder_passes=event.decoder_passes + 1, drafted=True, restarted=True)
+            yield event
+        return
+    for event in events:
+        yield replace(event, drafted=True) if isinstance(event, CommitEvent) else event
+
+
 def generate_tokens(
     model: Model,
     cache: DiffusionCache,
@@ -122,12 +162,15 @@ def generate_tokens(
     adaptive_stopping: bool = True,
     eos_ids: list[int] | None = None,
     compiled: bool | None = None,
+    drafts: DraftSession | None = None,
 ) -> Iterator[StepEvent | CommitEvent]:
     """Generate up to ``max_tokens`` tokens after the prompt already encoded in ``cache`` (see ``prefill``).
 
     Each committed canvas is finalized as the reference does (everything after the first EOS becomes
     pad; a finished row stops) and encoded into the cache before the next canvas is denoised. The caller
     truncates to ``max_tokens``: canvases are always denoised whole, since the model was trained on them.
+    With ``drafts``, each canvas starts from its proposer's draft while the session keeps it on (``verify.py``);
+    the commit rule stays the target's.
     """
     a = model.args
     key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
@@ -135,14 +178,22 @@ def generate_tokens(
     step_fn = sampler_step(cfg, compiled)
     for index in range(math.ceil(max_tokens / a.canvas_length)):
         key, canvas_key = mx.random.split(key)
-        events = denoise_canvas(model, cache, cfg, canvas_key, index, start if index == 0 else None,
-                                adaptive_stopping, step_fn)
+        given = start if index == 0 else None
+        proposal = drafts.propose(model, cache) if drafts is not None and given is None else None
+        if proposal is not None:
+            events = denoise_drafted(model, cache, cfg, canvas_key, index, proposal, drafts.config,
+                                     adaptive_stopping, step_fn)
+        else:
+            events = denoise_canvas(model, cache, cfg, canvas_key, index, given, adaptive_stopping, step_fn)
         for event in events:
             if isinstance(event, StepEvent):
                 yield event
         tokens, finished = finalize_canvas(event.tokens, finished, eos_ids or a.eos_token_id, a.pad_token_id)
         mx.eval(tokens, finished)
-        yield CommitEvent(index, tokens, finished, event.decoder_passes)
+        if drafts is not None:
+            drafts.commit(tokens, event)
+        yield CommitEvent(index, tokens, finished, event.decoder_passes, event.tokens, event.drafted,
+                          event.restarted)
         if finished.all().item() or (index + 1) * a.canvas_length >= max_tokens:
             break
         model.encode(tokens, cache)

@@ -312,7 +312,8 @@ class Model(nn.Module):
         """Run the causal encoder over ``input_ids`` [B, L], appending their keys/values to ``cache``.
 
         ``mask`` [B, L] marks real tokens (1) and left padding (0) of batched prompts. Positions continue after
-        what the cache holds, shared by all rows, as in the reference. Returns the final hidden states.
+        what the cache holds, shared by all rows, as in the reference. Returns the final hidden states; the
+        hidden states after the layers in ``cache.capture`` are appended to ``cache.features`` (a drafter's).
         """
         decoder = self.model.decoder
         B, L = input_ids.shape
@@ -320,9 +321,14 @@ class Model(nn.Module):
         masks = {kind: self._encoder_mask(cache, kind, L, valid) for kind in ("sliding", "full")}
         h = decoder.embed(input_ids)
         scalars = self.model.encoder.language_model.layers
-        for layer, scalar, c in zip(decoder.layers, scalars, cache):
+        captured = []
+        for i, (layer, scalar, c) in enumerate(zip(decoder.layers, scalars, cache)):
             mask_l = masks["sliding" if layer.self_attn.is_sliding else "full"]
             h = layer(h, c, mask_l, write=True, layer_scalar=scalar.layer_scalar)
+            if i in cache.capture:
+                captured.append(h)
+        if captured:
+            cache.features.append(mx.concatenate(captured, axis=-1))
         cache.extend_valid(mask, B, L)
         return decoder.norm(h)
 

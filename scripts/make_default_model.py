@@ -1,6 +1,6 @@
-"""Write the small, untrained DiffusionGemma checkpoint embedded in mlx_dgemma (``mlx_dgemma/default_model/``).
+"""Write a small, untrained DiffusionGemma checkpoint: the skeleton ``train_demo.py`` trains into the embedded model.
 
-    python scripts/make_default_model.py [OUT_DIR]      # default: mlx_dgemma/default_model
+    python scripts/make_default_model.py OUT_DIR
 
 The checkpoint has the real DiffusionGemma architecture (encoder-decoder sharing one set of weights, 5 sliding +
 1 full attention layers, k=v full layers with proportional RoPE, dense MLP + mixture of experts, self-conditioning,
@@ -8,8 +8,9 @@ a tiny Gemma 4 vision tower) at a tiny size, in the layout of the released ``goo
 (``global_head_dim`` / ``num_global_key_value_heads`` in config.json, no ``per_layer_config``), with a small
 byte-level BPE tokenizer trained here on a built-in English + code corpus, and a Gemma-style chat template.
 
-Its weights are RANDOM: it is untrained and produces gibberish. It exists so that ``mlx_dgemma.generate`` and the
-tests run the whole path (tokenizer, chat template, encoder, denoising loop, streaming) on any machine, offline.
+Its weights are RANDOM (well-conditioned: random norms and scales around a trained model's magnitudes): it is
+untrained. ``train_demo.py`` builds its skeleton with these functions, at its own sizes and with a tokenizer trained
+on its task, then trains it.
 
 Pure torch + transformers (the reference, ``transformers==5.23.0``) + tokenizers: this script never imports mlx.
 Deterministic (fixed seeds) and quick (a few seconds). It ends by reloading what it wrote with transformers
@@ -47,7 +48,6 @@ from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
 from transformers.models.gemma4 import Gemma4VisionConfig
 from transformers.utils import logging as hf_logging
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "mlx_dgemma" / "default_model"
 SEED = 0
 DTYPE = torch.bfloat16  # as the released checkpoint; float32 would make the folder ~10 MB
 
@@ -293,7 +293,7 @@ def build_corpus(seed: int) -> list[str]:
     return lines
 
 
-def train_tokenizer(corpus: list[str]) -> Tokenizer:
+def train_tokenizer(corpus: list[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer:
     """Byte-level BPE (digits split one by one, as Gemma does), <bos> prepended to raw text."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -301,7 +301,7 @@ def train_tokenizer(corpus: list[str]) -> Tokenizer:
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -316,8 +316,8 @@ def train_tokenizer(corpus: list[str]) -> Tokenizer:
             ),
         ]
     )
-    if tok.get_vocab_size() != VOCAB_SIZE:
-        raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, not {VOCAB_SIZE}: enlarge the corpus")
+    if tok.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, not {vocab_size}: enlarge the corpus")
     for token, idx in TOKEN_ID.items():
         if tok.token_to_id(token) != idx:
             raise RuntimeError(f"special token {token} has id {tok.token_to_id(token)}, expected {idx}")
@@ -346,15 +346,15 @@ def save_tokenizer(tok: Tokenizer, out: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def build_config() -> DiffusionGemmaConfig:
+def build_config(text: dict | None = None, canvas_length: int = CANVAS_LENGTH) -> DiffusionGemmaConfig:
     # global_head_dim / num_global_key_value_heads go in as kwargs: __post_init__ turns them into per_layer_config.
     return DiffusionGemmaConfig(
-        text_config=DiffusionGemmaTextConfig(**TEXT),
+        text_config=DiffusionGemmaTextConfig(**(text or TEXT)),
         vision_config=Gemma4VisionConfig(**TINY_VISION),
         boi_token_id=TOKEN_ID["<start_of_image>"],
         eoi_token_id=TOKEN_ID["<end_of_image>"],
         image_token_id=TOKEN_ID["<image_soft_token>"],
-        canvas_length=CANVAS_LENGTH,
+        canvas_length=canvas_length,
     )
 
 
@@ -396,9 +396,9 @@ def randomise_(model: DiffusionGemmaForBlockDiffusion, gen: torch.Generator) -> 
             uniform_(layer.layer_scalar, gen)
 
 
-def build_model() -> DiffusionGemmaForBlockDiffusion:
+def build_model(text: dict | None = None, canvas_length: int = CANVAS_LENGTH) -> DiffusionGemmaForBlockDiffusion:
     torch.manual_seed(SEED)  # the default init (vision tower) draws from the global generator
-    model = DiffusionGemmaForBlockDiffusion(build_config()).eval()
+    model = DiffusionGemmaForBlockDiffusion(build_config(text, canvas_length)).eval()
     randomise_(model, torch.Generator().manual_seed(SEED))
     model.generation_config = DiffusionGemmaGenerationConfig(
         **GENERATION, sampler_config=EntropyBoundSamplerConfig(entropy_bound=ENTROPY_BOUND)
@@ -601,7 +601,7 @@ def digest(out: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", nargs="?", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("out", type=Path, help="output folder")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -553,3 +553,37 @@ def test_progress_bar_on_a_terminal_only():
     quiet.advance(10, 5_000_000)
     quiet.close()
     assert piped.getvalue() == ""
+
+
+def test_adapter_path_fuses_adapters_before_converting(tmp_path):
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_dgemma.train import LoRAConfig, apply_lora
+    from mlx_dgemma.train.lora import adapter_config, save_adapters
+
+    model = load_model(DEFAULT_MODEL, mx.float32)
+    mx.random.seed(0)
+    lora = LoRAConfig(rank=4, alpha=8)
+    apply_lora(model, lora)
+    trained = [(k, 0.05 * mx.random.normal(v.shape)) for k, v in tree_flatten(model.trainable_parameters())]
+    model.update(tree_unflatten(trained))  # lora_b starts at zero: give the adapters an effect
+    adapters = tmp_path / "adapters"
+    save_adapters(model, adapters, adapter_config("lora", lora, len(model.layers)))
+
+    out = tmp_path / "out" / "fused"
+    argv = ["--hf-path", str(DEFAULT_MODEL), "--mlx-path", str(out), "--adapter-path", str(adapters)]
+    assert convert_cli.main(argv) == 0
+    assert [p.name for p in out.parent.iterdir()] == ["fused"]  # the temporary fused folder is gone
+    assert "adapters" in (out / "README.md").read_text()
+
+    def logits(m) -> np.ndarray:
+        cache = m.make_cache()
+        m.encode(mx.array([[2, 4, 40, 41, 42, 43, 5]]), cache)
+        return np.array(m.denoise(mx.arange(10, 10 + m.args.canvas_length)[None], cache))
+
+    adapted = logits(load(DEFAULT_MODEL, mx.float32, adapter_path=adapters)[0])
+    plain = logits(load(DEFAULT_MODEL, mx.float32)[0])
+    converted = logits(load(out, mx.float32)[0])
+    err, effect = np.abs(converted - adapted).max(), np.abs(plain - adapted).max()
+    print(f"fused (bf16) vs adapters: {err:.3g}; adapters' effect {effect:.3g}")
+    assert err < 0.05 * effect  # bf16 rounding of the fused weights

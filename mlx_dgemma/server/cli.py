@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_dgemma.server", description=DESCRIPTION)
     p.add_argument("--model", help="model folder or Hugging Face repo id (default: the embedded model)")
     p.add_argument("--adapter-path", help="fine-tuned adapters from mlx_dgemma.train to apply")
+    p.add_argument("--drafter", default="auto", help="canvas proposer: auto (the model's own drafter, if it has "
+                   "one), none, lookup (prompt lookup) or a drafter folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--context-length", type=int,
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         app = create_app(args.model, context_length=args.context_length, max_concurrency=args.max_concurrency,
-                         prompt_cache=not args.no_prompt_cache, adapter_path=args.adapter_path)
+                         prompt_cache=not args.no_prompt_cache, adapter_path=args.adapter_path,
+                         drafter=args.drafter)
     except DGemmaError as e:
         print(f"mlx_dgemma.server: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -18,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..cache import DiffusionCache, FullKVCache, WindowKVCache
+from ..drafter import make_proposer
 from ..errors import DGemmaError
 from ..generation import Commit, Done, Draft, stream_generate
 from ..loader import load
@@ -139,7 +140,7 @@ def copy_cache(cache: DiffusionCache) -> DiffusionCache:
             new_f.offset = c.offset
             layers.append(new_f)
     out = DiffusionCache(layers)
-    out.valid = cache.valid
+    out.valid, out.capture, out.features = cache.valid, cache.capture, list(cache.features)
     mx.eval(out.state_arrays())
     return out
 
@@ -189,8 +190,9 @@ class Worker:
     """
 
     def __init__(self, model: str | Path | None, max_concurrency: int = 16, prompt_cache: bool = True,
-                 adapter_path: str | Path | None = None):
+                 adapter_path: str | Path | None = None, drafter: str | Path | None = "auto"):
         self.max_concurrency, self._use_prompt_cache = max_concurrency, prompt_cache
+        self.proposer: Any = None  # the drafter serving every request (mlx_dgemma.drafter), or None
         self.model: Model  # these three are set on the worker thread, before start() returns
         self.tokenizer: Any
         self.prompt_cache: PromptCache
@@ -202,7 +204,8 @@ class Worker:
         self._ready = threading.Event()
         self._stopping = False
         self._load_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, args=(model, adapter_path), name="mlx_dgemma-worker", daemon=True)
+        self._thread = threading.Thread(target=self._main, args=(model, adapter_path, drafter),
+                                        name="mlx_dgemma-worker", daemon=True)
 
     def start(self) -> None:
         """Start the thread and wait until it has loaded the model; re-raise a loading error here."""
@@ -234,10 +237,11 @@ class Worker:
         self._queue.put(job)
         return job
 
-    def _main(self, model: str | Path | None, adapter_path: str | Path | None) -> None:
+    def _main(self, model: str | Path | None, adapter_path: str | Path | None, drafter: str | Path | None) -> None:
         try:
             self.model, self.tokenizer = load(model, adapter_path=adapter_path)
             self.prompt_cache = PromptCache(self.model, self._use_prompt_cache)
+            self.proposer = make_proposer(drafter, self.model)
         except BaseException as e:
             self._load_error = e
             return
@@ -272,7 +276,8 @@ class Worker:
         cache, kept, cached = self._prefill(ids, job.plan.cache_points)
         answer = _Answer(job, self.tokenizer, len(ids), cached)
         events = stream_generate(self.model, self.tokenizer, None, job.plan.max_tokens, prompt_ids=ids, cache=cache,
-                                 seed=job.plan.seed, drafts=True, **job.plan.sampler)
+                                 seed=job.plan.seed, drafts=True, drafter=self.proposer or "none",
+                                 **job.plan.sampler)
         finished = False
         try:
             for event in events:
@@ -294,6 +299,8 @@ class Worker:
         the end of the prompt), and how many tokens came from the prompt cache."""
         cache, kept = self.prompt_cache.take(ids)
         cached = cache.offset
+        if cached == 0:
+            cache.capture = getattr(self.proposer, "capture", ())  # the drafter reads these layers' features
         self.prompt_cache.keep([])  # until this request has made its own
         for point in sorted({p for p in [*points, len(ids)] if p > cache.offset}):
             prefill(self.model, mx.array([ids[cache.offset : point]], dtype=mx.int32), cache)

@@ -1,0 +1,117 @@
+"""Verifying drafted canvases with the target's own sampler: the settings, the seeded start, the session.
+
+A proposer (``mlx_dgemma.drafter``: the trained drafter, prompt lookup) guesses a whole canvas. The target then
+denoises from that guess instead of from uniform noise (``loop.denoise_drafted``):
+
+1. A fraction ``renoise`` of the drafted positions is replaced by uniform noise, so the target must predict
+   those itself rather than copy its input.
+2. The stability history of the stopping test is seeded with the draft. The stopping test is unchanged: the
+   target's argmax must equal the previous argmax (here: the draft) at every position, and the target's own
+   mean entropy must be under the confidence threshold. A draft the target agrees with commits after one pass;
+   one it partly agrees with is denoised further by the target's own loop.
+3. Guard: if the first pass agrees with fewer than ``guard`` of the drafted positions, the canvas is denoised
+   again from noise exactly as without a draft.
+4. A session whose drafted canvases keep getting rejected switches its proposer off (``DraftSession``).
+
+What is committed is always the target's argmax, under the target's commit rule (or at the step limit): a draft
+can save passes, never lower the bar.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import mlx.core as mx
+
+from .errors import DGemmaError
+from .sampler import SamplerConfig, init_history, initial_canvas
+
+if TYPE_CHECKING:
+    from .cache import DiffusionCache
+    from .model import Model
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """How drafts are verified; the defaults are what ``scripts/eval_drafter.py`` measured as best."""
+
+    renoise: float = 0.25  # fraction of drafted positions re-noised before the target's first pass
+    guard: float = 0.5  # first-pass agreement below this: restart the canvas from noise
+    min_success: float = 0.3  # a session whose drafts succeed less often than this ...
+    patience: int = 4  # ... after this many drafted canvases turns its proposer off
+
+    def __post_init__(self) -> None:
+        for name in ("renoise", "guard", "min_success"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise DGemmaError(f"VerifyConfig.{name} must be between 0 and 1 (got {value!r})")
+        if self.patience < 1:
+            raise DGemmaError(f"VerifyConfig.patience must be at least 1 (got {self.patience!r})")
+
+
+@dataclass
+class Proposal:
+    """A drafted canvas: ``canvas`` int32 [B, C]; ``drafted`` bool [B, C] marks the positions it proposes
+    (the others are noise the target denoises as usual)."""
+
+    canvas: mx.array
+    drafted: mx.array
+
+
+class Proposer(Protocol):
+    """What ``DraftSession`` drives: ``begin`` a generation, ``propose`` each canvas, see each ``commit``."""
+
+    name: str
+
+    def begin(self, prompt_ids: list[list[int]]) -> None: ...
+
+    def propose(self, model: Model, cache: DiffusionCache) -> Proposal | None: ...
+
+    def commit(self, tokens: list[list[int]]) -> None: ...
+
+
+def draft_start(
+    proposal: Proposal, key: mx.array, vocab: int, renoise: float, cfg: SamplerConfig
+) -> tuple[mx.array, mx.array]:
+    """The target's first input (draft with ``renoise`` of it replaced by noise) and the seeded history."""
+    noise_key, pick_key = mx.random.split(key)
+    B, C = proposal.canvas.shape
+    keep = proposal.drafted & (mx.random.uniform(shape=(B, C), key=pick_key) >= renoise)
+    canvas = mx.where(keep, proposal.canvas, initial_canvas(noise_key, B, C, vocab)).astype(mx.int32)
+    history = init_history(cfg, B, C)
+    history = mx.where(proposal.drafted[None], proposal.canvas.astype(mx.int32)[None], history)
+    return canvas, history
+
+
+def agreement(argmax: mx.array, proposal: Proposal) -> float:
+    """Fraction of the drafted positions where the target's argmax equals the draft (1.0 if none drafted)."""
+    drafted = proposal.drafted.sum().item()
+    if drafted == 0:
+        return 1.0
+    return ((argmax == proposal.canvas) & proposal.drafted).sum().item() / drafted
+
+
+class DraftSession:
+    """One generation's proposer and its record: it switches the proposer off when drafts keep failing."""
+
+    def __init__(self, proposer: Proposer, prompt_ids: list[list[int]], config: VerifyConfig | None = None):
+        self.proposer, self.config = proposer, config or VerifyConfig()
+        self.active = True
+        self.drafted = self.restarted = 0
+        proposer.begin(prompt_ids)
+
+    def propose(self, model: Model, cache: DiffusionCache) -> Proposal | None:
+        """The proposer's draft of the next canvas, or None (switched off, or nothing to propose)."""
+        return self.proposer.propose(model, cache) if self.active else None
+
+    def commit(self, tokens: mx.array, event: Any) -> None:
+        """Record a committed canvas (finalized tokens [B, C]) and how its draft fared."""
+        self.proposer.commit(tokens.tolist())
+        if not event.drafted:
+            return
+        self.drafted += 1
+        self.restarted += bool(event.restarted)
+        success = 1.0 - self.restarted / self.drafted
+        if self.drafted >= self.config.patience and success < self.config.min_success:
+            self.active = False

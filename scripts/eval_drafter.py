@@ -1,0 +1,130 @@
+"""The drafter on the demo model's held-out set: no drafter vs prompt lookup vs the bundled drafter.
+
+    python scripts/eval_drafter.py [--model PATH] [--drafter PATH] [--n 200] [--seed 0] [--json FILE]
+
+Every setting answers the same held-out records with the same seeds (paired). Reported per setting: exact match
+(95% Wilson interval), target decoder passes per canvas, tokens per forward, wall time per canvas; then the paired
+difference in exact match against no drafter (with its 95% interval), the drafter's time as a fraction of one
+target pass (both timed here, same process), and a projection for google/diffusiongemma-26B-A4B-it from FLOPs and
+bytes at the measured passes per canvas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import demo_task
+from eval_demo import HEADER, EvalResult, evaluate
+
+import mlx_dgemma  # noqa: F401 (first: on Linux it loads a fast BLAS before mlx)
+
+
+def paired_difference(a: list[bool], b: list[bool]) -> tuple[float, float, float]:
+    """Mean of b - a over paired items and its 95% normal interval."""
+    d = [int(y) - int(x) for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(n - 1, 1))
+    half = 1.96 * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def time_pass(model, tokenizer, proposer, prompt: str, reps: int = 30) -> tuple[float, float]:
+    """Seconds per target decoder pass and per drafter proposal, on the same cache (the first canvas)."""
+    import mlx.core as mx
+
+    from mlx_dgemma.generation import encode_prompt
+    from mlx_dgemma.loop import prefill
+
+    cache = model.make_cache()
+    cache.capture = proposer.capture
+    prefill(model, mx.array([encode_prompt(tokenizer, prompt)]), cache)
+    canvas = mx.zeros((1, model.args.canvas_length), dtype=mx.int32)
+
+    def clock(fn) -> float:
+        mx.eval(fn())
+        start = time.perf_counter()
+        for _ in range(reps):
+            mx.eval(fn())
+        return (time.perf_counter() - start) / reps
+
+    def propose():
+        proposer.begin([[]])
+        return proposer.propose(model, cache).canvas
+
+    return clock(lambda: model.denoise(canvas, cache)), clock(propose)
+
+
+def projection(passes_none: float, passes_drafted: float) -> str:
+    """Per-canvas cost of the 26B target with and without a drafter, from FLOPs and bytes (assumptions stated)."""
+    canvas, hidden, vocab = 256, 2816, 262_144
+    active, total = 3.8e9, 25.2e9  # parameters: active per token, all (every expert wakes for a 256-token canvas)
+    drafter_params = 0.37e9  # 4 layers at hidden 2816 + fusion of 6 target layers (see README)
+    head = 2 * hidden * vocab * canvas  # the LM head over the canvas, shared by both
+    target_flops, drafter_flops = 2 * active * canvas + head, 2 * drafter_params * canvas + head
+    target_bytes, drafter_bytes = total * 0.56, drafter_params * 2 + vocab * hidden * 0.56  # 4.5 bits, bf16
+    bandwidth, compute = 400e9, 30e12  # an M3/M4 Max class Mac: bytes/s, half-precision FLOP/s
+    t_target = max(target_flops / compute, target_bytes / bandwidth)
+    t_drafter = max(drafter_flops / compute, drafter_bytes / bandwidth)
+    none, drafted = passes_none * t_target, passes_drafted * t_target + t_drafter
+    return (f"26B projection (assumed {bandwidth / 1e9:.0f} GB/s, {compute / 1e12:.0f} TFLOP/s, 4.5-bit target): "
+            f"target pass {1000 * t_target:.0f} ms, drafter {1000 * t_drafter:.0f} ms "
+            f"({t_drafter / t_target:.0%} of a pass); per canvas {1000 * none:.0f} ms without, "
+            f"{1000 * drafted:.0f} ms with the drafter at the measured passes ({none / drafted:.1f}x)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="target (default: the embedded demo model)")
+    parser.add_argument("--drafter", default="auto", help="drafter folder (default: the model's own)")
+    parser.add_argument("--n", type=int, default=200, help="held-out records (default 200)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+
+    import mlx.core as mx
+
+    from mlx_dgemma import load
+    from mlx_dgemma.drafter import make_proposer
+
+    # This CPU multiplies bf16 ~10x slower than fp32: evaluate in fp32 there (a Mac runs the stored bf16).
+    model, tokenizer = load(args.model, mx.float32 if mx.default_device() == mx.cpu else None)
+    items = demo_task.split("test", args.n)
+    drafter = make_proposer(args.drafter, model)
+    if drafter is None:
+        raise SystemExit("error: no drafter for this model: give --drafter PATH")
+    settings = {"no drafter": "none", "prompt lookup": "lookup", "drafter": drafter}
+    results: dict[str, EvalResult] = {}
+    hits: dict[str, list[bool]] = {}
+    for label, spec in settings.items():
+        results[label] = evaluate(model, tokenizer, items, label, args.seed, drafter=spec)
+        hits[label] = results[label].hits
+    print(HEADER)
+    for result in results.values():
+        print(result.row())
+    base = results["no drafter"]
+    for label in ("prompt lookup", "drafter"):
+        mean, low, high = paired_difference(hits["no drafter"], hits[label])
+        ratio = (base.decoder_passes / base.canvases) / (results[label].decoder_passes / results[label].canvases)
+        speed = (base.seconds / base.canvases) / (results[label].seconds / results[label].canvases)
+        print(f"{label}: exact match {mean:+.1%} vs no drafter (95% CI {low:+.1%} to {high:+.1%}); "
+              f"{ratio:.2f}x fewer target passes, {speed:.2f}x wall time")
+    t_pass, t_draft = time_pass(model, tokenizer, drafter, items[0].prompt)
+    print(f"drafter proposal {1000 * t_draft:.2f} ms = {t_draft / t_pass:.0%} of a target decoder pass "
+          f"({1000 * t_pass:.2f} ms), measured here")
+    d = results["drafter"]
+    print(projection(base.decoder_passes / base.canvases, d.decoder_passes / d.canvases))
+    if args.json:
+        figures: dict = {label: r.summary() for label, r in results.items()}
+        figures["drafter_fraction_of_pass"] = t_draft / t_pass
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Distil the bundled drafter for the embedded demo model (``mlx_dgemma/default_model/drafter/``).
+
+    python scripts/train_demo_drafter.py [--prompts 5000] [--iters 3000] [--layers 3] [--resume]
+
+The prompts come from the demo task's training split (``demo_task.py``): the held-out test set stays unseen by the
+drafter too. The work is ``mlx_dgemma.drafter.train``'s: the demo model answers every prompt, then the drafter
+learns to propose its canvases from its context features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import demo_task
+
+from mlx_dgemma import DEFAULT_MODEL
+from mlx_dgemma.drafter import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=5000, help="training prompts the target answers")
+    parser.add_argument("--iters", type=int, default=3000)
+    parser.add_argument("--layers", type=int, default=3, help="drafter layers")
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo_drafter")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    prompts = args.work / "prompts.jsonl"
+    prompts.write_text("".join(item.to_jsonl() + "\n" for item in demo_task.split("train", args.prompts)))
+    argv = ["--data", str(prompts), "--out", str(DEFAULT_MODEL / "drafter"), "--work", str(args.work),
+            "--iters", str(args.iters), "--layers", str(args.layers), "--dtype", "float32", "--max-tokens", "96"]
+    return train.main(argv + (["--resume"] if args.resume else []))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The drafter and its verification: what a proposer can and cannot change, on the embedded demo model."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_dgemma import Done, load, stream_generate
+from mlx_dgemma.drafter import (
+    DrafterError,
+    DrafterProposer,
+    LookupProposer,
+    NoiseProposer,
+    bundled_drafter,
+    load_drafter,
+    make_proposer,
+)
+from mlx_dgemma.drafter import train as drafter_train
+from mlx_dgemma.sampler import SamplerConfig, entropy, process_logits
+from mlx_dgemma.verify import Proposal, VerifyConfig
+
+PROMPTS = [
+    "Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi.",
+    "Extract the person as JSON: Bob (51) works as an editor in Lima and speaks French.",
+    "JSON record for this text: From Kyoto: Iris, chef, 27 years old, fluent in German and Swahili.",
+]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load(dtype=mx.float32)
+
+
+def run(model, tokenizer, prompt, drafter, seed=0, **kw) -> Done:
+    events = list(stream_generate(model, tokenizer, prompt, max_tokens=96, seed=seed, drafter=drafter, **kw))
+    assert isinstance(events[-1], Done)
+    return events[-1]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_null_drafter_commits_exactly_what_no_drafter_commits(demo, seed):
+    model, tokenizer = demo
+    for prompt in PROMPTS:
+        plain = run(model, tokenizer, prompt, "none", seed)
+        noise = run(model, tokenizer, prompt, NoiseProposer(), seed)
+        assert noise.text == plain.text
+        assert noise.stats.drafted_canvases == noise.stats.restarted_canvases == plain.stats.canvases
+        # A rejected draft costs its one verification pass, nothing else.
+        assert noise.stats.decoder_passes == plain.stats.decoder_passes + plain.stats.canvases
+
+
+def test_session_switches_a_failing_drafter_off(demo):
+    model, tokenizer = demo
+    cfg = VerifyConfig(patience=1, min_success=0.5)
+    done = run(model, tokenizer, PROMPTS[0], NoiseProposer(), verify=cfg)
+    assert done.stats.canvases >= 2
+    assert done.stats.drafted_canvases == 1  # off after its first rejection
+
+
+class FixedProposer:
+    """Drafts canvas ``i`` as ``answers[i] + shift`` (token ids mod the vocabulary): the target's own answer with
+    ``shift=0``, always wrong otherwise."""
+
+    name = "fixed"
+
+    def __init__(self, answers: list[mx.array], shift: int = 0):
+        self.answers, self.shift = answers, shift
+
+    def begin(self, prompt_ids):
+        self.index = 0
+
+    def draft(self, index: int, vocab: int) -> mx.array:
+        return ((self.answers[min(index, len(self.answers) - 1)] + self.shift) % vocab).astype(mx.int32)
+
+    def propose(self, model, cache):
+        canvas = self.draft(self.index, model.args.vocab_size)
+        self.index += 1
+        return Proposal(canvas, mx.ones(canvas.shape, dtype=mx.bool_))
+
+    def commit(self, tokens):
+        pass
+
+
+class Spy:
+    """Records every decoder pass of a model: its input canvas and raw logits."""
+
+    def __init__(self, model):
+        self.model, self.denoise, self.calls = model, model.denoise, []
+
+    def __call__(self, canvas, cache, self_conditioning_logits=None):
+        logits = self.denoise(canvas, cache, self_conditioning_logits)
+        mx.eval(logits)
+        self.calls.append(logits)
+        return logits
+
+
+def test_a_wrong_drafter_never_gets_a_token_committed_the_target_disagrees_with(demo, monkeypatch):
+    model, tokenizer = demo
+    cfg = SamplerConfig.from_generation_config(dict(model.generation_config))
+    plain = run(model, tokenizer, PROMPTS[1], "none")
+    wrong = FixedProposer(_committed_argmax(model, tokenizer, PROMPTS[1]), shift=1)
+    spy = Spy(model)
+    monkeypatch.setattr(model, "denoise", spy, raising=False)
+    events = list(stream_generate(model, tokenizer, PROMPTS[1], max_tokens=96, seed=0, drafter=wrong,
+                                  verify=VerifyConfig(guard=0.0)))
+    monkeypatch.undo()
+    done = events[-1]
+    drafts = [e for e in events if type(e).__name__ == "Draft"]
+    assert len(spy.calls) == done.stats.decoder_passes == len(drafts)
+    assert done.stats.drafted_canvases == done.stats.canvases and done.stats.restarted_canvases == 0
+    assert done.stats.decoder_passes > plain.stats.decoder_passes  # a wrong draft costs passes ...
+
+    # ... and every canvas ends on the target's commit rule: stable and confident under its own logits, or
+    # the step limit. Replay the recorded passes canvas by canvas.
+    at = 0
+    commits = [e for e in events if type(e).__name__ == "Commit"]
+    for index, commit in enumerate(commits):
+        passes = [d for d in drafts if d.canvas_index == index]
+        logits = spy.calls[at : at + len(passes)]
+        at += len(passes)
+        steps = range(cfg.max_denoising_steps, cfg.max_denoising_steps - len(passes), -1)
+        argmaxes = [mx.argmax(process_logits(lg, n, cfg), axis=-1) for lg, n in zip(logits, steps)]
+        last = argmaxes[-1]
+        assert np.array(last[0]).tolist()[: len(commit.tokens)] == commit.tokens  # the target's argmax
+        if len(passes) < cfg.max_denoising_steps:
+            previous = argmaxes[-2] if len(argmaxes) > 1 else wrong.draft(index, model.args.vocab_size)
+            assert mx.array_equal(last, previous)
+            mean_entropy = entropy(process_logits(logits[-1], steps[-1], cfg)).mean().item()
+            assert mean_entropy < cfg.confidence_threshold
+    assert done.text == plain.text  # here the target's answer does not depend on where it started
+
+
+def _committed_argmax(model, tokenizer, prompt) -> list[mx.array]:
+    from mlx_dgemma.generation import encode_prompt, sampler_config
+    from mlx_dgemma.loop import CommitEvent, generate_tokens, prefill
+
+    cache = model.make_cache()
+    prefill(model, mx.array([encode_prompt(tokenizer, prompt)]), cache)
+    events = generate_tokens(model, cache, 96, sampler_config(model), seed=0)
+    return [e.argmax for e in events if isinstance(e, CommitEvent)]
+
+
+def test_a_draft_the_target_agrees_with_commits_after_one_pass(demo):
+    model, tokenizer = demo
+    for prompt in PROMPTS:
+        plain = run(model, tokenizer, prompt, "none")
+        drafted = run(model, tokenizer, prompt, FixedProposer(_committed_argmax(model, tokenizer, prompt)))
+        assert drafted.text == plain.text
+        assert drafted.stats.decoder_passes == drafted.stats.canvases < plain.stats.decoder_passes
+
+
+def test_prompt_lookup_proposes_what_followed_the_last_ngram():
+    lookup = LookupProposer(max_ngram=3, min_ngram=2)
+    ids = [5, 6, 7, 8, 9, 10, 1, 2, 6, 7]
+    assert lookup.continuation(ids, 3) == [8, 9, 10]
+    assert lookup.continuation([1, 2, 3, 4], 3) == []
+    assert lookup.continuation([4, 4, 4, 4], 2) == [4]  # never reads past the end
+
+
+def test_lookup_drafts_a_repeated_answer(demo):
+    model, tokenizer = demo
+    plain = run(model, tokenizer, PROMPTS[2], "none")
+    prompt = [{"role": "user", "content": PROMPTS[2]}, {"role": "assistant", "content": plain.text},
+              {"role": "user", "content": PROMPTS[2]}]
+    again = run(model, tokenizer, prompt, "lookup")
+    assert again.stats.drafter == "lookup" and again.stats.drafted_canvases >= 1
+
+
+def test_bundled_drafter_is_used_by_default_and_helps(demo):
+    model, tokenizer = demo
+    assert bundled_drafter(model) is not None
+    assert isinstance(make_proposer("auto", model), DrafterProposer)
+    plain = [run(model, tokenizer, p, "none", i) for i, p in enumerate(PROMPTS)]
+    drafted = [run(model, tokenizer, p, "auto", i) for i, p in enumerate(PROMPTS)]
+    assert all(d.stats.drafter == "drafter" for d in drafted)
+    assert sum(d.stats.decoder_passes for d in drafted) < sum(p.stats.decoder_passes for p in plain)
+
+
+def test_drafter_train_cli_distils_resumes_and_records_its_target(demo, tmp_path, capsys):
+    model, _ = demo
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
+    out = tmp_path / "drafter"
+    argv = ["--data", str(prompts), "--out", str(out), "--iters", "4", "--save-every", "2", "--batch-size", "2",
+            "--dtype", "float32", "--max-tokens", "48"]
+    assert drafter_train.main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["target"]["vocab_size"] == model.args.vocab_size and config["training"]["steps"] == 4
+    assert (tmp_path / "drafter.work" / "checkpoint.safetensors").is_file()
+    assert drafter_train.main([*argv[:5], "8", *argv[6:], "--resume"]) == 0
+    assert "resuming at step 4" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["training"]["steps"] == 8
+    proposer = make_proposer(out, model)
+    assert isinstance(proposer, DrafterProposer)
+    assert run(model, load()[1], PROMPTS[0], proposer).stats.drafted_canvases >= 1
+
+    # A drafter refuses a target of another shape, in one line.
+    config["target"]["config_hash"] = "0" * 16
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DrafterError, match="trained for another target"):
+        load_drafter(out, model)
+
+
+def test_bad_prompt_lines_are_reported_with_their_number(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"text": "no prompt"}\n')
+    code = drafter_train.main(["--data", str(prompts), "--out", str(tmp_path / "d")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: prompts.jsonl line 2:") and "\n" not in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_default_target_layers_spread_over_the_target():
+    assert drafter_train.default_target_layers(6) == [1, 3, 5]
+    assert drafter_train.default_target_layers(30) == [1, 6, 11, 17, 22, 27]
+
+
+def test_a_conversion_carries_the_models_drafter(tmp_path):
+    from mlx_dgemma import DEFAULT_MODEL, load_model
+    from mlx_dgemma.convert import convert
+
+    out = convert(DEFAULT_MODEL, tmp_path / "q4", quantize=True, progress=False).path
+    assert isinstance(make_proposer("auto", load_model(out)), DrafterProposer)
