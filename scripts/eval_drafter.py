@@ -2,11 +2,12 @@
 
     python scripts/eval_drafter.py [--model PATH] [--drafter PATH] [--n 200] [--seed 0] [--json FILE]
 
-Every setting answers the same held-out records with the same seeds (paired). Reported per setting: exact match
-(95% Wilson interval), target decoder passes per canvas, tokens per forward, wall time per canvas; then the paired
-difference in exact match against no drafter (with its 95% interval), the drafter's time as a fraction of one
-target pass (both timed here, same process), and a projection for google/diffusiongemma-26B-A4B-it from FLOPs and
-bytes at the measured passes per canvas.
+Settings: no drafter, prompt lookup, the drafter (default verification: a tenth of the draft re-noised) and the
+drafter without re-noising. Every setting answers the same held-out records with the same seeds (paired).
+Reported per setting: exact match (95% Wilson interval), target decoder passes per canvas, tokens per forward,
+wall time per canvas; then the paired difference in exact match against no drafter (with its 95% interval), the
+drafter's time as a fraction of one target pass (both timed here, same process), and a projection for
+google/diffusiongemma-26B-A4B-it from FLOPs and bytes at the measured passes per canvas.
 """
 
 from __future__ import annotations
@@ -98,17 +99,20 @@ def main() -> int:
     drafter = make_proposer(args.drafter, model)
     if drafter is None:
         raise SystemExit("error: no drafter for this model: give --drafter PATH")
-    settings = {"no drafter": "none", "prompt lookup": "lookup", "drafter": drafter}
+    from mlx_dgemma.verify import VerifyConfig
+
+    settings = {"no drafter": ("none", None), "prompt lookup": ("lookup", None), "drafter": (drafter, None),
+                "drafter, no re-noising": (drafter, VerifyConfig(renoise=0.0))}
     results: dict[str, EvalResult] = {}
     hits: dict[str, list[bool]] = {}
-    for label, spec in settings.items():
-        results[label] = evaluate(model, tokenizer, items, label, args.seed, drafter=spec)
+    for label, (spec, verify) in settings.items():
+        results[label] = evaluate(model, tokenizer, items, label, args.seed, drafter=spec, verify=verify)
         hits[label] = results[label].hits
     print(HEADER)
     for result in results.values():
         print(result.row())
     base = results["no drafter"]
-    for label in ("prompt lookup", "drafter"):
+    for label in list(settings)[1:]:
         mean, low, high = paired_difference(hits["no drafter"], hits[label])
         ratio = (base.decoder_passes / base.canvases) / (results[label].decoder_passes / results[label].canvases)
         speed = (base.seconds / base.canvases) / (results[label].seconds / results[label].canvases)

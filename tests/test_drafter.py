@@ -147,9 +147,14 @@ def test_a_draft_the_target_agrees_with_commits_after_one_pass(demo):
     model, tokenizer = demo
     for prompt in PROMPTS:
         plain = run(model, tokenizer, prompt, "none")
-        drafted = run(model, tokenizer, prompt, FixedProposer(_committed_argmax(model, tokenizer, prompt)))
-        assert drafted.text == plain.text
-        assert drafted.stats.decoder_passes == drafted.stats.canvases < plain.stats.decoder_passes
+        answers = _committed_argmax(model, tokenizer, prompt)
+        exact = run(model, tokenizer, prompt, FixedProposer(answers), verify=VerifyConfig(renoise=0.0))
+        assert exact.text == plain.text
+        assert exact.stats.decoder_passes == exact.stats.canvases < plain.stats.decoder_passes
+        # Re-noised, the target must predict part of the canvas itself: it may take another pass, never more
+        # than without the draft, and it commits the same answer.
+        renoised = run(model, tokenizer, prompt, FixedProposer(answers), verify=VerifyConfig(renoise=0.1))
+        assert renoised.text == plain.text and renoised.stats.decoder_passes <= plain.stats.decoder_passes
 
 
 def test_prompt_lookup_proposes_what_followed_the_last_ngram():
@@ -161,12 +166,24 @@ def test_prompt_lookup_proposes_what_followed_the_last_ngram():
 
 
 def test_lookup_drafts_a_repeated_answer(demo):
+    from mlx_dgemma.generation import encode_prompt
+
     model, tokenizer = demo
     plain = run(model, tokenizer, PROMPTS[2], "none")
-    prompt = [{"role": "user", "content": PROMPTS[2]}, {"role": "assistant", "content": plain.text},
-              {"role": "user", "content": PROMPTS[2]}]
-    again = run(model, tokenizer, prompt, "lookup")
-    assert again.stats.drafter == "lookup" and again.stats.drafted_canvases >= 1
+    # A conversation that already holds the answer, and a new answer that has begun the same way: lookup
+    # proposes the rest of the earlier answer; the target still decides what is committed.
+    turns = [{"role": "user", "content": PROMPTS[2]}, {"role": "assistant", "content": plain.text},
+             {"role": "user", "content": PROMPTS[2]}]
+    ids = encode_prompt(tokenizer, turns) + tokenizer.encode(plain.text, add_special_tokens=False)[:4]
+
+    def answer(drafter):
+        events = list(stream_generate(model, tokenizer, None, 96, prompt_ids=ids, seed=0, drafter=drafter))
+        return events[-1]
+
+    looked, without = answer("lookup"), answer("none")
+    assert looked.stats.drafter == "lookup" and looked.stats.drafted_canvases >= 1
+    assert looked.stats.restarted_canvases < looked.stats.drafted_canvases  # the target took the draft up
+    assert without.stats.drafted_canvases == 0
 
 
 def test_bundled_drafter_is_used_by_default_and_helps(demo):
