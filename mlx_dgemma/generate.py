@@ -7,19 +7,17 @@ import shutil
 import sys
 from typing import TextIO
 
-from ._cli import run_cli
+from ._cli import add_model_arguments, run_cli
 
+DEMO_PROMPT = "Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi."
 DESCRIPTION = """Generate text with DiffusionGemma: the answer is denoised one canvas (block of tokens) at a time.
 With no --model, runs the small model shipped inside the package."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_dgemma.generate", description=DESCRIPTION)
-    p.add_argument("--model", help="model folder or Hugging Face repo id (default: the embedded model)")
-    p.add_argument("--adapter-path", help="fine-tuned adapters from mlx_dgemma.train to apply")
-    p.add_argument("--drafter", default="auto", help="canvas proposer: auto (the model's own drafter, if it has "
-                   "one), none, lookup (prompt lookup) or a drafter folder")
-    p.add_argument("--prompt", "-p", default="Write a haiku about the sea.",
+    add_model_arguments(p)
+    p.add_argument("--prompt", "-p", default=DEMO_PROMPT,
                    help="the prompt, or '-' to read it from standard input")
     p.add_argument("--system", help="system prompt (passed to the chat template)")
     p.add_argument("--max-tokens", "-m", type=int, default=256, help="exact maximum of new tokens (default 256)")

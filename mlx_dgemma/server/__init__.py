@@ -4,7 +4,7 @@
                       [--max-concurrency N] [--no-prompt-cache]
     python -m mlx_dgemma.server ...
 
-Binds to loopback unless ``--host`` says otherwise. Without ``--model`` it serves the embedded (untrained)
+Binds to loopback unless ``--host`` says otherwise. Without ``--model`` it serves the embedded (demo)
 default model.
 
 Endpoints

@@ -11,19 +11,17 @@ from typing import Any
 
 import uvicorn
 
+from .._cli import add_model_arguments
 from ..errors import DGemmaError
 from .app import create_app
 
 DESCRIPTION = """OpenAI-compatible server for DiffusionGemma (chat and text completions, streaming).
-Without --model, serves the small untrained model embedded in the package."""
+Without --model, serves the small demo model embedded in the package."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_dgemma.server", description=DESCRIPTION)
-    p.add_argument("--model", help="model folder or Hugging Face repo id (default: the embedded model)")
-    p.add_argument("--adapter-path", help="fine-tuned adapters from mlx_dgemma.train to apply")
-    p.add_argument("--drafter", default="auto", help="canvas proposer: auto (the model's own drafter, if it has "
-                   "one), none, lookup (prompt lookup) or a drafter folder")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--context-length", type=int,
