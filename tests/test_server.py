@@ -138,9 +138,12 @@ def test_chat_matches_the_library_and_max_tokens_is_exact(client, reference, max
 def test_streaming_sends_each_canvas_as_it_is_committed(client, reference):
     model, _ = reference
     max_tokens = 3 * model.args.canvas_length
-    plain = chat(client, seed=2, max_tokens=max_tokens)
+    record = [{"role": "user", "content": "Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks "
+               "Greek and Hindi."}]  # the demo model's task: an answer that spans two canvases
+    plain = chat(client, record, seed=2, max_tokens=max_tokens)
     arrivals, chunks = [], []
-    for chunk in chat(client, seed=2, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True}):
+    for chunk in chat(client, record, seed=2, max_tokens=max_tokens, stream=True,
+                      stream_options={"include_usage": True}):
         arrivals.append(time.monotonic())
         chunks.append(chunk)
     assert chunks[0].choices[0].delta.role == "assistant"
