@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_dgemma.generation import encode_prompt, sampler_config
+from mlx_dgemma.generation import encode_prompt, eos_ids, sampler_config
 from mlx_dgemma.loop import CommitEvent, generate_tokens, prefill
 from mlx_dgemma.model import Model
 from mlx_dgemma.train.data import message_text
@@ -97,7 +97,7 @@ def collect(
 ) -> Samples:
     """Generate the target's answers to ``prompts`` and keep a sample per committed canvas."""
     cfg = sampler_config(model)
-    eos = sorted(set(model.args.eos_token_id) | set(getattr(tokenizer, "eos_token_ids", None) or []))
+    eos = sorted(eos_ids(model, tokenizer))
     features, lengths, canvases = [], [], []
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):

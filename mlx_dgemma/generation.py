@@ -226,7 +226,7 @@ def stream_generate(
         raise GenerationError(f"prompt_ids has {len(ids)} tokens but the cache already holds {cache.offset}: "
                               "give a non-empty prompt that the cache is a prefix of")
     check_context(model, len(ids), max_tokens)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
 
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -278,7 +278,9 @@ def generate(model: Model, tokenizer: Any, prompt: Prompt, max_tokens: int | Non
     return done.text
 
 
-def _eos_ids(model: Model, tokenizer: Any) -> set[int]:
+def eos_ids(model: Model, tokenizer: Any) -> set[int]:
+    """Every id that ends generation: the checkpoint's ``eos_token_id`` (generation config first) and the
+    tokenizer's."""
     gen_eos = (getattr(model, "generation_config", {}) or {}).get("eos_token_id")
     if gen_eos is None:
         gen_eos = model.args.eos_token_id

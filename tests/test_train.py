@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from mlx_dgemma import DEFAULT_MODEL, load, load_model, load_tokenizer
-from mlx_dgemma.generation import encode_prompt
+from mlx_dgemma.generation import encode_prompt, eos_ids
 from mlx_dgemma.train import (
     Example,
     LoRAConfig,
@@ -32,7 +32,7 @@ from mlx_dgemma.train import (
     prepare_full,
     save_fused,
 )
-from mlx_dgemma.train.cli import eos_ids, main
+from mlx_dgemma.train.cli import main
 from mlx_dgemma.train.lora import LoRASwitchLinear, adapter_config, stored_dtype
 from mlx_dgemma.train.objective import (
     denoise_self_conditioned,

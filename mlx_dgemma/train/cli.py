@@ -114,6 +114,7 @@ def _trainer(args: argparse.Namespace, model: Any, tokenizer: Any, folder: Path,
     """Data, trainable weights and the trainer, as the flags say; prints what it is about to do."""
     from mlx.utils import tree_flatten
 
+    from ..generation import eos_ids
     from .data import data_files, load_jsonl
     from .trainer import Progress, Trainer
 
@@ -160,13 +161,6 @@ def _train_config(args: argparse.Namespace):
         objective=ObjectiveConfig(eps=args.eps, self_conditioning_p=args.self_conditioning_p,
                                   encoder_loss_weight=args.encoder_loss_weight),
     )
-
-
-def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Every id that ends generation: the checkpoint's ``eos_token_id`` and the tokenizer's."""
-    eos = (getattr(model, "generation_config", {}) or {}).get("eos_token_id", model.args.eos_token_id)
-    eos = {eos} if isinstance(eos, int) else set(eos)
-    return eos | set(getattr(tokenizer, "eos_token_ids", None) or [])
 
 
 def _dtype(name: str):
