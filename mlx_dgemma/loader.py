@@ -188,7 +188,7 @@ def load(
     folder = resolve(path_or_repo if path_or_repo is not None else DEFAULT_MODEL)
     model = load_model(folder, dtype)
     if adapter_path is not None:
-        from .train import load_adapters
+        from .adapters import load_adapters
 
         load_adapters(model, adapter_path)
     return model, load_tokenizer(folder)

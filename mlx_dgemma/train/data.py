@@ -22,9 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+
 from ..errors import DGemmaError
 from ..generation import encode_prompt
 from .errors import TrainError
+
+ROLES = ("system", "user", "assistant", "model", "developer", "tool")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,14 @@ def data_files(path: str | Path) -> tuple[Path, Path | None]:
     raise TrainError(f"data not found: {path} (give a folder with train.jsonl [and valid.jsonl], or a .jsonl file)")
 
 
+def test_file(path: str | Path) -> Path:
+    """``test.jsonl`` of a data folder (``--test``), as mlx-lm's ``--test`` reads it."""
+    file = Path(path).expanduser() / "test.jsonl"
+    if not file.is_file():
+        raise TrainError(f"--test needs {file}: put the test records there (one JSON object a line)")
+    return file
+
+
 def load_jsonl(
     path: str | Path,
     tokenizer: Any,
@@ -68,17 +80,21 @@ def load_jsonl(
     path = Path(path)
     eos = set(eos_ids)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
+        for number, raw in enumerate(f, start=1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 example = encode_record(json.loads(line), tokenizer, eos)
                 _check_fits(example, max_positions, canvas_length)
+            except UnicodeDecodeError as e:
+                raise TrainError(f"{path.name} line {number}: not UTF-8 text (byte {raw[e.start]:#04x} at "
+                                 f"position {e.start}): save the file as UTF-8") from None
             except json.JSONDecodeError as e:
                 raise TrainError(f"{path.name} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            except (ValueError, DGemmaError) as e:
-                raise TrainError(f"{path.name} line {number}: {e}") from None
+            except (ValueError, DGemmaError, TemplateError) as e:
+                raise TrainError(f"{path.name} line {number}: {_one_line(e)}") from None
             examples.append(example)
     if not examples:
         raise TrainError(f"{path} has no records: write one JSON object a line")
@@ -88,6 +104,7 @@ def load_jsonl(
 def encode_record(record: Any, tokenizer: Any, eos_ids: set[int]) -> Example:
     """Token ids of one record (``messages`` or ``prompt``/``completion``); ``ValueError`` says what is wrong."""
     messages = record_messages(record)
+    _check_text(record)
     answer_text = message_text(messages[-1]).strip()
     if not answer_text:
         raise ValueError("the answer (last message / completion) is empty")
@@ -111,6 +128,10 @@ def record_messages(record: Any) -> list[dict[str, Any]]:
         messages = record["messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise ValueError("'messages' must be a list of {\"role\": ..., \"content\": ...} objects")
+        for i, m in enumerate(messages):
+            if m["role"] not in ROLES:
+                raise ValueError(f"message {i + 1} has role {m['role']!r}: use one of {', '.join(ROLES)}")
+            message_text(m)  # checks the content's type
         if len(messages) < 2 or messages[-1]["role"] not in ("assistant", "model"):
             raise ValueError("'messages' needs a prompt message and must end with the assistant's answer")
         return messages
@@ -149,6 +170,26 @@ def turn_end(tokenizer: Any, messages: list[dict[str, Any]], answer_text: str, e
             if token in eos_ids:
                 return tail[: i + 1]
     return [_first_eos(tokenizer, eos_ids)]
+
+
+def _check_text(value: Any) -> None:
+    """Refuse strings that no tokenizer can encode: lone surrogates such as ``"\\ud800"`` (valid JSON escapes)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the text holds an unpaired surrogate {value[e.start]!r} (at character {e.start}): "
+                             "write the character itself, or a valid \\u pair") from None
+    elif isinstance(value, dict):
+        for v in value.values():
+            _check_text(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _first_eos(tokenizer: Any, eos_ids: set[int]) -> int:

@@ -26,6 +26,8 @@ Per example and step, as both describe it:
    "the uniform corruption kernel has a flat ELBO"; TRL: "plain mean cross-entropy"), plus
    ``encoder_loss_weight`` (default 1.0) times the encoder's next-token cross-entropy over every pair of real
    tokens of the clean sequence, prompt included (encoder hidden states → tied, soft-capped LM head).
+   ``mask_prompt`` (``--mask-prompt``, mlx-lm's flag) keeps only the pairs whose next token is an answer token:
+   the prompt's language-modelling term is dropped, and the diffusion term (answer canvases only) is unchanged.
 
 Where we chose: TRL runs the no-gradient first pass for every example and zeroes the signal of those not
 self-conditioned; we run it only for the self-conditioned rows (same loss, less work). The EOS fill is not part of
@@ -46,6 +48,7 @@ import numpy as np
 from ..cache import DiffusionCache, FullKVCache, WindowKVCache
 from ..model import Model
 from .data import Example, num_canvases
+from .errors import TrainError
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,15 @@ class ObjectiveConfig:
     eps: float = 1e-3  # t ~ U(eps, 1): no example is left uncorrupted
     self_conditioning_p: float = 0.5
     encoder_loss_weight: float = 1.0
+    mask_prompt: bool = False  # the encoder's next-token loss on answer tokens only
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.eps < 1.0:
+            raise TrainError(f"eps must be in (0, 1) (got {self.eps})")
+        if not 0.0 <= self.self_conditioning_p <= 1.0:
+            raise TrainError(f"the self-conditioning probability must be in [0, 1] (got {self.self_conditioning_p})")
+        if not (0.0 <= self.encoder_loss_weight < float("inf")):
+            raise TrainError(f"the encoder loss weight must be a number >= 0 (got {self.encoder_loss_weight})")
 
 
 @dataclass
@@ -70,6 +82,7 @@ class Batch:
     prefix: int  # where the chosen canvas starts, the same for every row
     targets: mx.array  # [B, C] int32: the clean canvas, EOS-filled
     canvas_index: list[int]  # the canvas k chosen in each row
+    answer: np.ndarray | None = None  # [B, S] bool: answer tokens (not prompt, not padding)
 
     @property
     def size(self) -> int:
@@ -105,12 +118,14 @@ def make_batch(
     prefix, rest = max(map(len, heads)), max(map(len, tails))
     tokens = np.full((len(examples), prefix + rest), pad_id, dtype=np.int32)
     valid = np.zeros(tokens.shape, dtype=bool)
+    answer = np.zeros(tokens.shape, dtype=bool)
     targets = np.full((len(examples), C), fill_id, dtype=np.int32)
     for b, (head, tail) in enumerate(zip(heads, tails)):
         tokens[b, prefix - len(head) : prefix + len(tail)] = head + tail
         valid[b, prefix - len(head) : prefix + len(tail)] = True
+        answer[b, prefix - len(head) + len(examples[b].prompt) : prefix + len(tail)] = True
         targets[b, : min(C, len(tail))] = tail[:C]
-    return Batch(mx.array(tokens), valid, prefix, mx.array(targets), list(canvas_index))
+    return Batch(mx.array(tokens), valid, prefix, mx.array(targets), list(canvas_index), answer)
 
 
 def sample_noise(targets: np.ndarray, vocab_size: int, rng: np.random.Generator, cfg: ObjectiveConfig) -> Noise:
@@ -184,10 +199,15 @@ def denoise_self_conditioned(model: Model, canvas: mx.array, cache: DiffusionCac
     return model.denoise(canvas, cache, first)
 
 
-def encoder_loss(model: Model, hidden: mx.array, tokens: mx.array, valid: np.ndarray) -> mx.array:
-    """Mean next-token cross-entropy of the encoder over every pair of real tokens."""
+def encoder_loss(
+    model: Model, hidden: mx.array, tokens: mx.array, valid: np.ndarray, targets: np.ndarray | None = None
+) -> mx.array:
+    """Mean next-token cross-entropy of the encoder over every pair of real tokens (whose next token is in
+    ``targets``, when given: the answer, for ``mask_prompt``)."""
     ce = nn.losses.cross_entropy(model.logits(hidden[:, :-1]), tokens[:, 1:])
     pairs = valid[:, :-1] & valid[:, 1:]
+    if targets is not None:
+        pairs = pairs & targets[:, 1:]
     if pairs.all():
         return ce.mean()
     return (ce * mx.array(pairs)).sum() / max(int(pairs.sum()), 1)
@@ -211,9 +231,11 @@ def diffusion_loss(model: Model, cache: DiffusionCache, batch: Batch, noise: Noi
 
 
 def training_loss(
-    model: Model, batch: Batch, noise: Noise, encoder_loss_weight: float = 1.0
+    model: Model, batch: Batch, noise: Noise, encoder_loss_weight: float = 1.0, mask_prompt: bool = False
 ) -> tuple[mx.array, mx.array, mx.array]:
     """``(total, diffusion, encoder)`` losses of one micro-batch; differentiable in the model's trainable weights.
+
+    ``mask_prompt``: the encoder's next-token loss covers the answer's tokens only, not the prompt's.
 
     The cache is built inside, so gradients flow from the decoder's loss through the cached keys/values into the
     encoder pass.
@@ -224,5 +246,7 @@ def training_loss(
     diffusion = diffusion_loss(model, cache, batch, noise)
     if encoder_loss_weight == 0:
         return diffusion, diffusion, mx.array(0.0)
-    encoder = encoder_loss(model, hidden, batch.tokens, batch.valid)
+    if mask_prompt and batch.answer is None:
+        raise ValueError("mask_prompt needs a batch from make_batch (it marks the answer tokens)")
+    encoder = encoder_loss(model, hidden, batch.tokens, batch.valid, batch.answer if mask_prompt else None)
     return diffusion + encoder_loss_weight * encoder, diffusion, encoder

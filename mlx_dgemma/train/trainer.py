@@ -4,8 +4,10 @@ Everything random in step ``s`` (which examples, which canvas, the noise, self-c
 generators seeded by ``(seed, s, micro-batch)``, and the optimizer state is checkpointed with the weights. A run
 resumed from a checkpoint therefore continues at the same step with the same losses as an uninterrupted run.
 
-Checkpoint folder (``out``): ``adapters.safetensors`` + ``adapter_config.json`` (see ``lora.py``),
-``optimizer.safetensors`` (the optimizer's state) and ``trainer_state.json`` (step, seed, loss history).
+A checkpoint (``checkpoint.py``: one atomic unit) holds ``adapters.safetensors`` + ``adapter_config.json`` (see
+``lora.py``), ``optimizer.safetensors`` (the optimizer's state) and ``trainer_state.json`` (step, seed, loss
+history). A loss or gradient that is not finite (a learning rate far too high) stops the run with an error before
+the optimizer step, so the last checkpoint stays the last good one; weights that are not finite are never saved.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from tqdm import tqdm
 
 from ..model import Model
+from .checkpoint import current, publish, write_checkpoint
 from .data import Example
 from .errors import TrainError
-from .lora import ADAPTER_FILE, _atomic, save_adapters, trainable_weights
+from .grad_checkpoint import checkpoint_layers
+from .lora import ADAPTER_FILE, CONFIG_FILE, trainable_weights
 from .objective import Batch, Noise, ObjectiveConfig, choose_canvases, make_batch, sample_noise, training_loss
 
 STATE_FILE = "trainer_state.json"
@@ -59,15 +64,23 @@ class TrainConfig:
     report_every: int = 10
     seed: int = 0
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    grad_checkpoint: bool = False  # recompute each layer's activations in the backward pass (less memory)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise TrainError(f"unknown optimizer {self.optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise TrainError(f"unknown learning-rate schedule {self.lr_schedule!r}: choose constant or cosine")
-        for name, least in (("iters", 0), ("batch_size", 1), ("grad_accum", 1)):
+        for name, least in (("iters", 0), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("val_every", 0),
+                            ("val_batches", 1), ("save_every", 0), ("report_every", 1)):
             if getattr(self, name) < least:
                 raise TrainError(f"{name.replace('_', '-')} must be at least {least} (got {getattr(self, name)})")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise TrainError(f"the learning rate must be a positive number (got {self.learning_rate})")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise TrainError(f"weight-decay must be a number >= 0 (got {self.weight_decay})")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise TrainError(f"grad-clip must be a number >= 0 (got {self.grad_clip})")
 
 
 @dataclass
@@ -94,35 +107,40 @@ class TrainResult:
 
 
 class Progress:
-    """A bar redrawn in place on a terminal; plain lines every ``every`` steps when piped."""
+    """A tqdm bar on a terminal (loss and tokens/s in its postfix); plain lines every ``every`` steps when piped."""
 
     def __init__(self, total: int, out: TextIO | None = None, every: int = 10):
         self.out = out if out is not None else sys.stdout
         self.total, self.every, self.live = total, max(every, 1), self.out.isatty()
         self.window: list[StepLog] = []
-        self.started = time.perf_counter()
+        self.bar: tqdm | None = None
 
     def update(self, log: StepLog) -> None:
         self.window = [*self.window[-(self.every - 1) :], log]
         loss = sum(s.loss for s in self.window) / len(self.window)
         tps = sum(s.tokens for s in self.window) / max(sum(s.seconds for s in self.window), 1e-9)
-        text = f"step {log.step}/{self.total}  loss {loss:.4f}  {tps:,.0f} tok/s"
         if self.live:
-            done = int(24 * log.step / max(self.total, 1))
-            self.out.write(f"\r[{'#' * done}{'.' * (24 - done)}] {text}\x1b[K")
-            self.out.flush()
+            if self.bar is None:  # started here: a resumed run's bar starts at its step
+                self.bar = tqdm(total=self.total, initial=log.step - 1, file=self.out, desc="train", unit="step",
+                                dynamic_ncols=True, leave=True)
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {tps:,.0f} tok/s", refresh=False)
+            self.bar.update(log.step - self.bar.n)
         elif log.step % self.every == 0 or log.step == self.total:
-            self.line(f"{text}  (diffusion {log.diffusion:.4f}, encoder {log.encoder:.4f})")
+            self.line(f"step {log.step}/{self.total}  loss {loss:.4f}  {tps:,.0f} tok/s  "
+                      f"(diffusion {log.diffusion:.4f}, encoder {log.encoder:.4f})")
 
     def line(self, text: str) -> None:
-        """A line of its own (validation, checkpoint), below the bar on a terminal."""
-        self.out.write(("\r\x1b[K" if self.live else "") + text + "\n")
-        self.out.flush()
+        """A line of its own (validation, checkpoint), above the bar on a terminal."""
+        if self.bar is not None:
+            self.bar.write(text, file=self.out)
+        else:
+            self.out.write(text + "\n")
+            self.out.flush()
 
     def close(self) -> None:
-        if self.live:
-            self.out.write("\n")
-            self.out.flush()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
@@ -173,14 +191,18 @@ class Trainer:
         self.progress = progress
         self.optimizer = make_optimizer(cfg)
         self.step = 0
+        self.saved_step: int | None = None  # the step of the last checkpoint written or resumed
         self.history: list[tuple[int, float]] = []
         self.val_history: list[tuple[int, float]] = []
+        if cfg.grad_checkpoint:
+            checkpoint_layers(model)
         self._loss_and_grad = nn.value_and_grad(model, self._loss)
 
     # -- one step ----------------------------------------------------------------------------------------------
 
     def _loss(self, batch: Batch, noise: Noise) -> tuple[mx.array, mx.array, mx.array]:
-        return training_loss(self.model, batch, noise, self.cfg.objective.encoder_loss_weight)
+        objective = self.cfg.objective
+        return training_loss(self.model, batch, noise, objective.encoder_loss_weight, objective.mask_prompt)
 
     def micro_batch(self, step: int, micro: int) -> tuple[Batch, Noise]:
         """The examples, canvases and noise of micro-batch ``micro`` of step ``step`` (deterministic)."""
@@ -210,24 +232,42 @@ class Trainer:
             tokens += batch.num_tokens
         grads = tree_map(lambda g: g / cfg.grad_accum, grads)
         if cfg.grad_clip:
-            grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
+            grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+        else:
+            norm = mx.sqrt(sum((mx.square(g).sum() for _, g in tree_flatten(grads)), mx.array(0.0)))
+        self._check_finite(step + 1, float(sums[0] / cfg.grad_accum), float(norm.item()))
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         loss, diffusion, encoder = (float(x) for x in sums / cfg.grad_accum)
         return StepLog(step + 1, loss, diffusion, encoder, tokens, time.perf_counter() - start)
 
+    def _check_finite(self, step: int, loss: float, grad_norm: float) -> None:
+        """Stop before an update that would wreck the weights: the last checkpoint stays the last good one."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return
+        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+        kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.out}" if self.saved_step
+                is not None else "no checkpoint was written")
+        raise TrainError(f"step {step}: {what}, not a finite number: training stopped; {kept}; lower the learning "
+                         f"rate (now {self.cfg.learning_rate:g}) or raise --warmup")
+
     def validate(self) -> float | None:
         """Mean loss over the first ``val_batches`` batches of the validation set, with fixed noise."""
         if not self.valid_set:
             return None
+        return self.evaluate(self.valid_set, self.cfg.val_batches)
+
+    def evaluate(self, examples: Sequence[Example], num_batches: int | None = None) -> float:
+        """Mean loss over the first ``num_batches`` batches of ``examples`` (None: all), with fixed noise."""
         self.model.eval()
         size, losses = self.cfg.batch_size, []
-        for i in range(min(self.cfg.val_batches, math.ceil(len(self.valid_set) / size))):
-            examples = self.valid_set[i * size : (i + 1) * size]
-            batch, noise = self._prepare(examples, np.random.default_rng([self.cfg.seed, VALID_STREAM, i]))
+        count = math.ceil(len(examples) / size)
+        for i in range(count if num_batches is None else min(num_batches, count)):
+            chunk = examples[i * size : (i + 1) * size]
+            batch, noise = self._prepare(chunk, np.random.default_rng([self.cfg.seed, VALID_STREAM, i]))
             loss = self._loss(batch, noise)[0]
             losses.append(float(loss.item()))
-        return sum(losses) / len(losses)
+        return sum(losses) / max(len(losses), 1)
 
     # -- the run -----------------------------------------------------------------------------------------------
 
@@ -279,31 +319,53 @@ class Trainer:
                 "train_examples": len(self.train_set)}
 
     def save(self) -> None:
-        """Write the adapters, the optimizer state and the trainer state (each file atomically)."""
-        save_adapters(self.model, self.out, self.adapter_config)
+        """Write the checkpoint (adapters, optimizer state, trainer state) as one atomic unit; see ``checkpoint.py``.
+
+        Refuses weights that are not finite, so that a diverged run never replaces a good checkpoint.
+        """
+        weights = trainable_weights(self.model)
+        finite = not weights or mx.stack([mx.isfinite(v).all() for v in weights.values()]).all().item()
+        if not finite:
+            raise TrainError(f"step {self.step}: the weights are no longer finite numbers, so they were not saved; "
+                             f"the last good checkpoint (step {self.saved_step}) is kept in {self.out}; lower the "
+                             "learning rate")
         state = dict(tree_flatten(self.optimizer.state))
-        _atomic(self.out / OPTIMIZER_FILE, lambda p: mx.save_safetensors(str(p), state))
         trainer_state = {"step": self.step, **self._identity(), "config": _jsonable(asdict(self.cfg)),
                          "history": self.history, "val_history": self.val_history}
-        _atomic(self.out / STATE_FILE, lambda p: p.write_text(json.dumps(trainer_state) + "\n"))
+        folder = write_checkpoint(self.out, self.step, {
+            ADAPTER_FILE: lambda p: mx.save_safetensors(str(p), weights),
+            CONFIG_FILE: lambda p: p.write_text(json.dumps(self.adapter_config, indent=2) + "\n"),
+            OPTIMIZER_FILE: lambda p: mx.save_safetensors(str(p), state),
+            STATE_FILE: lambda p: p.write_text(json.dumps(trainer_state) + "\n"),
+        })
+        publish(folder, self.out, (ADAPTER_FILE, CONFIG_FILE))
+        self.saved_step = self.step
 
     def resume(self) -> int:
-        """Load the checkpoint in ``out`` (weights, optimizer state, step); returns the step it continues at."""
-        file = self.out / STATE_FILE
-        if not file.is_file():
-            raise TrainError(f"nothing to resume in {self.out}: no {STATE_FILE} (start without --resume)")
-        state = json.loads(file.read_text())
+        """Load the current checkpoint in ``out`` (weights, optimizer state, step); returns the step it continues at."""
+        folder = current(self.out)
+        if folder is None and (self.out / STATE_FILE).is_file():
+            folder = self.out  # written before checkpoints were step folders
+        if folder is None:
+            raise TrainError(f"nothing to resume in {self.out}: no checkpoint there (start without --resume)")
+        missing = [f for f in (ADAPTER_FILE, OPTIMIZER_FILE, STATE_FILE) if not (folder / f).is_file()]
+        if missing:
+            raise TrainError(f"cannot resume {folder}: {missing[0]} is missing (an incomplete checkpoint); "
+                             "start again without --resume")
+        state = json.loads((folder / STATE_FILE).read_text())
         changed = [k for k, v in self._identity().items() if state.get(k) != v]
         if changed:
             k = changed[0]
             raise TrainError(f"cannot resume {self.out}: {k} was {state.get(k)}, now {self._identity()[k]}; "
                              "resume with the same data, --seed, --batch-size and --grad-accum")
-        weights = mx.load(str(self.out / ADAPTER_FILE))
+        weights = mx.load(str(folder / ADAPTER_FILE))
         if set(weights) != set(trainable_weights(self.model)):
             raise TrainError(f"cannot resume {self.out}: its adapters do not match this run's --lora/--full settings")
         self.model.load_weights(list(weights.items()), strict=False)
-        self.optimizer.state = tree_unflatten(list(mx.load(str(self.out / OPTIMIZER_FILE)).items()))
-        self.step = int(state["step"])
+        self.optimizer.state = tree_unflatten(list(mx.load(str(folder / OPTIMIZER_FILE)).items()))
+        self.step = self.saved_step = int(state["step"])
+        if folder != self.out:
+            publish(folder, self.out, (ADAPTER_FILE, CONFIG_FILE))  # if a crash came between pointer and publish
         self.history = [tuple(h) for h in state.get("history", [])]
         self.val_history = [tuple(h) for h in state.get("val_history", [])]
         mx.eval(self.model.parameters(), self.optimizer.state)
