@@ -43,7 +43,7 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_dgemma.convert", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--hf-path", "--model", required=True, help="source: a checkpoint folder or a Hugging Face repo id")
     p.add_argument("--mlx-path", help="output folder (default: ./<source name>-MLX-<weights>); with --lmstudio, "
                                       "the model's folder name")
@@ -76,7 +76,7 @@ def default_name(hf_path: str, args: argparse.Namespace) -> str:
     path = Path(hf_path).expanduser()
     stem = path.resolve().name if path.is_dir() else hf_path.rstrip("/").rsplit("/", 1)[-1]
     if args.quantize:
-        label = Recipe(args.q_recipe or "mixed", args.q_bits or 4, args.q_group_size or 64).label
+        label = Recipe(args.q_recipe or "mixed", _or(args.q_bits, 4), _or(args.q_group_size, 64)).label
     else:
         label = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(args.dtype or "", "")
     return f"{stem}-MLX-{label}" if label else f"{stem}-MLX"
@@ -109,12 +109,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace, source: str, target: Path, card: str = "") -> int:
     result = convert(
-        source, target, dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits or 4,
-        q_group_size=args.q_group_size or 64, q_recipe=args.q_recipe or "mixed", drop_vision=args.drop_vision,
+        source, target, dtype=args.dtype, quantize=args.quantize, q_bits=_or(args.q_bits, 4),
+        q_group_size=_or(args.q_group_size, 64), q_recipe=args.q_recipe or "mixed", drop_vision=args.drop_vision,
         shard_size=parse_size(args.shard_size), force=args.force, card_extra=card + (LMSTUDIO_NOTE if args.lmstudio else ""),
     )
     print(result.summary())
     return 0
+
+
+def _or(value: int | None, default: int) -> int:
+    """The flag's value when given (0 included: the recipe refuses it), else the default."""
+    return default if value is None else value
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:

@@ -30,14 +30,24 @@ def sidecar_files(source: Path) -> list[Path]:
     return files
 
 
+def drafter_files(source: Path) -> list[Path]:
+    """The files of a bundled ``drafter/`` folder (``mlx_dgemma.drafter``), if the source has one."""
+    folder = source / "drafter"
+    if not (folder / "config.json").is_file():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
 def copy_sidecars(source: Path, dest: Path) -> list[str]:
     """Copy :func:`sidecar_files` (following hub-cache symlinks) and a bundled ``drafter/``; warn when the
     source has no tokenizer."""
     files = sidecar_files(source)
     for path in files:
         shutil.copyfile(path, dest / path.name)
-    if (source / "drafter" / "config.json").is_file():  # the model's own drafter fits its conversions too
-        shutil.copytree(source / "drafter", dest / "drafter")
+    for path in drafter_files(source):  # the model's own drafter fits its conversions too
+        (dest / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+        # copyfile, not copytree: an OSError (disk full) reaches the caller as itself, not as a list of them
+        shutil.copyfile(path, dest / path.relative_to(source))
     if not any((source / name).is_file() for name in TOKENIZER_FILES):
         print(f"warning: {source} has no tokenizer (tokenizer.json or tokenizer.model): copy it into the output "
               "before generating", file=sys.stderr)

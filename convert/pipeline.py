@@ -12,7 +12,7 @@ from typing import Any
 from mlx_dgemma.loader import resolve
 
 from .errors import ConvertError
-from .folder import copy_sidecars, sidecar_files, write_config, write_model_card
+from .folder import copy_sidecars, drafter_files, sidecar_files, write_config, write_model_card
 from .plan import Plan, build_plan, dtype_name
 from .progress import Progress, human_bytes
 from .recipes import Recipe
@@ -74,7 +74,8 @@ def convert(
     check_locations(source, target)
     check_target(target, force)
     plan = build_plan(source, dtype, recipe, drop_vision, shard_size)
-    check_space(target, plan.nbytes + sum(p.stat().st_size for p in sidecar_files(source)))
+    copied = sidecar_files(source) + drafter_files(source)
+    check_space(target, plan.nbytes + sum(p.stat().st_size for p in copied))
     bar = Progress(plan.ntensors, plan.nbytes, enabled=progress)
     staged = StagedFolder(target, force)
     try:

@@ -1,10 +1,11 @@
-"""A one-line progress bar (tensors and bytes) on a terminal; silent when the output is piped."""
+"""The converter's progress bar (bytes written, tensors, rate, ETA): tqdm on a terminal, silent when piped."""
 
 from __future__ import annotations
 
 import sys
-import time
 from typing import TextIO
+
+from tqdm import tqdm
 
 
 def human_bytes(n: float) -> str:
@@ -17,44 +18,22 @@ def human_bytes(n: float) -> str:
 
 
 class Progress:
-    """``advance(tensors, nbytes)`` as work is done; redraws at most ten times a second; ``close()`` at the end."""
-
-    WIDTH = 24
+    """``advance(tensors, nbytes)`` as work is done; ``close()`` at the end. tqdm limits the redraws."""
 
     def __init__(self, tensors: int, nbytes: int, stream: TextIO | None = None, enabled: bool | None = None):
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.total_tensors, self.total_bytes = tensors, max(nbytes, 1)
-        self.tensors = self.nbytes = 0
-        self.start = self.last = time.monotonic()
+        stream = stream if stream is not None else sys.stderr
+        self.total_tensors, self.tensors = tensors, 0
+        self.bar = tqdm(total=max(nbytes, 1), file=stream, disable=not (stream.isatty() if enabled is None else enabled),
+                        desc="convert", unit="B", unit_scale=True, unit_divisor=1000, dynamic_ncols=True)
+        self._postfix()
 
     def advance(self, tensors: int, nbytes: int) -> None:
         self.tensors += tensors
-        self.nbytes += nbytes
-        now = time.monotonic()
-        if self.enabled and now - self.last >= 0.1:
-            self.last = now
-            self._draw(now)
+        self._postfix()
+        self.bar.update(nbytes)
 
     def close(self) -> None:
-        if self.enabled:
-            self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()
 
-    def line(self, now: float) -> str:
-        """The bar as text: ``[####....] 42% 120/290 tensors 1.2 GB/2.9 GB 310 MB/s ETA 6s``."""
-        frac = min(self.nbytes / self.total_bytes, 1.0)
-        filled = int(frac * self.WIDTH)
-        elapsed = max(now - self.start, 1e-6)
-        rate = self.nbytes / elapsed
-        eta = (self.total_bytes - self.nbytes) / rate if rate > 0 else 0.0
-        return (
-            f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {frac:4.0%} "
-            f"{self.tensors}/{self.total_tensors} tensors {human_bytes(self.nbytes)}/{human_bytes(self.total_bytes)} "
-            f"{human_bytes(rate)}/s ETA {eta:.0f}s"
-        )
-
-    def _draw(self, now: float) -> None:
-        self.stream.write("\r\x1b[K" + self.line(now))
-        self.stream.flush()
+    def _postfix(self) -> None:
+        self.bar.set_postfix_str(f"{self.tensors}/{self.total_tensors} tensors", refresh=False)

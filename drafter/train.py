@@ -16,6 +16,7 @@ Checkpoints (weights, optimizer, step) go to ``--work`` (default ``<out>.work/``
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
 
 from mlx_dgemma import load
 from mlx_dgemma._cli import run_cli
@@ -47,7 +49,7 @@ def default_target_layers(num_layers: int) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_dgemma.drafter.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--model", default=None, help="the target: model folder or hub id (default: the embedded demo)")
     p.add_argument("--data", required=True, help="prompts: JSONL with {\"prompt\": ...} or {\"messages\": [...]}")
     p.add_argument("--out", required=True, help="the drafter folder to write")
@@ -72,7 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda: run(args), interrupted="interrupted: resume with --resume")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """One-line errors for numbers out of range, before the target loads."""
+    for flag, value, least in (("--iters", args.iters, 0), ("--batch-size", args.batch_size, 1),
+                               ("--layers", args.layers, 1), ("--max-tokens", args.max_tokens, 1),
+                               ("--save-every", args.save_every, 0)):
+        if value < least:
+            raise DrafterError(f"{flag} must be at least {least} (got {value})")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise DrafterError(f"--lr must be a positive number (got {args.lr})")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     out = Path(args.out).expanduser()
     work = Path(args.work).expanduser() if args.work else out.with_name(out.name + ".work")
     model, tokenizer = load(args.model, getattr(mx, args.dtype) if args.dtype else None)
@@ -91,9 +105,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompts = read_prompts(args.data)
         print(f"distillation: the target answers {len(prompts)} prompts, reading layers {layers}")
-        samples = collect(model, tokenizer, prompts, layers, dargs.context_window, args.max_tokens, args.seed,
-                          _collect_progress)
-        print()
+        with progress_bar(len(prompts), "distil", "prompt") as bar:
+            samples = collect(model, tokenizer, prompts, layers, dargs.context_window, args.max_tokens, args.seed,
+                              lambda done, total, canvases, seconds: _advance(bar, done, f"{canvases} canvases"))
+        print(f"distillation: {len(samples)} canvases from {len(prompts)} prompts")
         samples.save(samples_file)
     mx.random.seed(args.seed)
     drafter = Drafter(dargs)
@@ -107,9 +122,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _collect_progress(done: int, total: int, canvases: int, seconds: float) -> None:
-    bar = "#" * int(24 * done / total)
-    print(f"\r[{bar:<24}] {done}/{total} prompts  {canvases} canvases  {seconds:.0f}s", end="", flush=True)
+def progress_bar(total: int, desc: str, unit: str, initial: int = 0) -> tqdm:
+    """A tqdm bar on a terminal; disabled when the output is piped (the caller prints plain lines then)."""
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stdout, dynamic_ncols=True,
+                disable=not sys.stdout.isatty())
+
+
+def _advance(bar: tqdm, done: int, postfix: str) -> None:
+    bar.set_postfix_str(postfix, refresh=False)
+    bar.update(done - bar.n)
 
 
 class DrafterTrainer:
@@ -175,18 +196,19 @@ class DrafterTrainer:
             hits, tokens, whole = hits + same.sum(), tokens + same.size, whole + same.all(axis=1).sum()
         return whole / len(self.valid_idx), hits / tokens
 
-    def run(self, save_every: int) -> dict[str, Any]:
+    def run(self, save_every: int, report_every: int = 100) -> dict[str, Any]:
+        """Train to ``iters``; a tqdm bar on a terminal, else a plain line every ``report_every`` steps."""
         start, losses = time.perf_counter(), []
         self.drafter.train()
-        while self.step < self.iters:
-            losses.append(self.train_step())
-            if self.step % 25 == 0 or self.step == self.iters:
+        with progress_bar(self.iters, "train", "step", initial=self.step) as bar:
+            while self.step < self.iters:
+                losses.append(self.train_step())
                 mean = sum(losses[-25:]) / len(losses[-25:])
-                bar = "#" * int(24 * self.step / self.iters)
-                print(f"\r[{bar:<24}] step {self.step}/{self.iters}  loss {mean:.4f}", end="", flush=True)
-            if save_every and self.step % save_every == 0:
-                self.save()
-        print()
+                _advance(bar, self.step, f"loss {mean:.4f}")
+                if bar.disable and (self.step % report_every == 0 or self.step == self.iters):
+                    print(f"step {self.step}/{self.iters}  loss {mean:.4f}", flush=True)
+                if save_every and self.step % save_every == 0:
+                    self.save()
         self.drafter.eval()
         whole, token = self.accuracy()
         return {"steps": self.step, "final_loss": sum(losses[-25:]) / max(len(losses[-25:]), 1),

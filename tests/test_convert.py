@@ -462,6 +462,32 @@ def test_disk_full_while_writing(wide, tmp_path, monkeypatch):
     assert folder_digest(src) == before
 
 
+def test_disk_full_while_copying_the_drafter_is_one_clear_line(tmp_path, monkeypatch):
+    real = shutil.copyfile
+
+    def full_disk(src, dst, *args, **kwargs):
+        if "drafter" in Path(dst).parts:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    message = one_line_error(ConvertError, run_convert, DEFAULT_MODEL, tmp_path / "out")
+    assert message.startswith("disk full while writing") and "[" not in message and "permission" not in message
+    assert_nothing_written(tmp_path, set())
+
+
+def test_the_space_check_counts_the_drafter_it_copies(tmp_path, monkeypatch):
+    from mlx_dgemma.convert.folder import sidecar_files
+    from mlx_dgemma.convert.plan import build_plan
+
+    assert (DEFAULT_MODEL / "drafter" / "config.json").is_file()
+    without_drafter = build_plan(DEFAULT_MODEL).nbytes + sum(p.stat().st_size for p in sidecar_files(DEFAULT_MODEL))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=without_drafter))
+    assert "not enough disk space" in one_line_error(ConvertError, run_convert, DEFAULT_MODEL, tmp_path / "out")
+    assert_nothing_written(tmp_path, set())
+
+
 def test_not_enough_space_is_refused_before_writing(wide, tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
@@ -522,6 +548,23 @@ def test_cli_errors_are_one_line(wide, tmp_path, capsys):
     assert_nothing_written(tmp_path, set())
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--q-bits", "0"], "unsupported bit width 0"),
+    (["--q-group-size", "0"], "unsupported group size 0"),
+])
+def test_zero_bits_or_group_size_are_refused_not_replaced_by_defaults(tmp_path, capsys, flags, expected):
+    out = tmp_path / "out"
+    assert convert_cli.main(["--hf-path", str(DEFAULT_MODEL), "--mlx-path", str(out), "-q", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expected}") and err.count("\n") == 1
+    assert_nothing_written(tmp_path, set())
+
+
+def test_flags_are_never_abbreviated():
+    with pytest.raises(SystemExit):
+        convert_cli.build_parser().parse_args(["--hf-path", "x", "--q-bit", "8"])
+
+
 def test_cli_flag_checks(wide, tmp_path, capsys):
     assert convert_cli.main(["--hf-path", str(wide.hf), "--mlx-path", str(tmp_path / "o"), "--q-bits", "8"]) == 2
     assert "add -q" in capsys.readouterr().err
@@ -547,7 +590,7 @@ def test_progress_bar_on_a_terminal_only():
     bar.advance(4, 2_000_000)
     bar.close()
     text = terminal.getvalue()
-    assert "\r" in text and "4/10 tensors" in text and "2.0 MB/5.0 MB" in text and text.endswith("\n")
+    assert "\r" in text and "4/10 tensors" in text and "2.00M/5.00M" in text and text.endswith("\n")
     piped = io.StringIO()
     quiet = Progress(10, 5_000_000, stream=piped)
     quiet.advance(10, 5_000_000)

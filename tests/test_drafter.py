@@ -204,6 +204,8 @@ def test_drafter_train_cli_distils_resumes_and_records_its_target(demo, tmp_path
     argv = ["--data", str(prompts), "--out", str(out), "--iters", "4", "--save-every", "2", "--batch-size", "2",
             "--dtype", "float32", "--max-tokens", "48"]
     assert drafter_train.main(argv) == 0
+    printed = capsys.readouterr().out  # piped: plain lines, no bars
+    assert "\r" not in printed and "step 4/4  loss" in printed and "distillation: " in printed
     config = json.loads((out / "config.json").read_text())
     assert config["target"]["vocab_size"] == model.args.vocab_size and config["training"]["steps"] == 4
     assert (tmp_path / "drafter.work" / "checkpoint.safetensors").is_file()
@@ -229,6 +231,23 @@ def test_bad_prompt_lines_are_reported_with_their_number(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: prompts.jsonl line 2:") and "\n" not in err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--lr", "0"], "--lr must be a positive number"), (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--iters", "-2"], "--iters must be at least 0"), (["--layers", "0"], "--layers must be at least 1"),
+])
+def test_drafter_train_numbers_out_of_range_are_one_line_errors(tmp_path, capsys, flags, words):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n')
+    assert drafter_train.main(["--data", str(prompts), "--out", str(tmp_path / "d"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and words in err and "\n" not in err
+
+
+def test_drafter_train_flags_are_never_abbreviated():
+    with pytest.raises(SystemExit):
+        drafter_train.build_parser().parse_args(["--data", "p", "--out", "d", "--iter", "3"])
 
 
 def test_default_target_layers_spread_over_the_target():

@@ -160,6 +160,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise _usage("--num-layers / --lora-layers apply to LoRA only: --full trains every layer")
     if args.test and not args.data:
         raise _usage("--test needs --data (a folder with test.jsonl)")
+    if args.test:
+        from .data import test_file
+
+        test_file(args.data)
     if args.test_batches == 0 or args.test_batches < -1:
         raise _usage(f"--test-batches must be a positive number or -1 for all (got {args.test_batches})")
     if args.resume and args.test and not args.train:
