@@ -139,3 +139,13 @@ def test_test_needs_a_test_file(tmp_path, capsys):
     err = one_line_error(capsys)
     assert "--test needs" in err and "test.jsonl" in err
     assert not (tmp_path / "a").exists()  # refused before training, not after
+
+
+def test_a_diverging_run_exits_non_zero_with_one_line_and_keeps_its_checkpoint(tmp_path, capsys):
+    data, out = write_data(tmp_path / "data"), tmp_path / "adapters"
+    code = main(["--data", str(data), "--out", str(out), "--iters", "4", "--save-every", "1", "--rank", "4",
+                 "--lr", "1e30"])
+    err = one_line_error(capsys)
+    assert code == 2 and "not a finite number" in err and "lower the learning rate" in err
+    kept = json.loads((out / "checkpoint.json").read_text())["step"]
+    assert f"checkpoint (step {kept})" in err and kept < 4

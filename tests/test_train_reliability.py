@@ -224,3 +224,20 @@ def random_lora_b(model) -> dict:
     pairs = [(k, mx.array(rng.normal(0, 0.02, v.shape).astype(np.float32)))
              for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]
     return tree_unflatten(pairs)
+
+
+def test_loading_adapters_does_not_import_the_training_package(tmp_path):
+    """Imports flow one way: train -> loader -> adapters, never back."""
+    import subprocess
+    import sys
+
+    from mlx_dgemma.train.lora import save_adapters
+
+    model = model_with_lora()
+    save_adapters(model, tmp_path / "adapters", adapter_config("lora", LoRAConfig(rank=4, alpha=8),
+                                                               len(model.layers)))
+    code = ("import sys, mlx_dgemma; mlx_dgemma.load(adapter_path=sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.startswith('mlx_dgemma.train')))")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "adapters")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

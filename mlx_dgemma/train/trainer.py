@@ -115,14 +115,18 @@ class Progress:
         self.window: list[StepLog] = []
         self.bar: tqdm | None = None
 
+    def start(self, step: int) -> None:
+        """Show the bar at ``step`` (a resumed run's) before the first, slowest step runs."""
+        if self.live and self.bar is None:
+            self.bar = tqdm(total=self.total, initial=step, file=self.out, desc="train", unit="step",
+                            dynamic_ncols=True, leave=True)
+
     def update(self, log: StepLog) -> None:
         self.window = [*self.window[-(self.every - 1) :], log]
         loss = sum(s.loss for s in self.window) / len(self.window)
         tps = sum(s.tokens for s in self.window) / max(sum(s.seconds for s in self.window), 1e-9)
         if self.live:
-            if self.bar is None:  # started here: a resumed run's bar starts at its step
-                self.bar = tqdm(total=self.total, initial=log.step - 1, file=self.out, desc="train", unit="step",
-                                dynamic_ncols=True, leave=True)
+            self.start(log.step - 1)
             self.bar.set_postfix_str(f"loss {loss:.4f}, {tps:,.0f} tok/s", refresh=False)
             self.bar.update(log.step - self.bar.n)
         elif log.step % self.every == 0 or log.step == self.total:
@@ -278,6 +282,8 @@ class Trainer:
         Ctrl-C stops at once, leaving the previous checkpoint).
         """
         cfg, logs, vals = self.cfg, [], []
+        if self.progress:
+            self.progress.start(self.step)
         try:
             with _DeferredInterrupt() as interrupt:
                 while self.step < cfg.iters:
