@@ -60,6 +60,7 @@ data: data
 num_layers: 4
 batch_size: 2
 iters: 30
+val_batches: -1
 learning_rate: 1e-5
 steps_per_report: 5
 adapter_path: my_adapters
@@ -80,6 +81,7 @@ lora_parameters:
         "some/model", "data", "my_adapters", 7, 2, 1e-5)
     assert (args.lora_layers, args.rank, args.alpha, args.dropout) == ("4", 4, 40.0, 0.05)
     assert (args.weight_decay, args.lr_schedule, args.warmup, args.report_every) == (0.01, "cosine", 3, 5)
+    assert args.val_batches == -1  # mlx-lm's "the whole set"
     assert args.train and args.grad_checkpoint and args.mask_prompt and args.fine_tune_type == "lora"
 
 
@@ -110,6 +112,7 @@ def test_a_bad_config_file_is_a_one_line_error(tmp_path, capsys, text, words):
     (["--self-conditioning-p", "2"], "self-conditioning probability must be in [0, 1]"),
     (["--fine-tune-type", "dora"], "dora is not supported"),
     (["--test-batches", "0"], "--test-batches must be a positive number or -1"),
+    (["--val-batches", "0"], "val-batches must be at least 1, or -1 for all"),
 ])
 def test_out_of_range_numbers_are_one_line_errors(tmp_path, capsys, flags, words):
     data = write_data(tmp_path / "data")

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="recompute activations in the backward pass: less memory, slower steps")
     loop.add_argument("--val-every", "--steps-per-eval", type=int, default=50,
                       help="validate every N steps (0: only at the end)")
-    loop.add_argument("--val-batches", type=int, default=8, help="validation batches (default 8)")
+    loop.add_argument("--val-batches", type=int, default=8, help="validation batches (-1: all; default 8)")
     loop.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     loop.add_argument("--report-every", "--steps-per-report", type=int, default=10,
                       help="progress line every N steps when piped")

@@ -59,7 +59,7 @@ class TrainConfig:
     warmup: int = 0
     grad_clip: float | None = 1.0
     val_every: int = 50
-    val_batches: int = 8
+    val_batches: int = 8  # -1: the whole validation set (mlx-lm's convention)
     save_every: int = 100
     report_every: int = 10
     seed: int = 0
@@ -72,9 +72,11 @@ class TrainConfig:
         if self.lr_schedule not in ("constant", "cosine"):
             raise TrainError(f"unknown learning-rate schedule {self.lr_schedule!r}: choose constant or cosine")
         for name, least in (("iters", 0), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("val_every", 0),
-                            ("val_batches", 1), ("save_every", 0), ("report_every", 1)):
+                            ("save_every", 0), ("report_every", 1)):
             if getattr(self, name) < least:
                 raise TrainError(f"{name.replace('_', '-')} must be at least {least} (got {getattr(self, name)})")
+        if self.val_batches < 1 and self.val_batches != -1:
+            raise TrainError(f"val-batches must be at least 1, or -1 for all (got {self.val_batches})")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise TrainError(f"the learning rate must be a positive number (got {self.learning_rate})")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -259,7 +261,7 @@ class Trainer:
         """Mean loss over the first ``val_batches`` batches of the validation set, with fixed noise."""
         if not self.valid_set:
             return None
-        return self.evaluate(self.valid_set, self.cfg.val_batches)
+        return self.evaluate(self.valid_set, None if self.cfg.val_batches == -1 else self.cfg.val_batches)
 
     def evaluate(self, examples: Sequence[Example], num_batches: int | None = None) -> float:
         """Mean loss over the first ``num_batches`` batches of ``examples`` (None: all), with fixed noise."""
