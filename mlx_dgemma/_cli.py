@@ -36,7 +36,6 @@ AR_ONLY_FLAGS: dict[str, str] = {
     "--max-kv-size": "sliding layers keep their window already: use --max-tokens instead",
     "--draft-model": "DiffusionGemma drafts whole canvases: use --drafter PATH (or lookup) instead",
     "--num-draft-tokens": "a drafter proposes whole canvases: use --drafter instead",
-    "--prefill-step-size": "the prompt is encoded in fixed chunks: drop the flag",
 }
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -59,12 +58,14 @@ def parser(prog: str, description: str, **kwargs: Any) -> Parser:
     return Parser(prog=prog, description=description, **kwargs)
 
 
-def add_ar_only_flags(p: argparse.ArgumentParser, flags: Mapping[str, str] = AR_ONLY_FLAGS) -> None:
-    """Accept ``flags`` (hidden from ``--help``) only to fail with their one-line "use X instead" hint."""
+def add_ar_only_flags(p: argparse.ArgumentParser, flags: Mapping[str, str] = AR_ONLY_FLAGS,
+                      why: str = "is for autoregressive decoding") -> None:
+    """Accept ``flags`` (hidden from ``--help``) only to fail with ``error: FLAG WHY; HINT`` (one line), where
+    each hint says what to use instead."""
 
     class Refuse(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
-            parser.exit(2, f"error: {option_string} is for autoregressive decoding; {flags[option_string]}\n")
+            parser.exit(2, f"error: {option_string} {why}; {flags[option_string]}\n")
 
     for flag in flags:
         p.add_argument(flag, nargs="?", action=Refuse, help=argparse.SUPPRESS)

@@ -36,6 +36,7 @@ UNSUPPORTED_FLAGS = {
     "--use-default-chat-template": "the checkpoint's chat template is always used: drop the flag",
     "--extra-eos-token": "the checkpoint's end-of-turn tokens end the answer: drop the flag",
     "--prefill-response": "a canvas is denoised as a whole: put the start of the answer in the prompt instead",
+    "--prefill-step-size": "the prompt is encoded in fixed chunks: drop the flag",
 }
 
 
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_remote_code(p)
     add_log_level(p)
     add_ar_only_flags(p)
-    add_ar_only_flags(p, UNSUPPORTED_FLAGS)
+    add_ar_only_flags(p, UNSUPPORTED_FLAGS, why="has no counterpart in mlx_dgemma")
     return p
 
 
