@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import unicodedata
@@ -112,25 +113,39 @@ class CanvasView:
         if not self.lines:
             return
         width = self._columns()
-        wrapped = self.column > 0 and self.column % width == 0  # the cursor waited at the right margin
-        up = self.lines + (0 if wrapped else 1)
-        column = 0 if wrapped else self.column % width
-        self.out.write(f"\x1b[{up}A\r" + (f"\x1b[{column}C" if column else "") + "\x1b[J")
+        # Row by row, bottom up: clearing "to the end of the screen" from its top-left corner makes tmux (and
+        # others) scroll the whole screen, draft included, into the scrollback.
+        seq = "\x1b[1A\x1b[2K" * self.lines + "\r"
+        if not (self.column > 0 and self.column % width == 0):  # unless the text ended at the right margin
+            column = self.column % width
+            seq += "\x1b[1A" + (f"\x1b[{column}C" if column else "")
+        self.out.write(seq)
         self.lines = 0
 
     def show(self, label: str, text: str) -> None:
         """Draw ``text`` (the canvas) dimmed, from the line below the committed text."""
         self.clear()
         width = self._columns()
+        # A few lines are enough to watch it settle; the committed line above must stay on screen (a cursor
+        # cannot move up into the scrollback).
+        rows = max(1, min(6, self._size().lines - 2))
         body = f"{label} {text}".replace("\n", " ⏎ ")
-        body = body[: width * 6]  # a few lines are enough to watch it settle
+        body = body[: width * rows]
+        while _width(body) > width * rows:  # wide characters take two columns
+            body = body[:-1]
         self.out.write(f"\n{self.DIM}{body}{self.RESET}\n")
         self.lines = max(1, -(-_width(body) // width))
         self.out.flush()
 
-    @staticmethod
-    def _columns() -> int:
-        return max(shutil.get_terminal_size().columns, 20)
+    def _size(self) -> os.terminal_size:
+        """The terminal's own size (a stale ``COLUMNS`` in the environment would misplace every redraw)."""
+        try:
+            return os.get_terminal_size(self.out.fileno())
+        except (AttributeError, OSError, ValueError):
+            return shutil.get_terminal_size()
+
+    def _columns(self) -> int:
+        return max(self._size().columns, 1)
 
 
 def main(argv: list[str] | None = None) -> int:

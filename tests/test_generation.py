@@ -158,7 +158,7 @@ def test_cli_show_canvas_redraws_on_a_terminal():
         chunks.append(data)
     assert proc.wait(timeout=120) == 0
     screen = b"".join(chunks).decode(errors="replace")
-    assert "[canvas 1, step 3]" in screen and "\x1b[J" in screen
+    assert "[canvas 1, step 3]" in screen and "\x1b[2K" in screen
 
 
 def test_adapter_path_applies_fine_tuned_adapters(tmp_path):
