@@ -12,6 +12,9 @@ import warnings
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
 
+_warned = False
+
+
 class SlowBLASWarning(RuntimeWarning):
     """MLX was imported before mlx_dgemma could load OpenBLAS: it runs on its bundled reference BLAS."""
 
@@ -27,7 +30,9 @@ def use_fast_blas() -> bool:
     if os.environ.get("MLX_DGEMMA_NO_OPENBLAS") or not os.path.exists(OPENBLAS):
         return False
     if "mlx.core" in sys.modules:
-        if _on_cpu(sys.modules["mlx.core"]) and not system_openblas_loaded():
+        global _warned
+        if not _warned and _on_cpu(sys.modules["mlx.core"]) and not system_openblas_loaded():
+            _warned = True
             warnings.warn(
                 "mlx.core was imported before mlx_dgemma, so MLX runs on its bundled reference BLAS (a decoder pass "
                 f"~15x slower): import mlx_dgemma first, or run with LD_PRELOAD={OPENBLAS} "
