@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import mlx.core as mx
+from jinja2 import TemplateError
 
 from .cache import DiffusionCache
 from .errors import GenerationError
@@ -181,7 +182,10 @@ def encode_prompt(
     # The template's own default for thinking: mlx-lm's wrapper would otherwise switch it on when it spots
     # thinking tokens in the vocabulary, so render with the Hugging Face tokenizer itself.
     hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
-    text = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    try:
+        text = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    except TemplateError as e:  # raised on purpose for messages the template rejects (unknown role, ...)
+        raise GenerationError(f"the chat template rejected the messages: {e}") from None
     # The template writes its own <bos>; don't let the tokenizer add another.
     return list(tokenizer.encode(text, add_special_tokens=False))
 

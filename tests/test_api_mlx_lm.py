@@ -151,3 +151,10 @@ def test_done_has_the_statistics(answer):
     assert isinstance(answer, Done)
     s = answer.stats
     assert s.decoder_passes >= s.canvases >= 2 and s.tokens_per_forward > 0
+
+
+def test_messages_the_template_rejects_are_one_line_errors(demo):
+    model, tokenizer = demo
+    with pytest.raises(GenerationError, match="chat template rejected") as info:
+        generate(model, tokenizer, [{"role": "robot", "content": "beep"}], max_tokens=4)
+    assert "\n" not in str(info.value)
