@@ -312,7 +312,7 @@ def stream_generate(
     if prompt_cache is not None:
         if cache is not None:
             raise GenerationError("give either prompt_cache (mlx-lm's) or cache, not both")
-        cache = as_diffusion_cache(prompt_cache)
+        cache = as_diffusion_cache(model, prompt_cache)
     given = len(ids)
     if prompt_cache is not None:
         ids = [model.args.pad_token_id] * cache.offset + ids  # placeholders: only ids[cache.offset:] are read
@@ -365,7 +365,7 @@ def stream_generate(
     elapsed = time.perf_counter() - start
     kept = len(text.tokens)
     stats = GenerationStats(
-        prompt_tokens=len(ids),
+        prompt_tokens=given,
         generated_tokens=kept,
         canvases=canvases,
         decoder_passes=passes,
@@ -403,14 +403,15 @@ def _encode_tail(model: Model, cache: DiffusionCache, tokens: list[int]) -> None
         prefill(model, mx.array([tokens], dtype=mx.int32), cache)
 
 
-def as_diffusion_cache(prompt_cache: list[Any]) -> DiffusionCache:
+def as_diffusion_cache(model: Model, prompt_cache: list[Any]) -> DiffusionCache:
     """mlx-lm's prompt cache (the list ``make_prompt_cache`` or ``load_prompt_cache`` returns) as the model's
     cache. The layer caches are shared, not copied, so the caller's list sees what is encoded."""
     if isinstance(prompt_cache, DiffusionCache):
         return prompt_cache
-    if not isinstance(prompt_cache, list) or not all(hasattr(c, "update_and_fetch") for c in prompt_cache):
-        raise GenerationError("prompt_cache must be a list of layer caches, as make_prompt_cache(model) or "
-                              "load_prompt_cache(file) returns")
+    want = [type(c) for c in model.make_cache()]
+    if not isinstance(prompt_cache, list) or [type(c) for c in prompt_cache] != want:
+        raise GenerationError(f"prompt_cache does not fit this model (it needs {len(want)} layer caches, as "
+                              "make_prompt_cache(model) makes them): make it, or save it, from this model")
     return DiffusionCache(prompt_cache)
 
 

@@ -130,6 +130,8 @@ def test_prompt_cache_round_trips_through_mlx_lm(demo, answer, tmp_path):
     from_live = generate(model, tokenizer, follow, prompt_cache=cache, **kw)
     assert from_loaded == from_live
     assert loaded[0].offset == cache[0].offset > len(prompt) + len(follow)
+    with pytest.raises(GenerationError, match="does not fit this model"):
+        generate(model, tokenizer, follow, prompt_cache=loaded[:-1], **kw)
 
 
 @pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True])
