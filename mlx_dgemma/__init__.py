@@ -7,7 +7,7 @@ use_fast_blas()  # must run before mlx is imported
 from .cache import DiffusionCache  # noqa: E402
 from .config import ModelArgs  # noqa: E402
 from .errors import CheckpointError, DGemmaError, GenerationError  # noqa: E402
-from .generation import Commit, Done, Draft, GenerationStats, generate, stream_generate  # noqa: E402
+from .generation import Commit, Done, Draft, GenerationStats, Response, generate, stream_generate  # noqa: E402
 from .loader import DEFAULT_MODEL, load, load_model, load_tokenizer  # noqa: E402
 from .model import Model  # noqa: E402
 from .sampler import SamplerConfig  # noqa: E402
@@ -26,6 +26,7 @@ __all__ = [
     "GenerationStats",
     "Model",
     "ModelArgs",
+    "Response",
     "SamplerConfig",
     "generate",
     "load",

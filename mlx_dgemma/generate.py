@@ -140,9 +140,10 @@ class CanvasView:
     def _size(self) -> os.terminal_size:
         """The terminal's own size (a stale ``COLUMNS`` in the environment would misplace every redraw)."""
         try:
-            return os.get_terminal_size(self.out.fileno())
+            size = os.get_terminal_size(self.out.fileno())
         except (AttributeError, OSError, ValueError):
             return shutil.get_terminal_size()
+        return size if size.columns and size.lines else shutil.get_terminal_size()  # 0 x 0: size unknown
 
     def _columns(self) -> int:
         return max(self._size().columns, 1)
