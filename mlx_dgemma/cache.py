@@ -79,9 +79,10 @@ class WindowKVCache(_BaseCache):
 def _register() -> None:
     """Make ``mlx_lm.models.cache.load_prompt_cache`` able to rebuild our layer caches from their class names."""
     for cls in (FullKVCache, WindowKVCache):
-        if getattr(mlx_lm_cache, cls.__name__, cls) is not cls:
-            raise RuntimeError(f"mlx_lm.models.cache already defines {cls.__name__}: rename ours")
-        setattr(mlx_lm_cache, cls.__name__, cls)
+        # Should mlx-lm ever define a class of the same name, leave it be: a cache loaded as that class is then
+        # refused in one line by ``generation.as_diffusion_cache`` instead of this import failing.
+        if not hasattr(mlx_lm_cache, cls.__name__):
+            setattr(mlx_lm_cache, cls.__name__, cls)
 
 
 _register()
