@@ -4,6 +4,9 @@ from ._platform import use_fast_blas
 
 use_fast_blas()  # must run before mlx is imported
 
+# The CLI module ``mlx_dgemma.generate`` is loaded before the function of the same name is bound below: a
+# submodule loaded later would replace the package's ``generate`` function with itself (mlx-lm does the same).
+from . import generate as _generate_cli  # noqa: E402, F401
 from .cache import DiffusionCache  # noqa: E402
 from .config import ModelArgs  # noqa: E402
 from .errors import CheckpointError, DGemmaError, GenerationError  # noqa: E402

@@ -160,3 +160,10 @@ def test_messages_the_template_rejects_are_one_line_errors(demo):
     with pytest.raises(GenerationError, match="chat template rejected") as info:
         generate(model, tokenizer, [{"role": "robot", "content": "beep"}], max_tokens=4)
     assert "\n" not in str(info.value)
+
+
+def test_the_cli_module_does_not_shadow_the_generate_function():
+    import mlx_dgemma
+    import mlx_dgemma.generate  # the CLI module of the same name
+
+    assert callable(mlx_dgemma.generate) and mlx_dgemma.generate.__module__ == "mlx_dgemma.generation"
