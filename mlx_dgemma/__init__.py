@@ -4,10 +4,13 @@ from ._platform import use_fast_blas
 
 use_fast_blas()  # must run before mlx is imported
 
+# The CLI module ``mlx_dgemma.generate`` is loaded before the function of the same name is bound below: a
+# submodule loaded later would replace the package's ``generate`` function with itself (mlx-lm does the same).
+from . import generate as _generate_cli  # noqa: E402, F401
 from .cache import DiffusionCache  # noqa: E402
 from .config import ModelArgs  # noqa: E402
 from .errors import CheckpointError, DGemmaError, GenerationError  # noqa: E402
-from .generation import Commit, Done, Draft, GenerationStats, generate, stream_generate  # noqa: E402
+from .generation import Commit, Done, Draft, GenerationStats, Response, generate, stream_generate  # noqa: E402
 from .loader import DEFAULT_MODEL, load, load_model, load_tokenizer  # noqa: E402
 from .model import Model  # noqa: E402
 from .sampler import SamplerConfig  # noqa: E402
@@ -26,6 +29,7 @@ __all__ = [
     "GenerationStats",
     "Model",
     "ModelArgs",
+    "Response",
     "SamplerConfig",
     "generate",
     "load",

@@ -4,12 +4,18 @@ Full-attention layers reuse mlx-lm's ``KVCache`` (pre-allocated, grows in steps)
 temporal order, exactly the last ``sliding_window - 1`` positions, as transformers' ``DynamicSlidingWindowLayer``
 does: the decoder attends to *all* of what a sliding layer stores plus the canvas, so storing more (mlx-lm's
 ``RotatingKVCache`` keeps ``window - 1 + n`` after an n-token update) would change the decoder's output.
+
+Both follow mlx-lm's cache protocol (``state`` / ``from_state``), so ``mlx_lm.models.cache``'s
+``make_prompt_cache`` / ``save_prompt_cache`` / ``load_prompt_cache`` work on them. ``load_prompt_cache`` finds a
+layer's class by name in that module's namespace (``globals()[name]``): we register our two class names there
+(see ``_register``) rather than renaming them after mlx-lm's, whose behaviour differs.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+import mlx_lm.models.cache as mlx_lm_cache
+from mlx_lm.models.cache import KVCache, _BaseCache
 
 
 class FullKVCache(KVCache):
@@ -23,7 +29,7 @@ class FullKVCache(KVCache):
         return mx.concatenate([k, keys], axis=2), mx.concatenate([v, values], axis=2)
 
 
-class WindowKVCache:
+class WindowKVCache(_BaseCache):
     """Keeps the last ``window - 1`` positions of a sliding-attention layer."""
 
     def __init__(self, window: int):
@@ -50,9 +56,36 @@ class WindowKVCache:
     def stored(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
+    def size(self) -> int:
+        return self.stored
+
+    def empty(self) -> bool:
+        return self.keys is None
+
     @property
-    def state(self) -> tuple[mx.array | None, mx.array | None]:
-        return self.keys, self.values
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self) -> tuple[mx.array | None, mx.array | None, int, int]:
+        """mlx-lm's protocol: everything ``from_state`` needs, arrays and scalars (``save_prompt_cache``)."""
+        return self.keys, self.values, self.offset, self.window
+
+    @state.setter
+    def state(self, v: tuple[mx.array | None, mx.array | None, int, int]) -> None:
+        self.keys, self.values, self.offset, self.window = v
+
+
+def _register() -> None:
+    """Make ``mlx_lm.models.cache.load_prompt_cache`` able to rebuild our layer caches from their class names."""
+    for cls in (FullKVCache, WindowKVCache):
+        # Should mlx-lm ever define a class of the same name, leave it be: a cache loaded as that class is then
+        # refused in one line by ``generation.as_diffusion_cache`` instead of this import failing.
+        if not hasattr(mlx_lm_cache, cls.__name__):
+            setattr(mlx_lm_cache, cls.__name__, cls)
+
+
+_register()
 
 
 class DiffusionCache(list):

@@ -52,7 +52,8 @@ class ModelArgs:
             ]
         # The reference forces the last layer to full attention.
         self.layer_types = list(self.layer_types)
-        self.layer_types[-1] = "full_attention"
+        if self.layer_types:  # else check() reports the config
+            self.layer_types[-1] = "full_attention"
         if isinstance(self.eos_token_id, int):
             self.eos_token_id = [self.eos_token_id]
 
@@ -68,13 +69,20 @@ class ModelArgs:
     @classmethod
     def from_config(cls, config: dict[str, Any], source: str = "config.json") -> ModelArgs:
         """Build the arguments from a ``config.json`` dict, checking that it is a DiffusionGemma config."""
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{source} holds a JSON {type(config).__name__}, not an object ({{...}}): "
+                                  "re-download it or copy it from the original checkpoint")
         model_type = config.get("model_type")
         if model_type not in MODEL_TYPES:
             raise CheckpointError(
                 f"{source} has model_type {model_type!r}, not 'diffusion_gemma': "
                 "point at a DiffusionGemma checkpoint (e.g. google/diffusiongemma-26B-A4B-it)"
             )
-        text = dict(config.get("text_config") or {})
+        text = config.get("text_config") or {}
+        if not isinstance(text, dict):
+            raise CheckpointError(f"{source}: text_config is a {type(text).__name__}, not an object: "
+                                  "re-download the checkpoint's config.json")
+        text = dict(text)
         if text.get("use_bidirectional_attention") == "all":
             raise CheckpointError(
                 f"{source} sets use_bidirectional_attention='all' (a bidirectional encoder), which no released "
@@ -89,9 +97,51 @@ class ModelArgs:
                 kwargs[key] = text[key]
         kwargs["rope_parameters"] = {**_DEFAULT_ROPE, **(text.get("rope_parameters") or {})}
         try:
-            return cls(**kwargs)
-        except TypeError as e:
+            args = cls(**kwargs)
+        except (TypeError, AttributeError) as e:
             raise CheckpointError(f"{source} has an invalid text_config ({e}): re-download the checkpoint") from e
+        args.check(source)
+        return args
+
+    def check(self, source: str = "config.json") -> None:
+        """Raise one line naming the first value of the config that cannot describe a model."""
+
+        def bad(name: str, value: Any, want: str) -> CheckpointError:
+            return CheckpointError(f"{source}: {name} is {value!r}, but it must be {want}: fix the value or "
+                                   "re-download the checkpoint's config.json")
+
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise bad(name, value, "a positive integer")
+        for name in ("rms_norm_eps", "final_logit_softcapping"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise bad(name, value, "a positive number")
+        if self.top_k_experts > self.num_experts:
+            raise bad("top_k_experts", self.top_k_experts, f"at most num_experts ({self.num_experts})")
+        for name in ("num_key_value_heads", "num_global_key_value_heads"):
+            if self.num_attention_heads % getattr(self, name):
+                raise bad(name, getattr(self, name), f"a divisor of num_attention_heads ({self.num_attention_heads})")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise bad("layer_types", f"a list of {len(self.layer_types)}",
+                      f"one entry per layer (num_hidden_layers = {self.num_hidden_layers})")
+        unknown = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
+        if unknown:
+            raise bad("layer_types", unknown[0], "'sliding_attention' or 'full_attention'")
+        ids = [("pad_token_id", self.pad_token_id), ("bos_token_id", self.bos_token_id)]
+        ids += [("eos_token_id", t) for t in self.eos_token_id]
+        for name, value in ids:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise bad(name, value, f"a token id below vocab_size ({self.vocab_size})")
+
+
+# Sizes and counts that must be positive integers.
+_POSITIVE_INTS = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "num_global_key_value_heads", "head_dim", "global_head_dim",
+    "num_experts", "top_k_experts", "sliding_window", "max_position_embeddings", "canvas_length",
+)
 
 
 def _full_layer_shape(text: dict[str, Any]) -> dict[str, int]:

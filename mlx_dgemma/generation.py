@@ -1,8 +1,10 @@
-"""Text generation: prompt → chat template → block loop → streamed, typed events.
+"""Text generation: prompt → chat template → block loop → streamed, typed events, in mlx-lm's shape.
 
-``stream_generate`` yields a :class:`Draft` after every denoising step (the current argmax canvas as
-text), a :class:`Commit` with the new final text of each committed canvas, and one :class:`Done` with the
-statistics. ``generate`` returns the text.
+``stream_generate`` yields a :class:`Commit` with the new final text of each committed canvas, one :class:`Done`
+with the statistics and, when asked (``drafts=True``), a :class:`Draft` after every denoising step (the
+current argmax canvas in ``canvas_text``). Every event has the fields of mlx-lm's ``GenerationResponse``, and
+``.text`` is only ever newly committed text, so mlx-lm's ``text += r.text`` collects the answer once.
+``generate`` returns the text.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import mlx.core as mx
+from jinja2 import TemplateError
 
 from .cache import DiffusionCache
 from .errors import GenerationError
@@ -22,7 +25,12 @@ from .model import Model
 from .sampler import SamplerConfig
 from .verify import DraftSession, VerifyConfig
 
-Prompt = str | Sequence[dict[str, Any]]
+Prompt = str | Sequence[dict[str, Any]] | Sequence[int] | mx.array
+
+MIN_TEMPERATURE = 0.01  # temperature 0 is served as this, the schedule's floor (as the server does)
+
+# Strings that begin so were templated already (mlx-lm checks the BOS only): Gemma 3's and Gemma 4's turn markers.
+TURN_MARKERS = ("<start_of_turn>", "<|turn>")
 
 # Options of autoregressive samplers that have no meaning for the entropy-bound diffusion sampler.
 UNSUPPORTED = {
@@ -36,6 +44,14 @@ UNSUPPORTED = {
     "frequency_penalty": "a canvas is denoised as a whole; there is no token-by-token penalty",
     "logprobs": "tokens are committed by argmax of a denoised canvas, not sampled one by one",
     "num_beams": "beam search does not apply to block diffusion",
+    "sampler": "the entropy-bound sampler is built in; set t_max / t_min / entropy_bound",
+    "logits_processors": "a canvas is denoised as a whole; there is no token-by-token logits processor",
+    "draft_model": "use drafter= (a DiffusionGemma drafter folder, 'lookup' or 'none')",
+    "num_draft_tokens": "a drafter proposes whole canvases: use drafter=",
+    "kv_bits": "the encoder cache is not quantized; quantize the weights with mlx_dgemma.convert",
+    "kv_group_size": "the encoder cache is not quantized; quantize the weights with mlx_dgemma.convert",
+    "quantized_kv_start": "the encoder cache is not quantized; quantize the weights with mlx_dgemma.convert",
+    "max_kv_size": "sliding layers keep their window already; lower max_tokens or shorten the prompt",
 }
 
 
@@ -54,18 +70,41 @@ class GenerationStats:
     restarted_canvases: int = 0  # ... of which the target rejected (restarted from noise)
 
 
+@dataclass(kw_only=True)
+class Response:
+    """The fields of mlx-lm's ``GenerationResponse`` that every event carries (mlx-lm code reads them as is).
+
+    ``generation_tokens`` / ``generation_tps`` count the answer's tokens committed so far; ``peak_memory`` is in
+    GB; ``finish_reason`` is ``None`` until the final :class:`Done`. ``token`` is the last committed token
+    (``None`` before any), ``from_draft`` whether the canvas started from a drafter's proposal that the target
+    kept. ``logprobs`` is always ``None``: tokens are committed by argmax of a denoised canvas.
+    """
+
+    token: int | None = None
+    logprobs: None = None
+    from_draft: bool = False
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0
+    finish_reason: str | None = None
+
+
 @dataclass
-class Draft:
-    """The canvas being denoised, as text, after one step."""
+class Draft(Response):
+    """The canvas being denoised after one step (only with ``drafts=True``). ``text`` is always ``""`` (nothing
+    is committed by a draft); the canvas as text is ``canvas_text``."""
 
     text: str
     canvas_index: int
     step: int
+    canvas_text: str = ""
 
 
 @dataclass
-class Commit:
-    """Final text added by a committed canvas."""
+class Commit(Response):
+    """Final text added by a committed canvas: ``text`` is the new text, ``tokens`` its token ids."""
 
     text: str
     tokens: list[int]
@@ -73,10 +112,14 @@ class Commit:
 
 
 @dataclass
-class Done:
+class Done(Response):
+    """The end of an answer: ``text`` is ``""`` (every piece came in a :class:`Commit`), ``answer`` the whole
+    answer, ``finish_reason`` ``"stop"`` (an end-of-turn token) or ``"length"`` (``max_tokens`` reached) and
+    ``stats`` the diffusion statistics."""
+
     text: str
-    finish_reason: str  # "stop" (an end-of-turn token) or "length" (max_tokens reached)
     stats: GenerationStats
+    answer: str = ""
 
 
 def sampler_config(model: Model, **overrides: Any) -> SamplerConfig:
@@ -92,17 +135,36 @@ def sampler_config(model: Model, **overrides: Any) -> SamplerConfig:
     return SamplerConfig(**values)
 
 
+def temperature_schedule(model: Model, temperature: float) -> tuple[float, float]:
+    """``(t_max, t_min)`` for one temperature T, as the server maps OpenAI's ``temperature``: ``t_max = T`` and
+    the checkpoint's ratio ``t_min / t_max`` kept (1/2 in the released config, whose 0.8/0.4 is T = 0.8)."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise GenerationError(f"temperature must be a finite number >= 0 (got {temperature}): try 0.8")
+    base = sampler_config(model)
+    t = max(temperature, MIN_TEMPERATURE)
+    return t, t * base.t_min / base.t_max
+
+
 def encode_prompt(
     tokenizer: Any,
     prompt: Prompt,
     system: str | None = None,
     use_chat_template: bool = True,
     thinking: bool | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
-    """Token ids of a prompt: a string or a list of chat messages, through the checkpoint's chat template."""
+    """Token ids of a prompt, as mlx-lm takes prompts: token ids (a list or ``mx.array``) are used as given; a
+    string that already starts with the template's BOS or a turn marker is encoded as is; any other string or a
+    list of chat messages goes through the checkpoint's chat template (``chat_template_kwargs`` passed to it)."""
+    ids = _token_ids(prompt)
+    if ids is not None:
+        return ids
     if isinstance(prompt, str):
         if not prompt.strip():
             raise GenerationError("the prompt is empty: give some text to respond to")
+        bos = getattr(tokenizer, "bos_token", None)
+        if use_chat_template and prompt.startswith(tuple(m for m in (bos, *TURN_MARKERS) if m)):
+            return list(tokenizer.encode(prompt, add_special_tokens=False))
         messages = [{"role": "user", "content": prompt}]
     else:
         messages = list(prompt)
@@ -114,16 +176,36 @@ def encode_prompt(
         return list(tokenizer.encode(prompt))
     if system is not None:
         messages = [{"role": "system", "content": system}, *messages]
-    if thinking is None:
-        # The template's own default: mlx-lm's wrapper would otherwise switch thinking on when it spots
-        # thinking tokens in the vocabulary.
-        hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
-        text = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                             enable_thinking=thinking)
+    kwargs = dict(chat_template_kwargs or {})
+    if thinking is not None:
+        kwargs["enable_thinking"] = thinking
+    # The template's own default for thinking: mlx-lm's wrapper would otherwise switch it on when it spots
+    # thinking tokens in the vocabulary, so render with the Hugging Face tokenizer itself.
+    hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
+    try:
+        text = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    except TemplateError as e:  # raised on purpose for messages the template rejects (unknown role, ...)
+        raise GenerationError(f"the chat template rejected the messages: {e}") from None
     # The template writes its own <bos>; don't let the tokenizer add another.
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _token_ids(prompt: Any) -> list[int] | None:
+    """``prompt`` as a list of token ids if it is token ids (a list of ints or an ``mx.array``), else None."""
+    if isinstance(prompt, mx.array):
+        if prompt.ndim == 2 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.ndim != 1 or not mx.issubdtype(prompt.dtype, mx.integer):
+            raise GenerationError(f"a prompt given as an mx.array must be 1-D token ids (got shape "
+                                  f"{tuple(prompt.shape)}, {prompt.dtype}): pass tokenizer.encode(text)")
+        ids = prompt.tolist()
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+    else:
+        return None
+    if not ids:
+        raise GenerationError("the prompt has no tokens: give some text or token ids to respond to")
+    return ids
 
 
 def check_context(model: Model, prompt_tokens: int, max_tokens: int) -> None:
@@ -181,22 +263,32 @@ def stream_generate(
     stability_threshold: int | None = None,
     confidence_threshold: float | None = None,
     adaptive_stopping: bool = True,
-    drafts: bool = True,
+    drafts: bool = False,
     prompt_ids: Sequence[int] | None = None,
     cache: DiffusionCache | None = None,
     drafter: Any = "auto",
     verify: VerifyConfig | None = None,
+    prompt_cache: list[Any] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
     **unsupported: Any,
 ) -> Iterator[Draft | Commit | Done]:
-    """Generate a response, yielding drafts, commits and a final ``Done`` (see the module docstring).
+    """Generate a response, yielding commits, a final ``Done`` and, with ``drafts=True``, a ``Draft`` per
+    denoising step (see the module docstring).
 
-    ``max_tokens`` is exact (default: the checkpoint's ``max_new_tokens``, else 256). Sampler options
-    default to the checkpoint's ``generation_config.json``. Autoregressive-only options (``top_p``,
-    ``repetition_penalty``, ...) raise a ``GenerationError`` naming the option.
+    ``prompt`` is taken as mlx-lm takes it (see :func:`encode_prompt`): token ids as given, a templated string
+    as is, else text or chat messages through the chat template (``system``, ``thinking`` and
+    ``chat_template_kwargs`` go to the template). ``max_tokens`` is exact (default: the checkpoint's
+    ``max_new_tokens``, else 256). Sampler options default to the checkpoint's ``generation_config.json``.
+    Autoregressive-only options (``top_p``, ``repetition_penalty``, ...) raise a ``GenerationError`` naming
+    the option.
 
-    ``prompt_ids`` are the prompt's token ids, used as given (``prompt`` may then be ``None``). ``cache``
-    is a cache that already holds the first ``cache.offset`` of them (e.g. a previous turn's): only the rest
-    are encoded; it is left holding the prompt and every canvas encoded after it.
+    ``prompt_cache`` works as mlx-lm's: a cache from ``mlx_lm.models.cache.make_prompt_cache(model)`` or
+    ``load_prompt_cache``; the prompt is encoded after what it holds, and it is left holding the prompt and
+    the answer (through its end-of-turn token), ready for the next turn's prompt.
+
+    ``prompt_ids`` are the whole conversation's token ids, used as given (``prompt`` may then be ``None``);
+    ``cache`` is a cache that already holds the first ``cache.offset`` of them (e.g. a previous turn's): only the
+    rest are encoded; it is left holding the prompt and every canvas encoded after it.
 
     ``drafter`` proposes canvases for the model to verify (``mlx_dgemma.drafter.make_proposer``): ``"auto"``
     (the model folder's own drafter, if any), ``"none"``, ``"lookup"``, a drafter folder or a proposer;
@@ -205,6 +297,8 @@ def stream_generate(
     for name in unsupported:
         hint = UNSUPPORTED.get(name, "it is not a DiffusionGemma generation option")
         raise GenerationError(f"{name!r} is not supported: {hint}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise GenerationError(f"seed must be an integer from 0 to 2**64 - 1 (got {seed!r}): pick one in that range")
     cfg = sampler_config(
         model, max_denoising_steps=max_denoising_steps, t_max=t_max, t_min=t_min, entropy_bound=entropy_bound,
         stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
@@ -212,9 +306,16 @@ def stream_generate(
     gen_config = getattr(model, "generation_config", {}) or {}
     max_tokens = max_tokens if max_tokens is not None else gen_config.get("max_new_tokens") or 256
     if prompt_ids is None:
-        ids = encode_prompt(tokenizer, prompt, system, use_chat_template, thinking)
+        ids = encode_prompt(tokenizer, prompt, system, use_chat_template, thinking, chat_template_kwargs)
     else:
         ids = list(prompt_ids)
+    if prompt_cache is not None:
+        if cache is not None:
+            raise GenerationError("give either prompt_cache (mlx-lm's) or cache, not both")
+        cache = as_diffusion_cache(model, prompt_cache)
+    given = len(ids)
+    if prompt_cache is not None:
+        ids = [model.args.pad_token_id] * cache.offset + ids  # placeholders: only ids[cache.offset:] are read
     from .drafter import make_proposer
 
     proposer = make_proposer(drafter, model)
@@ -233,49 +334,118 @@ def stream_generate(
     encoded = len(ids) - cache.offset
     prefill(model, mx.array([ids[cache.offset :]], dtype=mx.int32), cache)
     prompt_time = time.perf_counter() - start
-    passes, canvases, kept, reason = 0, 0, 0, "length"
+    passes, canvases, reason = 0, 0, "length"
     text = _Text(tokenizer)
+    meter = _Meter(given, encoded / max(prompt_time, 1e-9), start + prompt_time)
     events = generate_tokens(model, cache, max_tokens, cfg, seed=seed, adaptive_stopping=adaptive_stopping,
                              eos_ids=sorted(eos), drafts=session)
+    tail: list[int] = []  # the last canvas's kept tokens and the end-of-turn token that ended it
     for event in events:
         if isinstance(event, StepEvent):
             if drafts:
-                draft, _ = _keep(event.argmax[0].tolist(), eos, max_tokens - kept)
-                yield Draft(tokenizer.decode(draft), event.canvas_index, event.step)
+                draft, _ = _keep(event.argmax[0].tolist(), eos, max_tokens - len(text.tokens))
+                yield Draft("", event.canvas_index, event.step, tokenizer.decode(draft), **meter.fields(text))
             continue
         assert isinstance(event, CommitEvent)
         canvases += 1
         passes += int(event.decoder_passes[0].item())
-        new, stopped = _keep(event.tokens[0].tolist(), eos, max_tokens - kept)
-        kept += len(new)
-        yield Commit(text.add(new), new, event.canvas_index)
+        committed = event.tokens[0].tolist()
+        new, stopped = _keep(committed, eos, max_tokens - len(text.tokens))
+        tail = committed[: len(new) + 1] if stopped else new
+        piece = text.add(new)
+        kept_draft = event.drafted and not event.restarted
+        yield Commit(piece, new, event.canvas_index, **meter.fields(text), from_draft=kept_draft)
         if stopped:
             reason = "stop"
             break
+    events.close()
+    if prompt_cache is not None:
+        # Hold the whole answer, as mlx-lm's cache does: the last canvas is never encoded by the loop.
+        _encode_tail(model, cache, tail)
     elapsed = time.perf_counter() - start
+    kept = len(text.tokens)
     stats = GenerationStats(
-        prompt_tokens=len(ids),
+        prompt_tokens=given,
         generated_tokens=kept,
         canvases=canvases,
         decoder_passes=passes,
         tokens_per_forward=kept / max(passes, 1),
-        prompt_tps=encoded / max(prompt_time, 1e-9),
+        prompt_tps=meter.prompt_tps,
         generation_tps=kept / max(elapsed - prompt_time, 1e-9),
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         drafter=proposer.name if proposer is not None else "none",
         drafted_canvases=session.drafted if session is not None else 0,
         restarted_canvases=session.restarted if session is not None else 0,
     )
-    yield Done(text.sent, reason, stats)
+    yield Done("", stats, text.sent, **meter.fields(text), finish_reason=reason)
 
 
-def generate(model: Model, tokenizer: Any, prompt: Prompt, max_tokens: int | None = None, **kwargs: Any) -> str:
-    """Generate a response and return its text (same options as :func:`stream_generate`)."""
-    done = None
-    for event in stream_generate(model, tokenizer, prompt, max_tokens, drafts=False, **kwargs):
-        done = event
-    assert isinstance(done, Done)
-    return done.text
+class _Meter:
+    """The mlx-lm ``GenerationResponse`` figures of an answer so far."""
+
+    def __init__(self, prompt_tokens: int, prompt_tps: float, generation_start: float):
+        self.prompt_tokens, self.prompt_tps, self.generation_start = prompt_tokens, prompt_tps, generation_start
+
+    def fields(self, text: _Text) -> dict[str, Any]:
+        n = len(text.tokens)
+        return {
+            "token": text.tokens[-1] if text.tokens else None,
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_tps": self.prompt_tps,
+            "generation_tokens": n,
+            "generation_tps": n / max(time.perf_counter() - self.generation_start, 1e-9),
+            "peak_memory": mx.get_peak_memory() / 1e9,
+        }
+
+
+def _encode_tail(model: Model, cache: DiffusionCache, tokens: list[int]) -> None:
+    if tokens:
+        prefill(model, mx.array([tokens], dtype=mx.int32), cache)
+
+
+def as_diffusion_cache(model: Model, prompt_cache: list[Any]) -> DiffusionCache:
+    """mlx-lm's prompt cache (the list ``make_prompt_cache`` or ``load_prompt_cache`` returns) as the model's
+    cache. The layer caches are shared, not copied, so the caller's list sees what is encoded."""
+    if isinstance(prompt_cache, DiffusionCache):
+        return prompt_cache
+    want = [type(c) for c in model.make_cache()]
+    if not isinstance(prompt_cache, list) or [type(c) for c in prompt_cache] != want:
+        raise GenerationError(f"prompt_cache does not fit this model (it needs {len(want)} layer caches, as "
+                              "make_prompt_cache(model) makes them): make it, or save it, from this model")
+    return DiffusionCache(prompt_cache)
+
+
+def generate(
+    model: Model,
+    tokenizer: Any,
+    prompt: Prompt,
+    verbose: bool = False,
+    **kwargs: Any,
+) -> str:
+    """Generate a response and return its text (same options as :func:`stream_generate`), as mlx-lm's
+    ``generate``: with ``verbose``, print the text as it comes, then the prompt and generation speeds and the
+    peak memory."""
+    if not isinstance(verbose, bool):
+        raise GenerationError(f"generate's 4th argument is verbose (True/False), as in mlx-lm, not {verbose!r}: "
+                              "pass max_tokens by keyword")
+    kwargs.setdefault("drafts", False)
+    if verbose:
+        print("=" * 10)
+    text, response = "", None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    assert isinstance(response, Done)
+    if verbose:
+        print()
+        print("=" * 10)
+        if not text:
+            print("No text generated for this prompt")
+        print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+        print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
+        print(f"Peak memory: {response.peak_memory:.3f} GB")
+    return text
 
 
 def eos_ids(model: Model, tokenizer: Any) -> set[int]:

@@ -53,6 +53,29 @@ def read_config(folder: Path) -> dict[str, Any]:
     return _read_json(folder / "config.json")
 
 
+def check_chat_template(tokenizer: Any, folder: Path) -> None:
+    """Raise one line naming the template file if the checkpoint's chat template does not compile.
+
+    Rendering a one-message conversation compiles it; errors a template raises on purpose for some input
+    (``raise_exception``) surface later, per request, from ``encode_prompt``.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    from jinja2 import TemplateSyntaxError
+
+    hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
+    try:
+        hf_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                         tokenize=False)
+    except TemplateSyntaxError as e:
+        name = next((n for n in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
+                     if (folder / n).is_file()), "tokenizer_config.json")
+        raise CheckpointError(f"{folder / name} holds a broken chat template ({e.message}, line {e.lineno}): "
+                              "fix it or copy it from the original checkpoint") from None
+    except Exception:
+        pass  # compiled; whatever else it objects to is reported with the request that causes it
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: those the index names, else every ``*.safetensors``."""
     index = folder / "model.safetensors.index.json"
@@ -175,7 +198,9 @@ def load_tokenizer(path_or_repo: str | Path) -> Any:
     from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
 
     eos = _read_json(folder / "generation_config.json").get("eos_token_id")
-    return load_mlx_lm_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    tokenizer = load_mlx_lm_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    check_chat_template(tokenizer, folder)
+    return tokenizer
 
 
 def load(
@@ -198,6 +223,12 @@ def _read_json(file: Path) -> dict[str, Any]:
     if not file.is_file():
         return {}
     try:
-        return json.loads(file.read_text())
+        data = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}): re-download it") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file} is not UTF-8 text: re-download it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(data).__name__}, not an object ({{...}}): "
+                              "re-download it or copy it from the original checkpoint")
+    return data

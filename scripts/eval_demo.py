@@ -77,7 +77,7 @@ def evaluate(model, tokenizer, items: list[demo_task.Item], label: str, seed: in
             done = event
         assert isinstance(done, Done)
         result.seconds += time.perf_counter() - start
-        result.hits.append(done.text.strip() == item.answer)
+        result.hits.append(done.answer.strip() == item.answer)
         result.correct += result.hits[-1]
         result.canvases += done.stats.canvases
         result.decoder_passes += done.stats.decoder_passes

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import mlx_dgemma  # noqa: F401 (before any test module imports mlx.core: on Linux it preloads OpenBLAS)
+
 ROOT = Path(__file__).resolve().parent
 MAKE_FIXTURE = ROOT / "reference" / "make_fixture.py"
 

@@ -46,7 +46,7 @@ def test_null_drafter_commits_exactly_what_no_drafter_commits(demo, seed):
     for prompt in PROMPTS:
         plain = run(model, tokenizer, prompt, "none", seed)
         noise = run(model, tokenizer, prompt, NoiseProposer(), seed)
-        assert noise.text == plain.text
+        assert noise.answer == plain.answer
         assert noise.stats.drafted_canvases == noise.stats.restarted_canvases == plain.stats.canvases
         # A rejected draft costs its one verification pass, nothing else.
         assert noise.stats.decoder_passes == plain.stats.decoder_passes + plain.stats.canvases
@@ -105,7 +105,7 @@ def test_a_wrong_drafter_never_gets_a_token_committed_the_target_disagrees_with(
     spy = Spy(model)
     monkeypatch.setattr(model, "denoise", spy, raising=False)
     events = list(stream_generate(model, tokenizer, PROMPTS[1], max_tokens=96, seed=0, drafter=wrong,
-                                  verify=VerifyConfig(guard=0.0)))
+                                  verify=VerifyConfig(guard=0.0), drafts=True))
     monkeypatch.undo()
     done = events[-1]
     drafts = [e for e in events if type(e).__name__ == "Draft"]
@@ -130,7 +130,7 @@ def test_a_wrong_drafter_never_gets_a_token_committed_the_target_disagrees_with(
             assert mx.array_equal(last, previous)
             mean_entropy = entropy(process_logits(logits[-1], steps[-1], cfg)).mean().item()
             assert mean_entropy < cfg.confidence_threshold
-    assert done.text == plain.text  # here the target's answer does not depend on where it started
+    assert done.answer == plain.answer  # here the target's answer does not depend on where it started
 
 
 def _committed_argmax(model, tokenizer, prompt) -> list[mx.array]:
@@ -149,12 +149,12 @@ def test_a_draft_the_target_agrees_with_commits_after_one_pass(demo):
         plain = run(model, tokenizer, prompt, "none")
         answers = _committed_argmax(model, tokenizer, prompt)
         exact = run(model, tokenizer, prompt, FixedProposer(answers), verify=VerifyConfig(renoise=0.0))
-        assert exact.text == plain.text
+        assert exact.answer == plain.answer
         assert exact.stats.decoder_passes == exact.stats.canvases < plain.stats.decoder_passes
         # Re-noised, the target must predict part of the canvas itself: it may take another pass, never more
         # than without the draft, and it commits the same answer.
         renoised = run(model, tokenizer, prompt, FixedProposer(answers), verify=VerifyConfig(renoise=0.1))
-        assert renoised.text == plain.text and renoised.stats.decoder_passes <= plain.stats.decoder_passes
+        assert renoised.answer == plain.answer and renoised.stats.decoder_passes <= plain.stats.decoder_passes
 
 
 def test_prompt_lookup_proposes_what_followed_the_last_ngram():
@@ -172,9 +172,9 @@ def test_lookup_drafts_a_repeated_answer(demo):
     plain = run(model, tokenizer, PROMPTS[2], "none")
     # A conversation that already holds the answer, and a new answer that has begun the same way: lookup
     # proposes the rest of the earlier answer; the target still decides what is committed.
-    turns = [{"role": "user", "content": PROMPTS[2]}, {"role": "assistant", "content": plain.text},
+    turns = [{"role": "user", "content": PROMPTS[2]}, {"role": "assistant", "content": plain.answer},
              {"role": "user", "content": PROMPTS[2]}]
-    ids = encode_prompt(tokenizer, turns) + tokenizer.encode(plain.text, add_special_tokens=False)[:4]
+    ids = encode_prompt(tokenizer, turns) + tokenizer.encode(plain.answer, add_special_tokens=False)[:4]
 
     def answer(drafter):
         events = list(stream_generate(model, tokenizer, None, 96, prompt_ids=ids, seed=0, drafter=drafter))

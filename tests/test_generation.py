@@ -49,14 +49,15 @@ def test_max_tokens_is_exact(default, max_tokens):
 
 def test_events_stream_in_order(default):
     model, tokenizer = default
-    events = list(stream_generate(model, tokenizer, "Tell me a story", max_tokens=70, seed=1, **FAST))
+    events = list(stream_generate(model, tokenizer, "Tell me a story", max_tokens=70, seed=1, drafts=True, **FAST))
     drafts = [e for e in events if isinstance(e, Draft)]
     commits = [e for e in events if isinstance(e, Commit)]
     done = events[-1]
     assert isinstance(done, Done) and all(not isinstance(e, Done) for e in events[:-1])
     assert len(drafts) == done.stats.decoder_passes  # one draft per decoder pass
     assert len(commits) == done.stats.canvases >= 1
-    assert "".join(c.text for c in commits) == done.text
+    assert "".join(c.text for c in commits) == done.answer and done.text == ""
+    assert all(d.text == "" for d in drafts)
     assert sum(len(c.tokens) for c in commits) == done.stats.generated_tokens
     assert done.stats.tokens_per_forward == pytest.approx(done.stats.generated_tokens / done.stats.decoder_passes)
     assert done.stats.prompt_tokens > 0 and done.stats.peak_memory_gb > 0
@@ -157,7 +158,7 @@ def test_cli_show_canvas_redraws_on_a_terminal():
         chunks.append(data)
     assert proc.wait(timeout=120) == 0
     screen = b"".join(chunks).decode(errors="replace")
-    assert "[canvas 1, step 3]" in screen and "\x1b[J" in screen
+    assert "[canvas 1, step 3]" in screen and "\x1b[2K" in screen
 
 
 def test_adapter_path_applies_fine_tuned_adapters(tmp_path):

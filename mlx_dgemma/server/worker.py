@@ -322,7 +322,7 @@ class _Answer:
         if isinstance(event, Draft):
             self.passes += 1
             if self.job.plan.drafts:
-                self.job.emit(DraftText(event.text, event.canvas_index, event.step))
+                self.job.emit(DraftText(event.canvas_text, event.canvas_index, event.step))
             return False
         if isinstance(event, Commit):
             self.canvases += 1
