@@ -203,8 +203,8 @@ def test_a_queued_client_that_leaves_frees_its_slot(server, monkeypatch):
     first = httpx.Client(timeout=60)
     body = {"messages": HELLO, "max_tokens": 20, "stream": True, **FAST}
     with first.stream("POST", f"{server.url}/chat/completions", json=body) as running:
-        next(running.iter_lines())  # the one running request, held
-        assert hold.reached.wait(60)
+        first_line = next(running.iter_lines())  # the one running request, held
+        assert hold.reached.wait(60), first_line
         with pytest.raises(httpx.ReadTimeout):  # queued behind it, then gone
             httpx.post(f"{server.url}/chat/completions", json={"messages": HELLO, "max_tokens": 2}, timeout=0.5)
         wait_for(lambda: health(server)["queued"] == 0, "the queued client that left still holds its slot")
@@ -239,8 +239,7 @@ def test_a_finished_request_frees_its_slot_before_its_answer(monkeypatch):
             t = threading.Thread(target=lambda: nxt.update(r=post(srv, {"messages": HELLO, "max_tokens": 2,
                                                                         **FAST})))
             t.start()
-            wait_for(lambda: "r" in nxt or health(srv)["queued"] == 1, "the next request was neither queued nor "
-                     "answered")
+            wait_for(lambda: "r" in nxt or worker.queued == 1, "the next request was neither queued nor answered")
         finally:
             release.set()
         t.join(60)

@@ -115,7 +115,7 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
     async def health() -> dict[str, Any]:
         running = worker.running is not None
         return {"status": "ok", "model": served.model_id, "running": int(running),
-                "queued": max(worker.active - int(running), 0), "max_concurrency": worker.max_concurrency,
+                "queued": worker.queued, "max_concurrency": worker.max_concurrency,
                 **worker.counters, "prompt_cache_reused_tokens": worker.prompt_cache.reused_tokens}
 
     @app.get("/v1/models")

@@ -255,6 +255,13 @@ class Worker:
     def active(self) -> int:
         return self._active
 
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for the worker that still hold a slot (cancelled ones do not)."""
+        running = self.running
+        with self._lock:
+            return len(self._slots - {id(running)})
+
     def submit(self, plan: Plan, emit: Callable[[Event], None]) -> Job:
         """Queue a job; raise ``Busy`` when ``max_concurrency`` jobs are already queued or running."""
         with self._lock:
