@@ -156,6 +156,7 @@ class _Limits:
     max_body_bytes: int
     strict: bool
     temperature: float | None = None  # the server's default (--temp)
+    body_timeout_s: float = 60.0  # a body trickled in more slowly than this is a 408 (a slowloris on the body)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -210,7 +211,11 @@ def _prepare(kind: Kind, body: bytes, served: Served, limits: _Limits) -> tuple[
 
 async def _complete(kind: Kind, request: Request, served: Served, worker: Worker, limits: _Limits) -> Any:
     """Validate, queue, and answer one request (a JSON body, or a stream of server-sent events)."""
-    body = await _read_body(request, limits.max_body_bytes)
+    try:
+        body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
+                       code="request_timeout") from None
     job_plan, parser = await asyncio.to_thread(_prepare, kind, body, served, limits)
     headers = {}
     if job_plan.ignored:

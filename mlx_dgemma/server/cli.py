@@ -7,7 +7,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from .._cli import add_model_arguments
 from ..errors import DGemmaError
@@ -45,6 +45,13 @@ class _Note(argparse.Action):
         print(f"mlx_dgemma.server: note: {option} is ignored (the model code is part of mlx_dgemma)", file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the usage itself is under --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _port(text: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:
@@ -57,7 +64,7 @@ def _origins(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx_dgemma.server", description=DESCRIPTION, allow_abbrev=False)
+    p = _Parser(prog="mlx_dgemma.server", description=DESCRIPTION, allow_abbrev=False)
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")

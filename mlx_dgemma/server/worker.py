@@ -66,7 +66,7 @@ class Failed:
 Event = Delta | DraftText | Finished | Failed
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the worker keeps a set of the jobs holding a slot
 class Job:
     plan: Plan
     emit: Callable[[Event], None]
@@ -220,7 +220,7 @@ class Worker:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.RLock()  # reentrant: shutdown() may run in a signal handler on the loop thread
         self._active = 0  # queued + running, less those cancelled or already answered
-        self._slots: set[int] = set()  # ids of the jobs holding a slot
+        self._slots: set[Job] = set()  # the jobs holding a slot
         self._ready = threading.Event()
         self._stopping = False
         self._load_error: BaseException | None = None
@@ -260,7 +260,7 @@ class Worker:
         """Jobs waiting for the worker that still hold a slot (cancelled ones do not)."""
         running = self.running
         with self._lock:
-            return len(self._slots - {id(running)})
+            return len(self._slots - {running})
 
     def submit(self, plan: Plan, emit: Callable[[Event], None]) -> Job:
         """Queue a job; raise ``Busy`` when ``max_concurrency`` jobs are already queued or running."""
@@ -270,14 +270,14 @@ class Worker:
                            f"(--max-concurrency {self.max_concurrency}); retry shortly")
             self._active += 1
             job = Job(plan, emit, on_release=self._free)
-            self._slots.add(id(job))
+            self._slots.add(job)
         self._queue.put(job)
         return job
 
     def _free(self, job: Job) -> None:
         with self._lock:
-            if id(job) in self._slots:
-                self._slots.discard(id(job))
+            if job in self._slots:
+                self._slots.discard(job)
                 self._active -= 1
 
     def _answer(self, job: Job, event: Event) -> None:
