@@ -232,7 +232,9 @@ def schedule(request: _Request, model: Model) -> dict[str, Any]:
         t = max(request.temperature, MIN_TEMPERATURE)
         opts["t_max"], opts["t_min"] = t, t * base.t_min / base.t_max
     for name in ("t_max", "t_min", "entropy_bound"):
-        if opts[name] is not None and not np.isfinite(np.float32(opts[name])):
+        with np.errstate(over="ignore"):  # the overflow is what we look for
+            finite = opts[name] is None or np.isfinite(np.float32(opts[name]))
+        if not finite:
             raise APIError(400, f"{name}={opts[name]!r} is not a finite 32-bit float: use a value below 3.4e38",
                            name)
     limit = max_steps(model)
