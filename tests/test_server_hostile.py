@@ -100,7 +100,9 @@ def test_a_body_that_never_finishes_is_408(server, monkeypatch):
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 1000\r\n\r\n{\"messages\": ")  # and then nothing more
         s.settimeout(60)
-        answer = s.recv(4096)
+        answer = b""
+        while b"did not arrive" not in answer and (part := s.recv(4096)):
+            answer += part
     assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer
 
 
@@ -349,3 +351,33 @@ def test_cors_preflight_is_answered():
         r = httpx.options(f"{srv.url}/chat/completions", headers={
             "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
         assert "access-control-allow-origin" not in r.headers
+
+
+def test_server_default_temperature_maps_like_a_requests(server):
+    """--temp T: requests that set neither temperature nor t_max/t_min are served as temperature T."""
+    from mlx_dgemma.server.app import _Limits, _prepare
+
+    served, limits = server.app.state.served, _Limits(1 << 20, False, temperature=0.6)
+    plain = _prepare("chat", json.dumps({"messages": HELLO}).encode(), served, limits)[0]
+    assert plain.sampler == {"t_max": 0.6, "t_min": 0.3}
+    own = _prepare("chat", json.dumps({"messages": HELLO, "t_max": 0.9}).encode(), served, limits)[0]
+    assert own.sampler == {"t_max": 0.9}
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(server):
+    from mlx_dgemma.server.protocol import max_token_chars
+
+    tokenizer = server.app.state.served.tokenizer
+    chars = server.app.state.served.context_length * max_token_chars(tokenizer) + 1
+    r = post(server, {"messages": [{"role": "user", "content": "x" * chars}]})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded" and "at least" in error["message"]
+
+
+def test_the_fast_tokenizer_path_gives_the_same_ids(server):
+    from mlx_dgemma.server.protocol import encode
+
+    tokenizer = server.app.state.served.tokenizer
+    text = "<start_of_turn>user\nHéllo wörld 你好 \n\n   code(x)  🙂<end_of_turn>\n" * 50
+    assert encode(tokenizer, text, False, None, "messages") == list(tokenizer.encode(text, add_special_tokens=False))
+    assert encode(tokenizer, "Once upon", True, None, "prompt") == list(tokenizer.encode("Once upon"))
