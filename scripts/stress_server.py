@@ -139,8 +139,22 @@ def huge_bodies(run: Run, health: Health) -> None:
     code = run.post(big).status_code
     run.check("20 MB body", "413", code, code == 413)
     near = json.dumps({"messages": [{"role": "user", "content": "word " * 1_500_000}]}).encode()  # 7.5 MB
-    code = run.post(near).status_code
-    run.check("7.5 MB prompt (tokenized off the loop)", "400", code, code == 400)
+    r = run.post(near)
+    code = r.json()["error"]["code"] if r.status_code == 400 else r.status_code
+    run.check("7.5 MB prompt (refused before tokenizing)", "context_length_exceeded", code,
+              code == "context_length_exceeded")
+    # The longest prompts that are still tokenized (the refusal above cannot rule them out), 16 at once.
+    card = httpx.get(f"{run.url}/models").json()["data"][0]
+    longest = "word " * (card["context_length"] * 3)
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        run.post({"messages": [{"role": "user", "content": longest}]}).status_code)) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    run.check(f"16 prompts of {len(longest)} characters at once", "16 x 400", f"{results.count(400)} x 400",
+              results == [400] * 16)
 
 
 def slowloris(run: Run, health: Health, n: int) -> None:
