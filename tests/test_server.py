@@ -389,24 +389,49 @@ def test_oversize_prompt_is_400_with_both_numbers(client, reference):
     with pytest.raises(openai.BadRequestError, match=f"max_tokens={window}") as e:
         chat(client, max_tokens=window)
     assert e.value.body["param"] == "max_tokens"
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["type"] == "invalid_request_error"
 
 
 def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-5", messages=HELLO, max_tokens=4)
     assert e.value.body["code"] == "model_not_found" and "gpt-5" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="google/gpt-5", messages=HELLO, max_tokens=4)
+
+
+def test_publisher_prefixed_model_ids_are_accepted(client):
+    r = client.chat.completions.create(model="lmstudio-community/default", messages=HELLO, max_tokens=2,
+                                       extra_body=FAST)
+    assert r.usage.completion_tokens <= 2
 
 
 @pytest.mark.parametrize("field,value", [
-    ("top_p", 0.5), ("logprobs", True), ("n", 2), ("presence_penalty", 0.5), ("frequency_penalty", 1.0),
-    ("logit_bias", {"5": 10}), ("response_format", {"type": "json_object"}), ("tool_choice", "required"),
-    ("top_k", 5), ("banana", 1),
+    ("logprobs", True), ("n", 2), ("echo", True), ("logit_bias", {"5": 10}),
+    ("response_format", {"type": "json_object"}), ("tool_choice", "required"), ("banana", 1),
 ])
 def test_unsupported_field_is_400_naming_it(server, field, value):
     r = httpx.post(f"{server.url}/chat/completions", json={"messages": HELLO, "max_tokens": 4, field: value})
     assert r.status_code == 400
     error = r.json()["error"]
     assert error["param"] == field and field in error["message"]
+
+
+SAMPLING = {"top_p": 0.5, "top_k": 5, "presence_penalty": 0.5, "frequency_penalty": 1.0, "min_p": 0.1}
+
+
+def test_autoregressive_sampling_fields_are_ignored_and_named(server, client, monkeypatch):
+    r = httpx.post(f"{server.url}/chat/completions", json={"messages": HELLO, "max_tokens": 4, "seed": 3,
+                                                           **FAST, **SAMPLING})
+    assert r.status_code == 200 and r.headers["X-Ignored-Fields"] == ", ".join(SAMPLING)
+    plain = chat(client, seed=3, max_tokens=4)
+    assert r.json()["choices"][0]["message"]["content"] == plain.choices[0].message.content
+    # A client that sends top_p by default (the openai client passes what it is given).
+    assert chat(client, seed=3, max_tokens=4, top_p=0.9).choices[0].message.content == plain.choices[0].message.content
+    monkeypatch.setattr(server.app.state.limits, "strict", True)  # --strict: today's 400s
+    for field, value in SAMPLING.items():
+        r = httpx.post(f"{server.url}/chat/completions", json={"messages": HELLO, "max_tokens": 4, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted(server):

@@ -1,7 +1,9 @@
 """``mlx_dgemma.server``: an OpenAI-compatible HTTP server for DiffusionGemma (FastAPI + uvicorn).
 
     mlx_dgemma.server --model PATH_OR_REPO [--host 127.0.0.1] [--port 8080] [--context-length N]
-                      [--max-concurrency N] [--no-prompt-cache]
+                      [--max-concurrency N] [--no-prompt-cache] [--temp T] [--strict]
+                      [--request-timeout S] [--max-body-bytes N] [--max-connections N]
+                      [--header-timeout S] [--allowed-origins URL,...]
     python -m mlx_dgemma.server ...
 
 Binds to loopback unless ``--host`` says otherwise. Without ``--model`` it serves the embedded (demo)
@@ -12,13 +14,18 @@ Endpoints
     really accepts (the model's native window ``max_position_embeddings``, unless ``--context-length``
     lowers it) in ``context_length``, ``max_model_len`` and ``max_context_length``.
     ``POST /v1/chat/completions``: the checkpoint's chat template, with system/developer messages,
-    ``tools`` (passed to the template, which must mention them; tool calls in the answer are returned as
-    text, not parsed into ``tool_calls``) and ``chat_template_kwargs`` (e.g. ``{"enable_thinking": true}``).
+    ``tools`` (passed to the template, which must mention them) and ``chat_template_kwargs`` (e.g.
+    ``{"enable_thinking": true}``). Tool calls in the answer are returned as OpenAI ``tool_calls``
+    (``finish_reason: "tool_calls"``, streamed as one ``delta.tool_calls`` chunk), parsed by the parser
+    mlx-lm's tokenizer infers from the template (Gemma 4: ``mlx_lm/tool_parsers/gemma4.py``); assistant
+    ``tool_calls`` (arguments decoded) and ``tool`` results (named after their call) are rendered back
+    through the template. With thinking enabled, the thought is returned in ``reasoning_content``.
     ``POST /v1/completions``: a raw prompt (one string or one list of token ids), no template.
     ``GET /health``: queue state and counters (served, cancelled, failed, prompt-cache reused tokens).
 
 Model names: the served id (the ``--model`` argument, a folder's name, or ``default``), the ``--model``
-argument as given, and ``default``; another name is a 404. ``model`` may be omitted.
+argument as given, and ``default``, each also behind a ``publisher/`` prefix (LM Studio's ids); another
+name is a 404. ``model`` may be omitted.
 
 Generation
     * ``max_tokens`` / ``max_completion_tokens`` are exact. Without them the answer may use the whole
@@ -37,9 +44,15 @@ Generation
       defaults (0.8 / 0.4, which T = 0.8 reproduces). T = 0 is served as T = 0.01 (the nearest the
       schedule gets to greedy) and, when no ``seed`` is given, with seed 0, so that it is reproducible.
       Giving ``temperature`` together with ``t_max``/``t_min`` is a 400.
+    * Autoregressive-only sampling fields (``top_p``, ``top_k``, ``min_p``, presence / frequency /
+      repetition penalties) are ignored, logged and named in the ``X-Ignored-Fields`` response header;
+      with ``--strict`` they are 400s unless they carry their "off" value.
+    * ``max_denoising_steps`` is at most one step per canvas position (or the checkpoint's default, if
+      larger); ``t_max``/``t_min``/``entropy_bound`` must be finite in float32. ``--request-timeout``
+      cuts a longer answer: ``finish_reason`` "length" and an ``error`` (code ``request_timeout``) in the
+      response (streaming: in the chunk with the ``finish_reason``).
     * Fields we cannot honour are a 400 naming the field unless they carry their "off" value (null
-      always is): ``n``/``best_of`` ≠ 1, ``top_p`` ≠ 1, ``top_k``, ``min_p``, presence / frequency /
-      repetition penalties, ``logprobs``, ``top_logprobs``, ``logit_bias``, ``echo``, ``suffix``,
+      always is): ``n``/``best_of`` ≠ 1, ``logprobs``, ``top_logprobs``, ``logit_bias``, ``echo``, ``suffix``,
       ``response_format`` other than text, ``tool_choice`` other than auto/none, non-text modalities,
       ``audio``, ``prediction``, ``functions``, ``reasoning_effort``, ``verbosity``. Unknown fields are a
       400 too. Metadata with no effect on the answer (``user``, ``metadata``, ``store``, ``service_tier``,
@@ -58,8 +71,16 @@ Streaming (``stream: true``, server-sent events in OpenAI's chunk format)
 Concurrency
     One worker thread owns MLX and serves requests one at a time, first in first out. At most
     ``--max-concurrency`` requests may be queued or running; beyond that a 429 (``Retry-After: 1``). A
-    client that disconnects has its request dropped from the queue, or stopped at the next denoising
-    step. An error in one request is answered to that request only.
+    client that disconnects frees its slot at once (its request is dropped from the queue, or stopped at
+    the next denoising step), and a request frees its slot before its answer is sent. An error in one
+    request is answered to that request only. SIGTERM stops the running request at its next step (it is
+    answered 503, ``shutting_down``) and the server exits.
+
+Limits
+    Bodies over ``--max-body-bytes`` (8 MiB) are a 413; decoding, templating and tokenizing run on a
+    thread, so the event loop (``/health``) is never blocked by a request. A connection must send its
+    request headers within ``--header-timeout`` seconds; beyond ``--max-connections`` open connections, a
+    new one is answered 503 and closed. Running out of file descriptors is logged once a minute.
 
 Prompt cache
     The encoder cache of the previous request is kept (the prompt alone, and the prompt plus any canvases
@@ -68,7 +89,8 @@ Prompt cache
     trimmed (sliding-window layers cannot be trimmed).
 
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 (malformed JSON, an
-invalid or unsupported field, a prompt that does not fit), 404 (unknown model), 429 (busy), 500.
+invalid or unsupported field, a prompt that does not fit: code ``context_length_exceeded``), 404 (unknown
+model), 413 (body too large), 429 (busy), 500, 503 (shutting down).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -16,13 +17,21 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import DGemmaError
 from ..model import Model
-from .protocol import APIError, Kind, Plan, parse, plan
+from .output import OutputParser, Piece
+from .protocol import IGNORED_HEADER, APIError, ChatRequest, Kind, Plan, parse, plan, read_json
 from .worker import Busy, Delta, DraftText, Event, Failed, Finished, Job, Worker
 
+log = logging.getLogger("mlx_dgemma.server")
+
 POLL_S = 0.25  # how often a non-streaming request checks whether its client is still there
+# The default request-body limit: the released model's 262144-token window is about 1 MB of text, doubled
+# by JSON escaping and multi-turn repetition, plus tool schemas; 8 MiB leaves room for all of it while one
+# request can no longer make the server read (and hold) tens of megabytes.
+MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 def model_names(model: str | Path | None) -> tuple[str, frozenset[str]]:
@@ -46,7 +55,9 @@ class Served:
     created: int = 0
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_id and name not in self.aliases:
+        """Accept the served id, an alias, or either behind a ``publisher/`` prefix (LM Studio's ids)."""
+        names = {self.model_id, *self.aliases}
+        if name is not None and name not in names and name.rstrip("/").rsplit("/", 1)[-1] not in names:
             raise APIError(404, f"the model {name!r} does not exist: this server serves {self.model_id!r}",
                            "model", code="model_not_found")
 
@@ -61,18 +72,25 @@ class Served:
 
 def create_app(model: str | Path | None = None, *, context_length: int | None = None, max_concurrency: int = 16,
                prompt_cache: bool = True, adapter_path: str | Path | None = None,
-               drafter: str | Path | None = "auto") -> FastAPI:
+               drafter: str | Path | None = "auto",
+               max_body_bytes: int = MAX_BODY_BYTES,
+               request_timeout: float | None = None,
+               strict: bool = False,
+               allowed_origins: list[str] | None = None,
+               default_temperature: float | None = None) -> FastAPI:
     """An app serving ``model`` (a folder or hub id; ``None``: the embedded default model).
 
     The model is loaded here, on the worker thread (loading errors are raised here). The worker stops with
-    the app (ASGI lifespan). Raises ``DGemmaError`` for a bad ``context_length`` or ``max_concurrency``.
+    the app (ASGI lifespan). Raises ``DGemmaError`` for a bad ``context_length``, ``max_concurrency``,
+    ``max_body_bytes`` or ``request_timeout``. ``strict``: autoregressive-only sampling fields (``top_p``,
+    ...) are 400s instead of ignored. ``allowed_origins``: browser origins allowed by CORS (``["*"]``: any).
+    ``default_temperature``: the temperature of requests that set neither it nor ``t_max``/``t_min``.
     """
-    if max_concurrency < 1:
-        raise DGemmaError(f"max_concurrency must be at least 1 (got {max_concurrency})")
-    worker = Worker(model, max_concurrency, prompt_cache, adapter_path, drafter)
+    check_limits(context_length, max_concurrency, max_body_bytes, request_timeout)
+    worker = Worker(model, max_concurrency, prompt_cache, adapter_path, drafter, request_timeout)
     worker.start()
     native, canvas = worker.model.args.max_position_embeddings, worker.model.args.canvas_length
-    context = context_length or native
+    context = native if context_length is None else context_length
     if not canvas < context <= native:
         worker.stop()
         raise DGemmaError(f"the context length must be between {canvas + 1} (a prompt token plus one canvas) "
@@ -88,12 +106,16 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
     app = FastAPI(title="mlx_dgemma", lifespan=lifespan)
     app.state.served, app.state.worker = served, worker
     _add_error_handlers(app)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["*"], expose_headers=[IGNORED_HEADER])
+    app.state.limits = limits = _Limits(max_body_bytes, strict, default_temperature)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         running = worker.running is not None
         return {"status": "ok", "model": served.model_id, "running": int(running),
-                "queued": max(worker.active - int(running), 0), "max_concurrency": worker.max_concurrency,
+                "queued": worker.queued, "max_concurrency": worker.max_concurrency,
                 **worker.counters, "prompt_cache_reused_tokens": worker.prompt_cache.reused_tokens}
 
     @app.get("/v1/models")
@@ -107,13 +129,34 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        return await _complete("chat", request, served, worker)
+        return await _complete("chat", request, served, worker, limits)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await _complete("completion", request, served, worker)
+        return await _complete("completion", request, served, worker, limits)
 
     return app
+
+
+def check_limits(context_length: int | None, max_concurrency: int, max_body_bytes: int,
+                 request_timeout: float | None) -> None:
+    """The server's limits that can be checked before loading the model; ``DGemmaError`` names the bad one."""
+    if context_length is not None and context_length < 1:
+        raise DGemmaError(f"the context length must be a positive number of tokens (got {context_length})")
+    if max_concurrency < 1:
+        raise DGemmaError(f"max_concurrency must be at least 1 (got {max_concurrency})")
+    if max_body_bytes < 1024:
+        raise DGemmaError(f"max_body_bytes must be at least 1024 (got {max_body_bytes})")
+    if request_timeout is not None and not request_timeout > 0:
+        raise DGemmaError(f"request_timeout must be a positive number of seconds (got {request_timeout})")
+
+
+@dataclass
+class _Limits:
+    max_body_bytes: int
+    strict: bool
+    temperature: float | None = None  # the server's default (--temp)
+    body_timeout_s: float = 60.0  # a body trickled in more slowly than this is a 408 (a slowloris on the body)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -135,25 +178,59 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, server_error)
 
 
-async def _complete(kind: Kind, request: Request, served: Served, worker: Worker) -> Any:
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be larger than ``limit`` bytes."""
+    too_big = APIError(413, f"the request body is larger than {limit} bytes (the server's --max-body-bytes): "
+                            "shorten the prompt", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _prepare(kind: Kind, body: bytes, served: Served, limits: _Limits) -> tuple[Plan, OutputParser | None]:
+    """Decode, validate, template and tokenize (CPU work, run on a thread: the event loop stays free)."""
+    req = parse(kind, read_json(body))
+    served.check_model(req.model)
+    if limits.temperature is not None and req.temperature is None and req.t_max is None and req.t_min is None:
+        req.temperature = limits.temperature
+    job_plan = plan(kind, req, served.tokenizer, served.model, served.context_length, limits.strict)
+    parser = None
+    if isinstance(req, ChatRequest) and (job_plan.tools or job_plan.thinking):
+        tail = served.tokenizer.decode(job_plan.prompt_ids[-16:])
+        parser = OutputParser(served.tokenizer, thinking=job_plan.thinking, tools=job_plan.tools,
+                              prompt_tail=tail, tool_specs=req.tools)
+    return job_plan, parser
+
+
+async def _complete(kind: Kind, request: Request, served: Served, worker: Worker, limits: _Limits) -> Any:
     """Validate, queue, and answer one request (a JSON body, or a stream of server-sent events)."""
     try:
-        data = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    req = parse(kind, data)
-    served.check_model(req.model)
-    job_plan = plan(kind, req, served.tokenizer, served.model, served.context_length)
+        body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
+                       code="request_timeout") from None
+    job_plan, parser = await asyncio.to_thread(_prepare, kind, body, served, limits)
+    headers = {}
+    if job_plan.ignored:
+        log.info("ignored autoregressive-only fields: %s", ", ".join(job_plan.ignored))
+        headers[IGNORED_HEADER] = ", ".join(job_plan.ignored)
     events: asyncio.Queue[Event] = asyncio.Queue()
     try:
         job = worker.submit(job_plan, _emitter(events))
     except Busy as e:
         raise APIError(429, str(e), type_="rate_limit_error", code="server_busy") from None
-    meta = _Meta(kind, served.model_id)
+    meta = _Meta(kind, served.model_id, parser)
     if job_plan.stream:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return StreamingResponse(_sse(job, events, meta), media_type="text/event-stream", headers=headers)
-    return await _collect(job, events, meta, request)
+    return JSONResponse(await _collect(job, events, meta, request), headers=headers)
 
 
 def _emitter(events: asyncio.Queue[Event]) -> Callable[[Event], None]:
@@ -173,6 +250,7 @@ class _Meta:
 
     kind: Kind
     model: str
+    parser: OutputParser | None = None  # splits reasoning and tool calls out of chat answers
 
     def __post_init__(self) -> None:
         prefix = "chatcmpl" if self.kind == "chat" else "cmpl"
@@ -193,6 +271,21 @@ class _Meta:
             delta["content"] = text
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
+    def pieces(self, text: str) -> list[Piece]:
+        """Answer text as (content | reasoning) pieces, holding back what may begin a marker."""
+        return self.parser.feed(text) if self.parser else [("content", text)] if text else []
+
+    def finish(self) -> tuple[list[Piece], list[dict[str, Any]]]:
+        return self.parser.finish() if self.parser else ([], [])
+
+    def delta(self, pieces: list[Piece]) -> dict[str, Any]:
+        """A streamed chat choice carrying these pieces (content and/or reasoning_content)."""
+        delta: dict[str, Any] = {}
+        for kind, text in pieces:
+            key = "content" if kind == "content" else "reasoning_content"
+            delta[key] = delta.get(key, "") + text
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+
 
 def _usage(done: Finished) -> dict[str, Any]:
     return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
@@ -202,7 +295,7 @@ def _usage(done: Finished) -> dict[str, Any]:
 
 async def _collect(job: Job, events: asyncio.Queue[Event], meta: _Meta, request: Request) -> dict[str, Any]:
     """The non-streaming answer; cancels the job if the client goes away while waiting."""
-    parts: list[str] = []
+    pieces: list[Piece] = []
     try:
         while True:
             try:
@@ -213,12 +306,23 @@ async def _collect(job: Job, events: asyncio.Queue[Event], meta: _Meta, request:
                     return {}
                 continue
             if isinstance(event, Delta):
-                parts.append(event.text)
+                pieces += meta.pieces(event.text)
             elif isinstance(event, Failed):
                 raise event.error
             elif isinstance(event, Finished):
-                return {**meta.head(stream=False), "choices": [meta.choice("".join(parts), event.finish_reason, False)],
-                        "usage": _usage(event), "diffusion": event.stats}
+                rest, calls = meta.finish()
+                pieces += rest
+                content = "".join(t for k, t in pieces if k == "content")
+                choice = meta.choice(content, "tool_calls" if calls else event.finish_reason, False)
+                if meta.kind == "chat":
+                    reasoning = "".join(t for k, t in pieces if k == "reasoning")
+                    if reasoning:
+                        choice["message"]["reasoning_content"] = reasoning
+                    if calls:
+                        choice["message"].update(tool_calls=calls, content=content.strip() or None)
+                out = {**meta.head(stream=False), "choices": [choice], "usage": _usage(event),
+                       "diffusion": event.stats}
+                return {**out, "error": event.error} if event.error else out
     finally:
         job.cancel()  # a no-op once the job is done
 
@@ -236,7 +340,10 @@ async def _sse(job: Job, events: asyncio.Queue[Event], meta: _Meta) -> AsyncIter
         while True:
             event = await events.get()
             if isinstance(event, Delta):
-                yield _data({**meta.head(True), "choices": [meta.choice(event.text, None, True)]})
+                if meta.kind == "completion":
+                    yield _data({**meta.head(True), "choices": [meta.choice(event.text, None, True)]})
+                elif pieces := meta.pieces(event.text):
+                    yield _data({**meta.head(True), "choices": [meta.delta(pieces)]})
             elif isinstance(event, DraftText):
                 draft = {"text": event.text, "canvas": event.canvas, "step": event.step}
                 yield _data({**meta.head(True), "choices": [], "draft": draft})
@@ -244,8 +351,16 @@ async def _sse(job: Job, events: asyncio.Queue[Event], meta: _Meta) -> AsyncIter
                 yield _data(event.error.body())
                 break
             elif isinstance(event, Finished):
-                last = meta.choice(None, event.finish_reason, True)
-                yield _data({**meta.head(True), "choices": [last], "diffusion": event.stats})
+                rest, calls = meta.finish()
+                if rest:
+                    yield _data({**meta.head(True), "choices": [meta.delta(rest)]})
+                if calls:
+                    delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+                    yield _data({**meta.head(True), "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                                  "finish_reason": None}]})
+                last = meta.choice(None, "tool_calls" if calls else event.finish_reason, True)
+                final = {**meta.head(True), "choices": [last], "diffusion": event.stats}
+                yield _data({**final, "error": event.error} if event.error else final)
                 if plan.include_usage:
                     yield _data({**meta.head(True), "choices": [], "usage": _usage(event)})
                 break

@@ -3,63 +3,157 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import socket
 import sys
 import threading
 import time
-from typing import Any
-
-import uvicorn
+from typing import Any, NoReturn
 
 from .._cli import add_model_arguments
 from ..errors import DGemmaError
-from .app import create_app
+from .app import MAX_BODY_BYTES, check_limits, create_app
+from .net import Server, make_config
 
 DESCRIPTION = """OpenAI-compatible server for DiffusionGemma (chat and text completions, streaming).
 Without --model, serves the small demo model embedded in the package."""
 
+# mlx_lm.server flags that have no meaning for a diffusion model: one line saying what to use instead.
+AUTOREGRESSIVE_FLAGS = {
+    "--top-p": "the entropy-bound sampler has no nucleus: send entropy_bound (or temperature) in requests",
+    "--top-k": "the entropy-bound sampler has no top-k: send entropy_bound (or temperature) in requests",
+    "--min-p": "the entropy-bound sampler has no min-p: send entropy_bound (or temperature) in requests",
+    "--kv-bits": "the KV cache is not quantized: serve a quantized model (mlx_dgemma.convert --quantize)",
+    "--draft-model": "use --drafter PATH (a canvas drafter; token-level draft models do not apply)",
+    "--num-draft-tokens": "use --drafter PATH (a canvas drafter drafts whole canvases)",
+}
+
+
+class _Refuse(argparse.Action):
+    """An autoregressive-only flag: a one-line error naming what to use instead."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: Any, values: Any, option: str | None = None) -> None:
+        parser.error(f"{option} does not apply to a diffusion model: {AUTOREGRESSIVE_FLAGS[str(option)]}")
+
+
+class _Note(argparse.Action):
+    """A flag accepted for compatibility with mlx-lm and ignored, with a note."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: Any, values: Any, option: str | None = None) -> None:
+        print(f"mlx_dgemma.server: note: {option} is ignored (the model code is part of mlx_dgemma)", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the usage itself is under --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port: use 1-65535 (or 0 for a free one)")
+    return port
+
+
+def _origins(text: str) -> list[str]:
+    return [o.strip() for o in text.split(",") if o.strip()]
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx_dgemma.server", description=DESCRIPTION)
+    p = _Parser(prog="mlx_dgemma.server", description=DESCRIPTION, allow_abbrev=False)
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--context-length", type=int,
                    help="largest prompt + answer accepted (default: the model's native window)")
     p.add_argument("--max-concurrency", type=int, default=16,
                    help="requests queued or running at once; more get HTTP 429 (default 16)")
     p.add_argument("--no-prompt-cache", action="store_true",
                    help="do not reuse the previous request's encoder cache")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--temp", "--temperature", dest="temperature", type=float,
+                   help="default temperature for requests that set neither temperature nor t_max/t_min "
+                        "(mapped onto the temperature schedule as a request's temperature is)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds one request may generate; then its answer is cut (finish_reason length, "
+                        "error code request_timeout). 0: no limit (default 600)")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                   help=f"largest request body; larger ones get HTTP 413 (default {MAX_BODY_BYTES}, 8 MiB)")
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="open connections at once; more are answered 503 and closed (default 512)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a request's headers (default 10)")
+    p.add_argument("--strict", action="store_true",
+                   help="answer autoregressive-only sampling fields (top_p, top_k, min_p, penalties) with HTTP "
+                        "400 instead of ignoring them")
+    p.add_argument("--allowed-origins", type=_origins,
+                   help="browser origins allowed by CORS, comma-separated, or '*' (default: none)")
+    p.add_argument("--log-level", default="info", type=str.lower,
+                   choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--trust-remote-code", action=_Note, help="accepted for mlx-lm compatibility; ignored")
+    for flag in AUTOREGRESSIVE_FLAGS:
+        p.add_argument(flag, action=_Refuse, help=argparse.SUPPRESS)
     return p
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads, so that a bad address fails in a second."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise DGemmaError(f"cannot listen on {host}:{port}: {e.strerror or e}: choose another --host/--port") from None
+    return sock
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    timeout = args.request_timeout or None
     try:
+        if args.max_connections < 1 or not args.header_timeout > 0:
+            raise DGemmaError("--max-connections and --header-timeout must be positive")
+        if args.temperature is not None and not 0 <= args.temperature <= 2:
+            raise DGemmaError(f"--temp must be between 0 and 2 (got {args.temperature})")
+        check_limits(args.context_length, args.max_concurrency, args.max_body_bytes, timeout)
+        sock = bind(args.host, args.port)
         app = create_app(args.model, context_length=args.context_length, max_concurrency=args.max_concurrency,
                          prompt_cache=not args.no_prompt_cache, adapter_path=args.adapter_path,
-                         drafter=args.drafter)
+                         drafter=args.drafter, max_body_bytes=args.max_body_bytes, request_timeout=timeout,
+                         strict=args.strict, allowed_origins=args.allowed_origins,
+                         default_temperature=args.temperature)
     except DGemmaError as e:
         print(f"mlx_dgemma.server: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     card = app.state.served.card()
+    port = sock.getsockname()[1]
     print(f"mlx_dgemma.server: serving {card['id']!r} (context length {card['context_length']}) "
-          f"on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+          f"on http://{args.host}:{port}/v1", file=sys.stderr)
+    config = make_config(app, log_level=args.log_level, max_connections=args.max_connections,
+                         header_timeout=args.header_timeout)
+    # Everything loaded so far lives as long as the server: keep it out of the cyclic garbage collector, whose
+    # full passes over it (~370k objects) hold the GIL for up to a second and stall /health.
+    gc.collect()
+    gc.freeze()
+    Server(config, on_exit=app.state.worker.shutdown).run(sockets=[sock])
 
 
 class BackgroundServer:
     """A uvicorn server for ``app`` on a background thread, on a free loopback port (``url`` ends in /v1)."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, port))
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 **limits: Any):
+        self.socket = bind(host, port)
         self.host, self.port = host, self.socket.getsockname()[1]
         self.url = f"http://{host}:{self.port}/v1"
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
+        self.server = Server(make_config(app, log_level=log_level, graceful_s=2, **limits),
+                             on_exit=app.state.worker.shutdown)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def start(self, timeout: float = 30) -> BackgroundServer:

@@ -7,10 +7,13 @@ error shape, and the worker only ever sees plans it can serve.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import DGemmaError
@@ -25,6 +28,12 @@ IGNORED = frozenset({
     "user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
     "safety_identifier", "parallel_tool_calls",
 })
+
+# Autoregressive-only sampling knobs that clients (and their SDKs) send by default: ignored unless --strict,
+# and named in the X-Ignored-Fields response header. Fields that change the response's shape stay 400s.
+SAMPLING_ONLY = frozenset({"top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                           "repetition_penalty"})
+IGNORED_HEADER = "X-Ignored-Fields"
 
 _PENALTY = UNSUPPORTED["presence_penalty"]
 _NO_LOGPROBS = UNSUPPORTED["logprobs"]
@@ -79,6 +88,40 @@ class StreamOptions(BaseModel):
     include_drafts: bool = False
 
 
+def read_json(body: bytes) -> Any:
+    """The decoded JSON body; ``APIError(400)`` for anything a client sent wrong (not a 500).
+
+    Python's parser raises ``RecursionError`` on deep nesting and ``ValueError`` on integers past 4300
+    digits; JSON also allows lone surrogates (``"\\ud800"``), which cannot be tokenized nor echoed back.
+    """
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError, so are huge integers
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    _check_strings(data)
+    return data
+
+
+def _check_strings(data: Any) -> None:
+    """Reject text that is not valid Unicode (lone surrogates); iterative, so any depth is safe."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in value.items())
+            stack.extend((k, path) for k in value)
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"{path or 'the body'} holds a lone UTF-16 surrogate (e.g. \"\\ud800\"): "
+                                    "send valid Unicode text", path or None) from None
+
+
 class _Request(BaseModel):
     """Fields shared by both endpoints. Other fields go to ``model_extra`` and through the field policy."""
 
@@ -124,6 +167,9 @@ class Plan:
     include_usage: bool = False
     drafts: bool = False
     cache_points: tuple[int, ...] = ()  # prompt prefixes worth keeping in the prompt cache (besides the whole)
+    tools: bool = False  # parse tool calls out of the answer (the request offered tools)
+    thinking: bool = False  # split the thinking channel into reasoning_content (enable_thinking was on)
+    ignored: tuple[str, ...] = ()  # autoregressive-only fields ignored (named in X-Ignored-Fields)
 
 
 Kind = Literal["chat", "completion"]
@@ -140,12 +186,15 @@ def parse(kind: Kind, data: Any) -> ChatRequest | CompletionRequest:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         raise APIError(400, f"invalid field {param!r}: {err['msg']}", param) from None
-    check_extra_fields(request.model_extra or {})
     return request
 
 
-def check_extra_fields(extra: dict[str, Any]) -> None:
-    """Apply the field policy to the fields the schema does not model: ignore, accept at neutral, or 400."""
+def check_extra_fields(extra: dict[str, Any], strict: bool = True) -> list[str]:
+    """Apply the field policy to the fields the schema does not model: ignore, accept at neutral, or 400.
+
+    Returns the autoregressive-only sampling fields that were ignored (only when not ``strict``).
+    """
+    ignored = []
     for name, value in extra.items():
         if name in IGNORED or value is None:
             continue
@@ -154,7 +203,11 @@ def check_extra_fields(extra: dict[str, Any]) -> None:
                            name)
         neutral, why = NEUTRAL[name]
         if not any(_same(value, n) for n in neutral):
+            if not strict and name in SAMPLING_ONLY:
+                ignored.append(name)
+                continue
             raise APIError(400, f"{name}={value!r} is not supported: {why}", name)
+    return ignored
 
 
 def _same(value: Any, neutral: Any) -> bool:
@@ -179,12 +232,28 @@ def schedule(request: _Request, model: Model) -> dict[str, Any]:
         base = sampler_config(model)
         t = max(request.temperature, MIN_TEMPERATURE)
         opts["t_max"], opts["t_min"] = t, t * base.t_min / base.t_max
+    for name in ("t_max", "t_min", "entropy_bound"):
+        with np.errstate(over="ignore"):  # the overflow is what we look for
+            finite = opts[name] is None or np.isfinite(np.float32(opts[name]))
+        if not finite:
+            raise APIError(400, f"{name}={opts[name]!r} is not a finite 32-bit float: use a value below 3.4e38",
+                           name)
+    limit = max_steps(model)
+    if (request.max_denoising_steps or 0) > limit:
+        raise APIError(400, f"max_denoising_steps={request.max_denoising_steps} is more than this model allows "
+                            f"(at most {limit})", "max_denoising_steps")
     try:
         sampler_config(model, **opts)
     except DGemmaError as e:
         param = next((k for k in opts if k in str(e)), None)
         raise APIError(400, str(e), param) from None
     return {k: v for k, v in opts.items() if v is not None}
+
+
+def max_steps(model: Model) -> int:
+    """The most denoising steps a request may ask for: one step per canvas position (the finest schedule
+    that can commit a token per step), or the checkpoint's default if that is larger."""
+    return max(sampler_config(model).max_denoising_steps, model.args.canvas_length)
 
 
 def seed_of(request: _Request) -> int | None:
@@ -200,7 +269,8 @@ def stops_of(request: _Request) -> list[str]:
     return [s for s in stops if s]
 
 
-def chat_prompt_ids(request: ChatRequest, tokenizer: Any) -> tuple[list[int], int | None]:
+def chat_prompt_ids(request: ChatRequest, tokenizer: Any,
+                    context: int | None = None) -> tuple[list[int], int | None]:
     """The chat template applied to the messages (plus tools and ``chat_template_kwargs``), as token ids, and
     where the conversation so far ends in them (before the generation prompt), if it is a prefix.
 
@@ -212,7 +282,7 @@ def chat_prompt_ids(request: ChatRequest, tokenizer: Any) -> tuple[list[int], in
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
-    messages = [_message(i, m) for i, m in enumerate(request.messages)]
+    messages = _with_tool_names([_message(i, m) for i, m in enumerate(request.messages)])
     kwargs = dict(request.chat_template_kwargs or {})
     bad = _TEMPLATE_RESERVED & set(kwargs)
     if bad:
@@ -221,13 +291,13 @@ def chat_prompt_ids(request: ChatRequest, tokenizer: Any) -> tuple[list[int], in
         if "tools" not in template:
             raise APIError(400, "this model's chat template does not accept tool definitions", "tools")
         kwargs["tools"] = request.tools
-    ids = _render(tokenizer, messages, True, kwargs)
-    history = _render(tokenizer, messages, False, kwargs)
+    ids = _render(tokenizer, messages, True, kwargs, context)
+    history = _render(tokenizer, messages, False, kwargs, context)
     return ids, len(history) if 0 < len(history) < len(ids) and ids[: len(history)] == history else None
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool,
-            kwargs: dict[str, Any]) -> list[int]:
+            kwargs: dict[str, Any], context: int | None = None) -> list[int]:
     # As ``encode_prompt`` does: without enable_thinking, the template's own default (mlx-lm's wrapper would
     # switch thinking on when it spots thinking tokens in the vocabulary).
     render = tokenizer if "enable_thinking" in kwargs else getattr(tokenizer, "_tokenizer", tokenizer)
@@ -237,7 +307,30 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: b
     except Exception as e:  # jinja raises on messages the template rejects (roles out of order, ...)
         raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
     # The template writes its own <bos>; don't let the tokenizer add another.
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return encode(tokenizer, text, False, context, "messages")
+
+
+@functools.lru_cache(maxsize=8)
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token can stand for: a vocabulary entry's spelling is at least as long as
+    its text (SentencePiece's "▁" is one space, a byte token "<0x0A>" one byte), so this bounds it."""
+    vocab = tokenizer.get_vocab()
+    return max((len(t) for t in vocab), default=1) or 1
+
+
+def encode(tokenizer: Any, text: str, special: bool, context: int | None, param: str) -> list[int]:
+    """Token ids of ``text``. A text too long for ``context`` tokens whatever its tokens (more characters
+    than ``context`` of the longest tokens) is refused before tokenizing: tokenizing megabytes costs
+    seconds of CPU for a request that cannot be served."""
+    if context is not None and len(text) > context * max_token_chars(tokenizer):
+        at_least = -(-len(text) // max_token_chars(tokenizer))
+        raise APIError(400, f"the prompt has at least {at_least} tokens ({len(text)} characters), but the "
+                            f"context length is {context}: shorten the prompt", param,
+                       code="context_length_exceeded")
+    backend = getattr(getattr(tokenizer, "_tokenizer", tokenizer), "backend_tokenizer", None)
+    if backend is not None and not special:  # the Rust tokenizer directly: 3x faster, and without the GIL
+        return list(backend.encode_batch([text], add_special_tokens=False)[0].ids)
+    return list(tokenizer.encode(text, add_special_tokens=special))
 
 
 def _tool_choice(request: ChatRequest) -> Any:
@@ -264,10 +357,46 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
                        f"messages.{i}.content")
     elif content is None and role != "assistant":
         raise APIError(400, f"messages[{i}].content is missing", f"messages.{i}.content")
+    if role == "assistant" and message.get("tool_calls"):
+        out["tool_calls"] = _tool_calls_for_template(i, message["tool_calls"])
     return out
 
 
-def completion_prompt_ids(request: CompletionRequest, tokenizer: Any) -> list[int]:
+def _tool_calls_for_template(i: int, calls: Any) -> list[dict[str, Any]]:
+    """An assistant's OpenAI ``tool_calls`` with ``arguments`` decoded: chat templates (Gemma 4's among
+    them) iterate the arguments as a mapping, while OpenAI sends them as a JSON string."""
+    if not isinstance(calls, list):
+        raise APIError(400, f"messages[{i}].tool_calls must be a list", f"messages.{i}.tool_calls")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(400, f"messages[{i}].tool_calls[{j}] needs function.name", f"messages.{i}.tool_calls")
+        args = fn.get("arguments") or {}
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments is not JSON",
+                               f"messages.{i}.tool_calls") from None
+        out.append({**call, "function": {**fn, "arguments": args}})
+    return out
+
+
+def _with_tool_names(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool results named after the call they answer (OpenAI sends only ``tool_call_id``; templates such as
+    Gemma 4's write ``response:NAME{...}``)."""
+    names: dict[str, str] = {}
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            if call.get("id"):
+                names[call["id"]] = call["function"]["name"]
+        if m["role"] == "tool" and not m.get("name") and m.get("tool_call_id") in names:
+            m["name"] = names[m["tool_call_id"]]
+    return messages
+
+
+def completion_prompt_ids(request: CompletionRequest, tokenizer: Any, context: int | None = None) -> list[int]:
     """The raw prompt (one string or one list of token ids) as token ids."""
     prompt = request.prompt
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
@@ -277,7 +406,7 @@ def completion_prompt_ids(request: CompletionRequest, tokenizer: Any) -> list[in
     if isinstance(prompt, str):
         if not prompt:
             raise APIError(400, "prompt is empty", "prompt")
-        return list(tokenizer.encode(prompt))
+        return encode(tokenizer, prompt, True, context, "prompt")
     if not prompt:
         raise APIError(400, "prompt is empty", "prompt")
     vocab = getattr(tokenizer, "vocab_size", None) or math.inf
@@ -297,7 +426,7 @@ def max_tokens_of(request: _Request, prompt_tokens: int, context: int, canvas: i
     if room <= 0:
         raise APIError(400, f"the prompt has {prompt_tokens} tokens, but the context length is {context} "
                             f"(and one {canvas}-token canvas must fit after the prompt): shorten the prompt",
-                       "messages" if isinstance(request, ChatRequest) else "prompt", "context_length_exceeded")
+                       "messages" if isinstance(request, ChatRequest) else "prompt", code="context_length_exceeded")
     asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
     if asked is None:
         return room
@@ -306,23 +435,31 @@ def max_tokens_of(request: _Request, prompt_tokens: int, context: int, canvas: i
         raise APIError(400, f"the context length is {context} tokens, but {prompt_tokens} prompt tokens plus "
                             f"{name}={asked} (rounded up to {canvas}-token canvases: "
                             f"{prompt_tokens + math.ceil(asked / canvas) * canvas}) do not fit: "
-                            f"at most {room} new tokens", name, "context_length_exceeded")
+                            f"at most {room} new tokens", name, code="context_length_exceeded")
     return asked
 
 
 def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, model: Model,
-         context: int) -> Plan:
-    """Everything the worker needs, validated: raises ``APIError`` on any client error."""
+         context: int, strict: bool = True) -> Plan:
+    """Everything the worker needs, validated: raises ``APIError`` on any client error.
+
+    Not ``strict``: autoregressive-only sampling fields are ignored (listed in ``Plan.ignored``), not 400s.
+    """
+    ignored = check_extra_fields(request.model_extra or {}, strict)
     sampler = schedule(request, model)
     history = None
     if isinstance(request, ChatRequest):
-        ids, history = chat_prompt_ids(request, tokenizer)
+        ids, history = chat_prompt_ids(request, tokenizer, context)
     else:
         assert isinstance(request, CompletionRequest)
-        ids = completion_prompt_ids(request, tokenizer)
+        ids = completion_prompt_ids(request, tokenizer, context)
     max_tokens = max_tokens_of(request, len(ids), context, model.args.canvas_length)
     options = request.stream_options or StreamOptions()
     if request.stream_options is not None and not request.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+    chat = isinstance(request, ChatRequest)
+    tools = chat and bool(request.tools) and _tool_choice(request) != "none"
+    thinking = chat and bool((request.chat_template_kwargs or {}).get("enable_thinking"))
     return Plan(ids, max_tokens, stops_of(request), seed_of(request), sampler, request.stream,
-                options.include_usage, options.include_drafts, () if history is None else (history,))
+                options.include_usage, options.include_drafts, () if history is None else (history,),
+                tools, thinking, tuple(ignored))

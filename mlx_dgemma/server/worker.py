@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from ..model import Model
 from .protocol import APIError, Plan
 
 log = logging.getLogger("mlx_dgemma.server")
+_clock = time.monotonic  # the request timeout's clock (a test replaces it)
 
 
 # Events a job emits, in order: zero or more Delta/DraftText, then one Finished or Failed.
@@ -53,6 +55,7 @@ class Finished:
     completion_tokens: int
     cached_tokens: int  # prompt tokens reused from the previous request's cache
     stats: dict[str, Any]
+    error: dict[str, Any] | None = None  # why the answer was cut short (the request timeout), OpenAI's shape
 
 
 @dataclass
@@ -63,15 +66,29 @@ class Failed:
 Event = Delta | DraftText | Finished | Failed
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the worker keeps a set of the jobs holding a slot
 class Job:
     plan: Plan
     emit: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    reason: APIError | None = None  # why the server (not the client) stopped it: answered to the client
+    on_release: Callable[[Job], None] | None = None  # frees the job's concurrency slot (idempotent)
 
-    def cancel(self) -> None:
-        """Ask the worker to drop this job: before it starts, or at its next denoising step."""
+    def cancel(self, reason: APIError | None = None) -> None:
+        """Ask the worker to drop this job: before it starts, or at its next denoising step. Its slot is
+        freed now: a client that left (or is being answered ``reason``) no longer waits for anything."""
+        if reason is not None and self.reason is None:
+            self.reason = reason
         self.cancelled.set()
+        self.release()
+
+    def release(self) -> None:
+        if self.on_release is not None:
+            self.on_release(self)
+
+
+_SHUTTING_DOWN = APIError(503, "the server is shutting down: retry on another server or later",
+                          type_="server_error", code="shutting_down")
 
 
 class Busy(Exception):
@@ -190,8 +207,10 @@ class Worker:
     """
 
     def __init__(self, model: str | Path | None, max_concurrency: int = 16, prompt_cache: bool = True,
-                 adapter_path: str | Path | None = None, drafter: str | Path | None = "auto"):
+                 adapter_path: str | Path | None = None, drafter: str | Path | None = "auto",
+                 request_timeout: float | None = None):
         self.max_concurrency, self._use_prompt_cache = max_concurrency, prompt_cache
+        self.request_timeout = request_timeout  # seconds of generation per request; None: no limit
         self.proposer: Any = None  # the drafter serving every request (mlx_dgemma.drafter), or None
         self.model: Model  # these three are set on the worker thread, before start() returns
         self.tokenizer: Any
@@ -199,8 +218,9 @@ class Worker:
         self.counters = {"served": 0, "cancelled": 0, "failed": 0}
         self.running: Job | None = None
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._active = 0  # queued + running
+        self._lock = threading.RLock()  # reentrant: shutdown() may run in a signal handler on the loop thread
+        self._active = 0  # queued + running, less those cancelled or already answered
+        self._slots: set[Job] = set()  # the jobs holding a slot
         self._ready = threading.Event()
         self._stopping = False
         self._load_error: BaseException | None = None
@@ -212,19 +232,35 @@ class Worker:
         self._thread.start()
         self._ready.wait()
         if self._load_error is not None:
+            # Let the thread end before the error ends the process: an interpreter exiting while the thread
+            # still tears down its MLX state can abort (SIGABRT, exit code 134).
+            self._thread.join()
             raise self._load_error
 
-    def stop(self, timeout: float = 10) -> None:
-        """Stop the running job at its next step, answer the queued ones 503, and end the thread."""
+    def shutdown(self) -> None:
+        """Begin stopping (safe from a signal handler): the running job ends at its next denoising step and
+        is answered 503, as is every queued one."""
         self._stopping = True
-        if self.running is not None:
-            self.running.cancel()
+        job = self.running
+        if job is not None:
+            job.cancel(_SHUTTING_DOWN)
+
+    def stop(self, timeout: float = 10) -> None:
+        """``shutdown``, then end the thread (waiting at most ``timeout`` seconds)."""
+        self.shutdown()
         self._queue.put(None)
         self._thread.join(timeout)
 
     @property
     def active(self) -> int:
         return self._active
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for the worker that still hold a slot (cancelled ones do not)."""
+        running = self.running
+        with self._lock:
+            return len(self._slots - {running})
 
     def submit(self, plan: Plan, emit: Callable[[Event], None]) -> Job:
         """Queue a job; raise ``Busy`` when ``max_concurrency`` jobs are already queued or running."""
@@ -233,9 +269,22 @@ class Worker:
                 raise Busy(f"the server is busy: {self._active} requests are queued or running "
                            f"(--max-concurrency {self.max_concurrency}); retry shortly")
             self._active += 1
-        job = Job(plan, emit)
+            job = Job(plan, emit, on_release=self._free)
+            self._slots.add(job)
         self._queue.put(job)
         return job
+
+    def _free(self, job: Job) -> None:
+        with self._lock:
+            if job in self._slots:
+                self._slots.discard(job)
+                self._active -= 1
+
+    def _answer(self, job: Job, event: Event) -> None:
+        """The job's last event, sent after its slot is freed: a client that sends its next request as soon
+        as it has this answer must find the slot free (else a spurious 429)."""
+        job.release()
+        job.emit(event)
 
     def _main(self, model: str | Path | None, adapter_path: str | Path | None, drafter: str | Path | None) -> None:
         try:
@@ -254,27 +303,33 @@ class Worker:
             self.running = job
             try:
                 if self._stopping:
-                    job.emit(Failed(APIError(503, "the server is shutting down", type_="server_error")))
+                    self._answer(job, Failed(_SHUTTING_DOWN))
                 elif job.cancelled.is_set():
-                    self.counters["cancelled"] += 1
+                    self._cancelled(job)
                 else:
                     self._serve(job)
             except DGemmaError as e:  # validated before queueing, so unexpected; still the client's
                 self.counters["failed"] += 1
-                job.emit(Failed(APIError(400, str(e))))
+                self._answer(job, Failed(APIError(400, str(e))))
             except Exception as e:  # one bad request must never take the worker down
                 log.exception("generation failed")
                 self.counters["failed"] += 1
-                job.emit(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error")))
+                self._answer(job, Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}",
+                                                  type_="server_error")))
             finally:
                 self.running = None
-                with self._lock:
-                    self._active -= 1
+                job.release()
+
+    def _cancelled(self, job: Job) -> None:
+        self.counters["cancelled"] += 1
+        if job.reason is not None:  # stopped by the server: the client is still there, tell it why
+            self._answer(job, Failed(job.reason))
 
     def _serve(self, job: Job) -> None:
         ids = job.plan.prompt_ids
         cache, kept, cached = self._prefill(ids, job.plan.cache_points)
         answer = _Answer(job, self.tokenizer, len(ids), cached)
+        deadline = None if self.request_timeout is None else _clock() + self.request_timeout
         events = stream_generate(self.model, self.tokenizer, None, job.plan.max_tokens, prompt_ids=ids, cache=cache,
                                  seed=job.plan.seed, drafts=True, drafter=self.proposer or "none",
                                  **job.plan.sampler)
@@ -282,8 +337,12 @@ class Worker:
         try:
             for event in events:
                 if job.cancelled.is_set():  # between two denoising steps
-                    self.counters["cancelled"] += 1
+                    self._cancelled(job)
                     return
+                if deadline is not None and _clock() > deadline:
+                    answer.cut(f"the answer was cut after --request-timeout {self.request_timeout:g} s: "
+                               "ask for fewer max_tokens or max_denoising_steps")
+                    break
                 if answer.on(event):
                     finished = True
                     break
@@ -336,11 +395,19 @@ class _Answer:
         self._finish(event.finish_reason, event.stats.generated_tokens)
         return True
 
+    def cut(self, message: str) -> None:
+        """End the answer early (the request timeout): what was committed so far, ``finish_reason`` "length"
+        and an error saying why."""
+        self._send(self.scanner.flush())
+        error = {"message": message, "type": "server_error", "param": None, "code": "request_timeout"}
+        self._finish("length", len(self.tokens), error)
+
     def _send(self, text: str) -> None:
         if text:
             self.job.emit(Delta(text))
 
-    def _finish(self, reason: str, completion_tokens: int) -> None:
+    def _finish(self, reason: str, completion_tokens: int, error: dict[str, Any] | None = None) -> None:
         stats = {"canvases": self.canvases, "decoder_passes": self.passes,
                  "tokens_per_forward": round(completion_tokens / max(self.passes, 1), 3)}
-        self.job.emit(Finished(reason, self.prompt_tokens, completion_tokens, self.cached, stats))
+        self.job.release()  # before the answer goes out (see Worker._answer)
+        self.job.emit(Finished(reason, self.prompt_tokens, completion_tokens, self.cached, stats, error))
