@@ -1,12 +1,18 @@
 """mlx_dgemma: DiffusionGemma on Apple Silicon with MLX."""
 
+import sys
+
 from ._platform import use_fast_blas
 
 use_fast_blas()  # must run before mlx is imported
 
 # The CLI module ``mlx_dgemma.generate`` is loaded before the function of the same name is bound below: a
-# submodule loaded later would replace the package's ``generate`` function with itself (mlx-lm does the same).
-from . import generate as _generate_cli  # noqa: E402, F401
+# submodule loaded later would replace the package's ``generate`` function with itself. Not when it is the
+# module being run (``python -m mlx_dgemma.generate``): runpy warns if it is already loaded then.
+_argv = getattr(sys, "orig_argv", [])
+if not any((a == "-m" and b == "mlx_dgemma.generate") or a == "-mmlx_dgemma.generate"
+           for a, b in zip(_argv, [*_argv[1:], ""])):
+    from . import generate as _generate_cli  # noqa: F401
 from .cache import DiffusionCache  # noqa: E402
 from .config import ModelArgs  # noqa: E402
 from .errors import CheckpointError, DGemmaError, GenerationError  # noqa: E402
