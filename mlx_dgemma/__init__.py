@@ -7,6 +7,7 @@ use_fast_blas()  # must run before mlx is imported
 from .cache import DiffusionCache  # noqa: E402
 from .config import ModelArgs  # noqa: E402
 from .errors import CheckpointError, DGemmaError, GenerationError  # noqa: E402
+from .fast import FastConfig  # noqa: E402
 from .generation import Commit, Done, Draft, GenerationStats, generate, stream_generate  # noqa: E402
 from .loader import DEFAULT_MODEL, load, load_model, load_tokenizer  # noqa: E402
 from .model import Model  # noqa: E402
@@ -22,6 +23,7 @@ __all__ = [
     "DiffusionCache",
     "Done",
     "Draft",
+    "FastConfig",
     "GenerationError",
     "GenerationStats",
     "Model",

@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temp-min", type=float, help="temperature at the last denoising step")
     p.add_argument("--entropy-bound", type=float, help="entropy bound of the sampler (more = bolder steps)")
     p.add_argument("--seed", type=int, help="random seed, for reproducible output")
+    p.add_argument("--fast", action="store_true",
+                   help="fast decoding: fewer decoder positions per token (a departure from the reference sampler)")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--thinking", action="store_true", help="turn on the chat template's thinking mode")
     p.add_argument("--show-canvas", action="store_true",
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace, prompt: str) -> int:
         use_chat_template=not args.no_chat_template, thinking=args.thinking, seed=args.seed,
         max_denoising_steps=args.steps, t_max=args.temp_max, t_min=args.temp_min,
         entropy_bound=args.entropy_bound, drafts=live, drafter=args.drafter,
+        fast=args.fast,
     )
     for event in events:
         if isinstance(event, Draft) and view:

@@ -17,7 +17,9 @@ import mlx.core as mx
 
 from .cache import DiffusionCache
 from .errors import GenerationError
+from .fast import FastConfig, FastDenoiser
 from .loop import CommitEvent, StepEvent, generate_tokens, prefill
+from .memory import wired
 from .model import Model
 from .sampler import SamplerConfig
 from .verify import DraftSession, VerifyConfig
@@ -52,6 +54,9 @@ class GenerationStats:
     drafter: str = "none"  # the proposer that drafted canvases (see mlx_dgemma.drafter)
     drafted_canvases: int = 0  # canvases that started from a draft ...
     restarted_canvases: int = 0  # ... of which the target rejected (restarted from noise)
+    fast: bool = False  # fast decoding (mlx_dgemma.fast), a labelled departure from the reference sampler
+    decoder_positions: int = 0  # canvas positions the decoder computed, over all passes
+    exact_agreement: float | None = None  # fast mode with FastConfig(check=True): see fast.exact_agreement
 
 
 @dataclass
@@ -186,6 +191,7 @@ def stream_generate(
     cache: DiffusionCache | None = None,
     drafter: Any = "auto",
     verify: VerifyConfig | None = None,
+    fast: bool | FastConfig = False,
     **unsupported: Any,
 ) -> Iterator[Draft | Commit | Done]:
     """Generate a response, yielding drafts, commits and a final ``Done`` (see the module docstring).
@@ -201,6 +207,9 @@ def stream_generate(
     ``drafter`` proposes canvases for the model to verify (``mlx_dgemma.drafter.make_proposer``): ``"auto"``
     (the model folder's own drafter, if any), ``"none"``, ``"lookup"``, a drafter folder or a proposer;
     ``verify`` sets how drafts are verified. The commit rule stays the model's.
+
+    ``fast`` switches on fast decoding (``mlx_dgemma.fast``: fewer decoder positions and sampler FLOPs per
+    token), a labelled departure from the reference sampler; a ``FastConfig`` picks its techniques.
     """
     for name in unsupported:
         hint = UNSUPPORTED.get(name, "it is not a DiffusionGemma generation option")
@@ -235,8 +244,10 @@ def stream_generate(
     prompt_time = time.perf_counter() - start
     passes, canvases, kept, reason = 0, 0, 0, "length"
     text = _Text(tokenizer)
-    events = generate_tokens(model, cache, max_tokens, cfg, seed=seed, adaptive_stopping=adaptive_stopping,
-                             eos_ids=sorted(eos), drafts=session)
+    denoiser = FastDenoiser(fast if isinstance(fast, FastConfig) else FastConfig(), sorted(eos)) if fast else None
+    events = wired(model, generate_tokens(model, cache, max_tokens, cfg, seed=seed,
+                                          adaptive_stopping=adaptive_stopping, eos_ids=sorted(eos), drafts=session,
+                                          denoiser=denoiser))
     for event in events:
         if isinstance(event, StepEvent):
             if drafts:
@@ -265,6 +276,9 @@ def stream_generate(
         drafter=proposer.name if proposer is not None else "none",
         drafted_canvases=session.drafted if session is not None else 0,
         restarted_canvases=session.restarted if session is not None else 0,
+        fast=denoiser is not None,
+        decoder_positions=denoiser.positions if denoiser else passes * model.args.canvas_length,
+        exact_agreement=sum(denoiser.exact) / len(denoiser.exact) if denoiser and denoiser.exact else None,
     )
     yield Done(text.sent, reason, stats)
 

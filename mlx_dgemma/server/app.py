@@ -61,7 +61,7 @@ class Served:
 
 def create_app(model: str | Path | None = None, *, context_length: int | None = None, max_concurrency: int = 16,
                prompt_cache: bool = True, adapter_path: str | Path | None = None,
-               drafter: str | Path | None = "auto") -> FastAPI:
+               drafter: str | Path | None = "auto", fast: bool = False) -> FastAPI:
     """An app serving ``model`` (a folder or hub id; ``None``: the embedded default model).
 
     The model is loaded here, on the worker thread (loading errors are raised here). The worker stops with
@@ -69,7 +69,7 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
     """
     if max_concurrency < 1:
         raise DGemmaError(f"max_concurrency must be at least 1 (got {max_concurrency})")
-    worker = Worker(model, max_concurrency, prompt_cache, adapter_path, drafter)
+    worker = Worker(model, max_concurrency, prompt_cache, adapter_path, drafter, fast)
     worker.start()
     native, canvas = worker.model.args.max_position_embeddings, worker.model.args.canvas_length
     context = context_length or native

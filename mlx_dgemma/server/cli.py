@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests queued or running at once; more get HTTP 429 (default 16)")
     p.add_argument("--no-prompt-cache", action="store_true",
                    help="do not reuse the previous request's encoder cache")
+    p.add_argument("--fast", action="store_true",
+                   help="fast decoding by default (a request's \"fast\": false opts out; see mlx_dgemma.fast)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app = create_app(args.model, context_length=args.context_length, max_concurrency=args.max_concurrency,
                          prompt_cache=not args.no_prompt_cache, adapter_path=args.adapter_path,
-                         drafter=args.drafter)
+                         drafter=args.drafter, fast=args.fast)
     except DGemmaError as e:
         print(f"mlx_dgemma.server: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

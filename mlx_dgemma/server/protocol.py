@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ..errors import DGemmaError
 from ..generation import UNSUPPORTED, sampler_config
@@ -94,6 +94,7 @@ class _Request(BaseModel):
     t_max: float | None = Field(None, ge=0)
     t_min: float | None = Field(None, ge=0)
     entropy_bound: float | None = Field(None, gt=0)
+    fast: StrictBool | None = None  # fast decoding (mlx_dgemma.fast); None: the server's --fast default
 
 
 class ChatRequest(_Request):
@@ -124,6 +125,7 @@ class Plan:
     include_usage: bool = False
     drafts: bool = False
     cache_points: tuple[int, ...] = ()  # prompt prefixes worth keeping in the prompt cache (besides the whole)
+    fast: bool | None = None  # fast decoding; None: the server's default
 
 
 Kind = Literal["chat", "completion"]
@@ -325,4 +327,5 @@ def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, m
     if request.stream_options is not None and not request.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
     return Plan(ids, max_tokens, stops_of(request), seed_of(request), sampler, request.stream,
-                options.include_usage, options.include_drafts, () if history is None else (history,))
+                options.include_usage, options.include_drafts, () if history is None else (history,),
+                fast=request.fast)

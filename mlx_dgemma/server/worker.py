@@ -190,8 +190,9 @@ class Worker:
     """
 
     def __init__(self, model: str | Path | None, max_concurrency: int = 16, prompt_cache: bool = True,
-                 adapter_path: str | Path | None = None, drafter: str | Path | None = "auto"):
+                 adapter_path: str | Path | None = None, drafter: str | Path | None = "auto", fast: bool = False):
         self.max_concurrency, self._use_prompt_cache = max_concurrency, prompt_cache
+        self.fast = fast  # fast decoding for requests that do not say (mlx_dgemma.fast)
         self.proposer: Any = None  # the drafter serving every request (mlx_dgemma.drafter), or None
         self.model: Model  # these three are set on the worker thread, before start() returns
         self.tokenizer: Any
@@ -277,6 +278,7 @@ class Worker:
         answer = _Answer(job, self.tokenizer, len(ids), cached)
         events = stream_generate(self.model, self.tokenizer, None, job.plan.max_tokens, prompt_ids=ids, cache=cache,
                                  seed=job.plan.seed, drafts=True, drafter=self.proposer or "none",
+                                 fast=self.fast if job.plan.fast is None else job.plan.fast,
                                  **job.plan.sampler)
         finished = False
         try:
