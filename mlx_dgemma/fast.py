@@ -114,11 +114,10 @@ class CanvasKV:
         return self.positions + self.cache.offset
 
     def fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        B, H, S, D = keys.shape
         if self.store is None:
-            shape = (B, H, self.canvas, D)
-            self.store = (mx.zeros(shape, keys.dtype), mx.zeros((B, values.shape[1], self.canvas, values.shape[3]),
-                                                                  values.dtype))
+            B, C = keys.shape[0], self.canvas
+            self.store = (mx.zeros((B, keys.shape[1], C, keys.shape[3]), keys.dtype),
+                          mx.zeros((B, values.shape[1], C, values.shape[3]), values.dtype))
         idx = self.positions[:, None, :, None]
         k = mx.put_along_axis(self.store[0], mx.broadcast_to(idx, keys.shape), keys, axis=2)
         v = mx.put_along_axis(self.store[1], mx.broadcast_to(idx, values.shape), values, axis=2)
@@ -300,6 +299,7 @@ class FastDenoiser:
     positions: int = 0  # decoder positions computed (summed over rows and passes)
     passes: int = 0
     exact: list[float] = field(default_factory=list)  # per committed canvas (and row), with config.check
+    sizes: dict[int, int] = field(default_factory=dict)  # passes run at each decoder input size
     _steps: dict[Any, Callable[..., StepResult]] = field(default_factory=dict, repr=False)
 
     def step_fn(self, model: Model, cfg: SamplerConfig, adaptive: bool) -> Callable[..., StepResult]:
@@ -342,9 +342,12 @@ class FastDenoiser:
             key, step_key = mx.random.split(key)
             full = not fcfg.sparse or first or (fcfg.refresh and (cfg.max_denoising_steps - n) % fcfg.refresh == 0)
             size = C if full else next(s for s in sizes if s >= active)
-            # Live positions first, in canvas order; the bucket's remaining slots are frozen ones.
-            order = mx.argsort(state.frozen.astype(mx.int32) * C + mx.arange(C), axis=-1)
-            positions = order[:, :size].astype(mx.int32)
+            if fcfg.sparse:
+                # Live positions first, in canvas order; the bucket's remaining slots are frozen ones.
+                order = mx.argsort(state.frozen.astype(mx.int32) * C + mx.arange(C), axis=-1)
+                positions = order[:, :size].astype(mx.int32)
+            else:
+                positions = mx.broadcast_to(mx.arange(C, dtype=mx.int32), (B, C))
             tokens = mx.take_along_axis(state.canvas, positions, axis=1)
             soft = None if first else self._soft(model, state.sc, positions)
             if fcfg.sparse:
@@ -357,6 +360,7 @@ class FastDenoiser:
             state = result.state
             mx.eval(state, passes, result.active, *(stores or []))
             self.passes += 1
+            self.sizes[size] = self.sizes.get(size, 0) + 1
             self.positions += size * int(live.sum().item()) if B > 1 else size
             yield StepEvent(canvas_index, n, state.argmax, state.done)
             first = False

@@ -23,6 +23,7 @@ from mlx_dgemma.fast import (
     sparse_soft,
 )
 from mlx_dgemma.generate import main as generate_main
+from mlx_dgemma.generation import encode_prompt
 from mlx_dgemma.loop import CommitEvent, generate_tokens, prefill
 from mlx_dgemma.memory import MemoryWarning, wired_limit
 from mlx_dgemma.sampler import SamplerConfig, init_history
@@ -63,7 +64,7 @@ def test_fast_off_is_the_reference_path(demo):
         default, off = answer(model, tokenizer, prompt), answer(model, tokenizer, prompt, fast=False)
         assert off.text == default.text and off.stats.decoder_passes == default.stats.decoder_passes
         assert not off.stats.fast and off.stats.decoder_positions == off.stats.decoder_passes * 24
-    ids = [tokenizer.encode(PROMPTS[0])]
+    ids = [encode_prompt(tokenizer, PROMPTS[0])]
     cfg = SamplerConfig()
     for seed in (0, 1):
         ref = commits(model, ids, cfg, seed, 48)
@@ -116,7 +117,7 @@ def test_frozen_positions_leave_the_decoder_in_buckets(demo):
     """After the first full pass only live positions (rounded up to a bucket) go through the decoder."""
     model, tokenizer = demo
     denoiser = FastDenoiser(FastConfig(), compiled=False)
-    ids = [tokenizer.encode(PROMPTS[1])]
+    ids = [encode_prompt(tokenizer, PROMPTS[1])]
     commits(model, ids, SamplerConfig(), 0, 48, denoiser)
     sizes = FastConfig().sizes(24)
     assert sizes == [3, 6, 12, 24]
@@ -225,9 +226,8 @@ def test_wired_limit_wires_restores_and_warns_near_the_limit(monkeypatch, demo):
             assert calls == [10 * size]
     assert calls == [10 * size, 123]
     monkeypatch.setattr(memory_mod, "recommended_working_set", lambda: size)
-    with pytest.warns(MemoryWarning, match="recommended working set"):
-        with wired_limit(demo[0]):
-            pass
+    with pytest.warns(MemoryWarning, match="recommended working set"), wired_limit(demo[0]):
+        pass
 
 
 def test_cli_fast_flag(capsys):
