@@ -9,7 +9,7 @@ ablation can measure it alone:
   position's top-k logits only. The argmax is exact; the entropy and the draw are those of the top-k
   renormalised, which drops the (tiny, at an accepted position) mass outside the top-k.
 * ``freeze``: a position whose input token was accepted, which the model's argmax reproduces, and which is
-  accepted again, is frozen: its token, argmax and entropy stop changing, and it no longer spends the entropy
+  accepted again with an entropy under ``freeze_entropy`` (the canvas's own confidence bar), is frozen: its token, argmax and entropy stop changing, and it no longer spends the entropy
   budget of the acceptance rule. A canvas whose positions are all frozen is done.
 * ``sparse``: the decoder runs only on positions not yet frozen, padded up to a bounded set of shape buckets
   (fractions of the canvas, ``buckets``) so compiled and Metal kernels are built once per bucket. Frozen
@@ -60,6 +60,7 @@ class FastConfig:
 
     topk: int = 64  # 0: the sampler's math over the whole vocabulary
     freeze: bool = True
+    freeze_entropy: float = 0.005  # ... and only a position this sure (its entropy, nats) freezes
     sparse: bool = True  # needs freeze
     sparse_sc: bool = True  # needs topk
     eos_cut: bool = True  # needs freeze
@@ -81,6 +82,8 @@ class FastConfig:
             fail("sparse_sc needs topk > 0: the soft embedding is built from the top-k probabilities")
         if not self.buckets or any(not 0 < b <= 1 for b in self.buckets) or max(self.buckets) != 1:
             fail(f"buckets must be fractions in (0, 1] that include 1 (got {self.buckets!r})")
+        if not self.freeze_entropy > 0:
+            fail(f"freeze_entropy must be > 0 (got {self.freeze_entropy!r}); use e.g. 0.005")
         if not isinstance(self.refresh, int) or self.refresh < 0:
             fail(f"refresh must be an integer >= 0 (got {self.refresh!r})")
 
@@ -256,7 +259,7 @@ def fast_step(
     if fcfg.freeze:
         # Frozen: accepted again with the model's argmax equal to the token it was given, whose keys/values
         # (computed this pass) are then the ones a sparse pass keeps seeing.
-        newly = accepted & (state.canvas == argmax)
+        newly = accepted & (state.canvas == argmax) & (ent < fcfg.freeze_entropy)
         frozen = frozen | newly
         canvas = mx.where(frozen, mx.where(newly, argmax, state.canvas), canvas)
     if fcfg.eos_cut:
