@@ -17,8 +17,8 @@ ablation can measure it alone:
   canvas K/V cache, as Fast-dLLM's approximate cache), via ``model.Attention``'s per-token positions.
 * ``sparse_sc``: the self-conditioning soft embedding from each position's top-k probabilities and the k
   gathered embedding rows, instead of probabilities ``[C, V]`` times the embedding ``[V, H]``.
-* ``eos_cut``: once an end-of-sequence token is frozen, every later position is frozen as padding (the
-  reference would turn it into pad at commit anyway), so the tail stops costing decoder work.
+* ``eos_cut``: once an end-of-sequence token is frozen, every later position is frozen (the
+  reference turns it into pad at commit anyway), so the tail stops costing decoder work.
 
 The per-step host round-trip stays one (the reference's ``done.all().item()`` becomes one read of
 ``[all done, positions still active]``, which also picks the next bucket). ``exact_agreement`` checks the
@@ -211,7 +211,6 @@ def fast_step(
     fcfg: FastConfig,
     softcapping: float,
     eos: tuple[int, ...],
-    pad: int,
     adaptive: bool,
 ) -> StepResult:
     """One step on the decoder's raw logits ``raw`` [B, S, V] for canvas ``positions`` [B, S].
@@ -268,8 +267,8 @@ def fast_step(
             is_eos = is_eos | (argmax == e)
         hit = (frozen & is_eos).astype(mx.int32)
         tail = (mx.cumsum(hit, axis=-1) - hit) > 0
+        # The tail keeps its argmax (changing it would fail the stability test; the commit pads it anyway).
         frozen = frozen | tail
-        argmax = mx.where(tail, mx.array(pad, dtype=mx.int32), argmax)
         ent = mx.where(tail, 0.0, ent)
 
     done = state.done[:, None]
@@ -310,7 +309,7 @@ class FastDenoiser:
         if key not in self._steps:
             eos = tuple(self.eos_ids or _as_list(model.args.eos_token_id))
             fn = partial(fast_step, cfg=cfg, fcfg=self.config, softcapping=model.args.final_logit_softcapping,
-                         eos=eos, pad=model.args.pad_token_id or 0, adaptive=adaptive)
+                         eos=eos, adaptive=adaptive)
             compiled = mx.default_device() == mx.gpu if self.compiled is None else self.compiled
             self._steps[key] = mx.compile(fn) if compiled else fn
         return self._steps[key]

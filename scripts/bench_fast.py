@@ -191,7 +191,7 @@ def tenth_costs(folder: Path, reps: int, k: int) -> dict:
 
         def sampler(raw=raw, pos=pos):
             return fast_step(raw, pos, state(sc), mx.array(8, dtype=mx.int32), mx.random.key(0), cfg, fcfg,
-                             model.args.final_logit_softcapping, (1,), 0, True)
+                             model.args.final_logit_softcapping, (1,), True)
 
         out["fast"][size] = {"pass_s": clock(fast_pass), "step_s": clock(sampler)}
     return out

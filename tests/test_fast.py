@@ -168,7 +168,7 @@ def test_topk_sampler_keeps_the_exact_argmax():
         return FastState(z, z, mx.zeros((B, C), dtype=mx.bool_), mx.zeros((B, C)), init_history(cfg, B, C),
                          mx.zeros((B,), dtype=mx.bool_), sc)
 
-    args = dict(step=mx.array(8), key=mx.random.key(4), cfg=cfg, softcapping=30.0, eos=(1,), pad=0, adaptive=True)
+    args = dict(step=mx.array(8), key=mx.random.key(4), cfg=cfg, softcapping=30.0, eos=(1,), adaptive=True)
     exact = fast_step(raw, positions, state((mx.zeros((B, C, V)),)), fcfg=FastConfig.off(), **args)
     k8 = FastConfig.off(topk=8, sparse_sc=True)
     top = fast_step(raw, positions, state((mx.zeros((B, C, 8)), mx.zeros((B, C, 8), dtype=mx.int32))), fcfg=k8,
