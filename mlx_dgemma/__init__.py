@@ -16,6 +16,7 @@ if not any((a == "-m" and b == "mlx_dgemma.generate") or a == "-mmlx_dgemma.gene
 from .cache import DiffusionCache  # noqa: E402
 from .config import ModelArgs  # noqa: E402
 from .errors import CheckpointError, DGemmaError, GenerationError  # noqa: E402
+from .fast import FastConfig  # noqa: E402
 from .generation import Commit, Done, Draft, GenerationStats, Response, generate, stream_generate  # noqa: E402
 from .loader import DEFAULT_MODEL, load, load_model, load_tokenizer  # noqa: E402
 from .model import Model  # noqa: E402
@@ -31,6 +32,7 @@ __all__ = [
     "DiffusionCache",
     "Done",
     "Draft",
+    "FastConfig",
     "GenerationError",
     "GenerationStats",
     "Model",

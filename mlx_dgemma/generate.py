@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temp-min", type=float, help="temperature at the last denoising step")
     p.add_argument("--entropy-bound", type=float, help="entropy bound of the sampler (more = bolder steps)")
     p.add_argument("--seed", type=seed, help="random seed (0 to 2**64 - 1), for reproducible output")
+    p.add_argument("--fast", action="store_true",
+                   help="fast decoding: fewer decoder positions per token (a departure from the reference sampler)")
     p.add_argument("--no-chat-template", "--ignore-chat-template", dest="no_chat_template", action="store_true",
                    help="feed the prompt as raw text")
     p.add_argument("--chat-template-config", type=json_object, default={}, metavar="JSON",
@@ -175,6 +177,7 @@ def run(args: argparse.Namespace, prompt: str) -> int:
         use_chat_template=not args.no_chat_template, thinking=thinking, seed=args.seed,
         max_denoising_steps=args.steps, t_max=t_max, t_min=t_min, chat_template_kwargs=args.chat_template_config,
         entropy_bound=args.entropy_bound, drafts=live, drafter=args.drafter,
+        fast=args.fast,
     )
     for event in events:
         if isinstance(event, Draft) and view:

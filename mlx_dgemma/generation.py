@@ -20,7 +20,9 @@ from jinja2 import TemplateError
 
 from .cache import DiffusionCache
 from .errors import GenerationError
+from .fast import FastConfig, FastDenoiser
 from .loop import CommitEvent, StepEvent, generate_tokens, prefill
+from .memory import wired
 from .model import Model
 from .sampler import SamplerConfig
 from .verify import DraftSession, VerifyConfig
@@ -68,6 +70,9 @@ class GenerationStats:
     drafter: str = "none"  # the proposer that drafted canvases (see mlx_dgemma.drafter)
     drafted_canvases: int = 0  # canvases that started from a draft ...
     restarted_canvases: int = 0  # ... of which the target rejected (restarted from noise)
+    fast: bool = False  # fast decoding (mlx_dgemma.fast), a labelled departure from the reference sampler
+    decoder_positions: int = 0  # canvas positions the decoder computed, over all passes
+    exact_agreement: float | None = None  # fast mode with FastConfig(check=True): see fast.exact_agreement
 
 
 @dataclass(kw_only=True)
@@ -270,6 +275,7 @@ def stream_generate(
     verify: VerifyConfig | None = None,
     prompt_cache: list[Any] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
+    fast: bool | FastConfig = False,
     **unsupported: Any,
 ) -> Iterator[Draft | Commit | Done]:
     """Generate a response, yielding commits, a final ``Done`` and, with ``drafts=True``, a ``Draft`` per
@@ -293,6 +299,9 @@ def stream_generate(
     ``drafter`` proposes canvases for the model to verify (``mlx_dgemma.drafter.make_proposer``): ``"auto"``
     (the model folder's own drafter, if any), ``"none"``, ``"lookup"``, a drafter folder or a proposer;
     ``verify`` sets how drafts are verified. The commit rule stays the model's.
+
+    ``fast`` switches on fast decoding (``mlx_dgemma.fast``: fewer decoder positions and sampler FLOPs per
+    token), a labelled departure from the reference sampler; a ``FastConfig`` picks its techniques.
     """
     for name in unsupported:
         hint = UNSUPPORTED.get(name, "it is not a DiffusionGemma generation option")
@@ -337,8 +346,10 @@ def stream_generate(
     passes, canvases, reason = 0, 0, "length"
     text = _Text(tokenizer)
     meter = _Meter(given, encoded / max(prompt_time, 1e-9), start + prompt_time)
-    events = generate_tokens(model, cache, max_tokens, cfg, seed=seed, adaptive_stopping=adaptive_stopping,
-                             eos_ids=sorted(eos), drafts=session)
+    denoiser = FastDenoiser(fast if isinstance(fast, FastConfig) else FastConfig(), sorted(eos)) if fast else None
+    events = wired(model, generate_tokens(model, cache, max_tokens, cfg, seed=seed,
+                                          adaptive_stopping=adaptive_stopping, eos_ids=sorted(eos), drafts=session,
+                                          denoiser=denoiser))
     tail: list[int] = []  # the last canvas's kept tokens and the end-of-turn token that ended it
     for event in events:
         if isinstance(event, StepEvent):
@@ -376,6 +387,9 @@ def stream_generate(
         drafter=proposer.name if proposer is not None else "none",
         drafted_canvases=session.drafted if session is not None else 0,
         restarted_canvases=session.restarted if session is not None else 0,
+        fast=denoiser is not None,
+        decoder_positions=denoiser.positions if denoiser else passes * model.args.canvas_length,
+        exact_agreement=sum(denoiser.exact) / len(denoiser.exact) if denoiser and denoiser.exact else None,
     )
     yield Done("", stats, text.sent, **meter.fields(text), finish_reason=reason)
 

@@ -128,22 +128,25 @@ def denoise_drafted(
     vcfg: VerifyConfig,
     adaptive_stopping: bool = True,
     step_fn: Callable[..., StepOutput] | None = None,
+    denoiser: Callable[..., Iterator[StepEvent | CommitEvent]] | None = None,
 ) -> Iterator[StepEvent | CommitEvent]:
     """Denoise one canvas starting from a draft; as ``denoise_canvas`` with ``key`` if the target rejects it.
 
     The target's first pass reads the draft (part of it re-noised) with the stability history seeded from
     it, so a draft the target's argmax reproduces, confidently, commits after that pass. If the first
     pass agrees with less than ``vcfg.guard`` of the drafted positions, the canvas is denoised again from
-    noise exactly as without a draft (same key), one pass dearer.
+    noise exactly as without a draft (same key), one pass dearer. ``denoiser`` replaces ``denoise_canvas``
+    (fast mode: ``fast.FastDenoiser``).
     """
+    denoise = denoiser or denoise_canvas
     start_key, draft_key = mx.random.split(mx.random.split(key, 3)[2])  # apart from the plain path's keys
     start, history = draft_start(proposal, start_key, model.args.vocab_size, vcfg.renoise, cfg)
-    events = denoise_canvas(model, cache, cfg, draft_key, canvas_index, start, adaptive_stopping, step_fn, history)
+    events = denoise(model, cache, cfg, draft_key, canvas_index, start, adaptive_stopping, step_fn, history)
     first = next(events)
     assert isinstance(first, StepEvent)
     yield first
     if not first.done.all().item() and agreement(first.argmax, proposal) < vcfg.guard:
-        for event in denoise_canvas(model, cache, cfg, key, canvas_index, None, adaptive_stopping, step_fn):
+        for event in denoise(model, cache, cfg, key, canvas_index, None, adaptive_stopping, step_fn):
             if isinstance(event, CommitEvent):
                 event = replace(event, decoder_passes=event.decoder_passes + 1, drafted=True, restarted=True)
             yield event
@@ -163,6 +166,7 @@ def generate_tokens(
     eos_ids: list[int] | None = None,
     compiled: bool | None = None,
     drafts: DraftSession | None = None,
+    denoiser: Callable[..., Iterator[StepEvent | CommitEvent]] | None = None,
 ) -> Iterator[StepEvent | CommitEvent]:
     """Generate up to ``max_tokens`` tokens after the prompt already encoded in ``cache`` (see ``prefill``).
 
@@ -170,8 +174,10 @@ def generate_tokens(
     pad; a finished row stops) and encoded into the cache before the next canvas is denoised. The caller
     truncates to ``max_tokens``: canvases are always denoised whole, since the model was trained on them.
     With ``drafts``, each canvas starts from its proposer's draft while the session keeps it on (``verify.py``);
-    the commit rule stays the target's.
+    the commit rule stays the target's. ``denoiser`` replaces ``denoise_canvas`` (same arguments and events):
+    fast mode passes a ``fast.FastDenoiser``; without it this is the reference's loop.
     """
+    denoise = denoiser or denoise_canvas
     a = model.args
     key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
     finished = mx.zeros((cache[0].keys.shape[0],), dtype=mx.bool_)
@@ -182,9 +188,9 @@ def generate_tokens(
         proposal = drafts.propose(model, cache) if drafts is not None and given is None else None
         if proposal is not None:
             events = denoise_drafted(model, cache, cfg, canvas_key, index, proposal, drafts.config,
-                                     adaptive_stopping, step_fn)
+                                     adaptive_stopping, step_fn, denoiser)
         else:
-            events = denoise_canvas(model, cache, cfg, canvas_key, index, given, adaptive_stopping, step_fn)
+            events = denoise(model, cache, cfg, canvas_key, index, given, adaptive_stopping, step_fn)
         for event in events:
             if isinstance(event, StepEvent):
                 yield event

@@ -140,6 +140,17 @@ def _switch(layer: nn.Module, x: mx.array, idx: mx.array, sorted_indices: bool) 
     return layer(x, idx, sorted_indices=sorted_indices)
 
 
+def rope_at(rope: nn.Module, x: mx.array, offset: int | mx.array) -> mx.array:
+    """RoPE on ``x`` [B, H, L, D] from position ``offset``, or at each token's own position when ``offset`` is an
+    int32 [B, L] array (fast decoding runs the decoder on scattered canvas positions: ``fast.CanvasKV``)."""
+    if not isinstance(offset, mx.array) or offset.ndim < 2:
+        return rope(x, offset=offset)
+    B, H, L, D = x.shape
+    # mx.fast.rope takes one offset per batch row: make every token a row of its own.
+    y = rope(x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D), offset=offset.reshape(-1))
+    return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
     """Attention with q/k/v norms and scale 1.0. Full layers have no ``v_proj``: values are the raw keys."""
 
@@ -168,8 +179,8 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim) if self.is_sliding else k
-        q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
-        k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset=offset)
+        q = rope_at(self.rope, q.transpose(0, 2, 1, 3), offset)
+        k = rope_at(self.rope, self.k_norm(k).transpose(0, 2, 1, 3), offset)
         v = self.v_norm(v).transpose(0, 2, 1, 3)
         k, v = cache.update_and_fetch(k, v) if write else cache.fetch(k, v)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)

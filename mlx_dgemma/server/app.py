@@ -77,7 +77,8 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
                request_timeout: float | None = None,
                strict: bool = False,
                allowed_origins: list[str] | None = None,
-               default_temperature: float | None = None) -> FastAPI:
+               default_temperature: float | None = None,
+               fast: bool = False) -> FastAPI:
     """An app serving ``model`` (a folder or hub id; ``None``: the embedded default model).
 
     The model is loaded here, on the worker thread (loading errors are raised here). The worker stops with
@@ -87,7 +88,7 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
     ``default_temperature``: the temperature of requests that set neither it nor ``t_max``/``t_min``.
     """
     check_limits(context_length, max_concurrency, max_body_bytes, request_timeout)
-    worker = Worker(model, max_concurrency, prompt_cache, adapter_path, drafter, request_timeout)
+    worker = Worker(model, max_concurrency, prompt_cache, adapter_path, drafter, request_timeout, fast)
     worker.start()
     native, canvas = worker.model.args.max_position_embeddings, worker.model.args.canvas_length
     context = native if context_length is None else context_length

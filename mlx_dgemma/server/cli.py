@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temp", "--temperature", dest="temperature", type=float,
                    help="default temperature for requests that set neither temperature nor t_max/t_min "
                         "(mapped onto the temperature schedule as a request's temperature is)")
+    p.add_argument("--fast", action="store_true",
+                   help="fast decoding by default (a request's \"fast\": false opts out; see mlx_dgemma.fast)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds one request may generate; then its answer is cut (finish_reason length, "
                         "error code request_timeout). 0: no limit (default 600)")
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                          prompt_cache=not args.no_prompt_cache, adapter_path=args.adapter_path,
                          drafter=args.drafter, max_body_bytes=args.max_body_bytes, request_timeout=timeout,
                          strict=args.strict, allowed_origins=args.allowed_origins,
-                         default_temperature=args.temperature)
+                         default_temperature=args.temperature, fast=args.fast)
     except DGemmaError as e:
         print(f"mlx_dgemma.server: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

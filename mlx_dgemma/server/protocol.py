@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ..errors import DGemmaError
 from ..generation import UNSUPPORTED, sampler_config
@@ -137,6 +137,7 @@ class _Request(BaseModel):
     t_max: float | None = Field(None, ge=0)
     t_min: float | None = Field(None, ge=0)
     entropy_bound: float | None = Field(None, gt=0)
+    fast: StrictBool | None = None  # fast decoding (mlx_dgemma.fast); None: the server's --fast default
 
 
 class ChatRequest(_Request):
@@ -170,6 +171,7 @@ class Plan:
     tools: bool = False  # parse tool calls out of the answer (the request offered tools)
     thinking: bool = False  # split the thinking channel into reasoning_content (enable_thinking was on)
     ignored: tuple[str, ...] = ()  # autoregressive-only fields ignored (named in X-Ignored-Fields)
+    fast: bool | None = None  # fast decoding; None: the server's default
 
 
 Kind = Literal["chat", "completion"]
@@ -462,4 +464,4 @@ def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, m
     thinking = chat and bool((request.chat_template_kwargs or {}).get("enable_thinking"))
     return Plan(ids, max_tokens, stops_of(request), seed_of(request), sampler, request.stream,
                 options.include_usage, options.include_drafts, () if history is None else (history,),
-                tools, thinking, tuple(ignored))
+                tools, thinking, tuple(ignored), fast=request.fast)

@@ -208,9 +208,10 @@ class Worker:
 
     def __init__(self, model: str | Path | None, max_concurrency: int = 16, prompt_cache: bool = True,
                  adapter_path: str | Path | None = None, drafter: str | Path | None = "auto",
-                 request_timeout: float | None = None):
+                 request_timeout: float | None = None, fast: bool = False):
         self.max_concurrency, self._use_prompt_cache = max_concurrency, prompt_cache
         self.request_timeout = request_timeout  # seconds of generation per request; None: no limit
+        self.fast = fast  # fast decoding for requests that do not say (mlx_dgemma.fast)
         self.proposer: Any = None  # the drafter serving every request (mlx_dgemma.drafter), or None
         self.model: Model  # these three are set on the worker thread, before start() returns
         self.tokenizer: Any
@@ -332,6 +333,7 @@ class Worker:
         deadline = None if self.request_timeout is None else _clock() + self.request_timeout
         events = stream_generate(self.model, self.tokenizer, None, job.plan.max_tokens, prompt_ids=ids, cache=cache,
                                  seed=job.plan.seed, drafts=True, drafter=self.proposer or "none",
+                                 fast=self.fast if job.plan.fast is None else job.plan.fast,
                                  **job.plan.sampler)
         finished = False
         try:
