@@ -336,3 +336,43 @@ def safe_chunk_end(is_vision: np.ndarray, start: int, end: int) -> int:
     while end < n and end > start and is_vision[:, end - 1].any() and is_vision[:, end].any():
         end += 1
     return end
+
+
+def prefill_with_images(
+    model: Any,
+    input_ids: mx.array,
+    cache: Any,
+    pixel_values: mx.array | None,
+    image_position_ids: mx.array | None,
+    mm_token_type_ids: mx.array | None,
+    chunk: int = 2048,
+) -> None:
+    """Encode a prompt with images into ``cache`` in chunks of about ``chunk`` positions.
+
+    The tower runs once over all images; each chunk takes the features of its own placeholders, and no chunk
+    boundary falls inside an image block (with bidirectional vision attention, a split block would lose the
+    keys of its later half; the reference encodes the whole prompt in one call).
+    """
+    feats = None if pixel_values is None else model.get_image_features(pixel_values, image_position_ids)
+    ids = np.array(input_ids)
+    is_image = ids == model.vision_args.image_token_id if model.vision_args is not None else np.zeros_like(ids, bool)
+    types = None if mm_token_type_ids is None else np.array(mm_token_type_ids)
+    vision_runs = is_image if types is None else (types == 1) | (types == 2)
+    if feats is not None and int(is_image.sum()) != feats.shape[0]:
+        raise GenerationError(
+            f"the prompt has {int(is_image.sum())} image placeholder tokens but the images give {feats.shape[0]} "
+            "soft tokens: build the prompt and pixels with the same image processor (mlx_dgemma.image_processing)"
+        )
+    used, start, n = 0, 0, ids.shape[1]
+    while start < n:
+        end = safe_chunk_end(vision_runs, start, min(start + chunk, n))
+        count = int(is_image[:, start:end].sum())
+        part = None if feats is None else feats[used : used + count]
+        used += count
+        model.encode(
+            input_ids[:, start:end], cache,
+            mm_token_type_ids=None if types is None else mx.array(types[:, start:end]),
+            image_features=part if part is not None and count else None,
+        )
+        mx.eval(cache.state_arrays())
+        start = end

@@ -6,7 +6,8 @@ never import mlx or mlx_dgemma.
     python tests/reference/make_vision_fixture.py --spec '{"bidirectional": "vision", ...}' --out DIR
 
 Spec keys: ``text`` (text-config overrides), ``vision`` (Gemma4VisionConfig overrides), ``bidirectional``
-("vision" or null), ``clipped`` (finite clipping ranges on the vision linears), ``seed``, ``canvas_length``.
+("vision" or null), ``clipped`` (finite clipping ranges on the vision linears), ``standardize``,
+``processor`` (also record the image-processor cases), ``seed``, ``canvas_length``.
 
 Writes DIR/hf (``save_pretrained``) and DIR/reference.npz:
   processor_*: Gemma 4's PIL image processor on random images (several sizes, aspects, modes and budgets)
@@ -209,7 +210,9 @@ def main() -> None:
     model.save_pretrained(hf)
     reference = load_reference(hf, torch.float32)
     rng = np.random.default_rng(spec["seed"])
-    arrays = {**record_processor(rng), **record_model(reference, spec, gen, rng)}
+    arrays = record_model(reference, spec, gen, rng)
+    if spec.get("processor"):
+        arrays.update(record_processor(rng))
     np.savez(args.out / "reference.npz", **arrays)
     print(f"{args.out}: {len(arrays)} arrays, logits1 max {np.abs(arrays['logits1']).max():.2f}")
 

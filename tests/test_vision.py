@@ -1,0 +1,173 @@
+"""Image input against transformers 5.23 on tiny random checkpoints WITH a vision tower.
+
+The reference (``tests/reference/make_vision_fixture.py``) runs in its own process, as for the text fixtures.
+Two checkpoints: ``vision`` sets ``use_bidirectional_attention: "vision"`` (tokens of one image attend both
+ways; blocks of 45-64 tokens, longer than the 16-token sliding window) with clipped linears and standardized
+soft tokens; ``causal`` is causal throughout, plain linears. Each prompt has two images, then a committed canvas
+and a second turn with a third image.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_dgemma import GenerationError, load_model
+from mlx_dgemma.image_processing import expand_image_tokens, process_images
+from mlx_dgemma.vision import prefill_with_images
+from tests.conftest import BASE_TEXT, ROOT, reference_env
+from tests.test_model_parity import FP32_TOL, rel_err
+
+MAKE = ROOT / "reference" / "make_vision_fixture.py"
+TEXT = {k: v for k, v in BASE_TEXT.items() if k != "use_bidirectional_attention"}
+SPECS = {
+    "vision": {"text": TEXT, "bidirectional": "vision", "clipped": True, "standardize": True, "processor": True,
+               "seed": 3, "canvas_length": 8},
+    "causal": {"text": TEXT, "bidirectional": None, "seed": 4, "canvas_length": 8},
+}
+# (height, width, mode, budget) of the processor cases, as the fixture builder draws them.
+PROCESSOR_CASES = [
+    (120, 200, "RGB", 70), (400, 90, "RGB", 140), (20, 600, "RGB", 70), (333, 333, "RGBA", 280),
+    (64, 48, "L", 560), (50, 50, "RGB", 1120), (768, 1024, "RGB", 280), (48, 48, "RGB", 70),
+]
+_BUILT: dict[str, tuple] = {}
+
+
+@pytest.fixture(scope="session")
+def vision_factory(tmp_path_factory):
+    def get(name: str):
+        if name not in _BUILT:
+            out = tmp_path_factory.mktemp(f"vision-{name}")
+            subprocess.run([sys.executable, str(MAKE), "--spec", json.dumps(SPECS[name]), "--out", str(out)],
+                           check=True, env=reference_env(), capture_output=True, text=True)
+            _BUILT[name] = (out, dict(np.load(out / "reference.npz")))
+        return _BUILT[name]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=sorted(SPECS))
+def vfx(request, vision_factory):
+    return (request.param, *vision_factory(request.param))
+
+
+def a(ref: dict, key: str) -> mx.array:
+    x = ref[key]
+    return mx.array(x.astype(np.int32) if x.dtype.kind in "iu" else x)
+
+
+def cache_err(cache, ref: dict, prefix: str) -> float:
+    worst = 0.0
+    for i, layer in enumerate(cache):
+        k, v = layer.state[:2]
+        n = ref[f"{prefix}_k_{i}"].shape[2]
+        assert k.shape[2] >= n
+        worst = max(worst, rel_err(k[..., :n, :], ref[f"{prefix}_k_{i}"]), rel_err(v[..., :n, :], ref[f"{prefix}_v_{i}"]))
+    return worst
+
+
+def image_types(ids: mx.array, model) -> mx.array:
+    return (ids == model.vision_args.image_token_id).astype(mx.int32)
+
+
+def run_turns(model, ref: dict, types: bool = True, whole_sequence_types: bool = False) -> dict[str, float]:
+    """Image prompt → cache, logits; commit; second turn with an image → cache, logits (relative errors)."""
+    cache = model.make_cache()
+    prompt = a(ref, "prompt")
+    model.encode(prompt, cache, pixel_values=a(ref, "pixels1"), image_position_ids=a(ref, "positions1"),
+                 mm_token_type_ids=image_types(prompt, model) if types else None)
+    errs = {"prefill_cache": cache_err(cache, ref, "prefill")}
+    errs["logits1"] = rel_err(model.denoise(a(ref, "canvas1"), cache, a(ref, "sc_logits1")), ref["logits1"])
+    model.encode(a(ref, "commit1"), cache)
+    turn2 = a(ref, "turn2")
+    t2 = mx.concatenate([prompt, a(ref, "commit1"), turn2], axis=1) if whole_sequence_types else turn2
+    model.encode(turn2, cache, pixel_values=a(ref, "pixels2"), image_position_ids=a(ref, "positions2"),
+                 mm_token_type_ids=image_types(t2, model) if types else None)
+    errs["turn2_cache"] = cache_err(cache, ref, "turn2")
+    errs["logits2"] = rel_err(model.denoise(a(ref, "canvas2"), cache, a(ref, "sc_logits2")), ref["logits2"])
+    return errs
+
+
+def test_image_features_match(vfx):
+    name, folder, ref = vfx
+    model = load_model(folder / "hf", dtype=mx.float32)
+    assert model.vision_args is not None and model.vision_args.use_clipped_linears == (name == "vision")
+    for turn in ("1", "2"):
+        feats = model.get_image_features(a(ref, f"pixels{turn}"), a(ref, f"positions{turn}"))
+        assert rel_err(feats, ref[f"features{turn}"]) < FP32_TOL
+
+
+def test_our_processor_gives_the_reference_pixels(vfx):
+    """The scenario images through our processor: the pixels the reference's processor gave the model."""
+    _, _, ref = vfx
+    out = process_images([ref["images_0"], ref["images_1"]], budget=70)
+    assert np.array_equal(out.pixel_values, ref["pixels1"])
+    assert np.array_equal(out.image_position_ids, ref["positions1"])
+    assert sum(out.num_soft_tokens_per_image) == ref["features1"].shape[0] == int((ref["prompt"] == 511).sum())
+
+
+def test_cache_and_logits_after_image_prompts_match(vfx):
+    name, folder, ref = vfx
+    model = load_model(folder / "hf", dtype=mx.float32)
+    errs = run_turns(model, ref)
+    print(f"\n{name}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    assert max(errs.values()) < FP32_TOL, errs
+    # The reference's own indexing: mm_token_type_ids of the whole sequence in the second turn.
+    assert max(run_turns(model, ref, whole_sequence_types=True).values()) < FP32_TOL
+
+
+def test_bidirectional_mask_is_what_matches(vision_factory):
+    """Without the block overlay (no mm_token_type_ids), the bidirectional checkpoint no longer matches:
+    the parity above does test the mask."""
+    folder, ref = vision_factory("vision")
+    model = load_model(folder / "hf", dtype=mx.float32)
+    assert run_turns(model, ref, types=False)["logits1"] > 100 * FP32_TOL
+
+
+@pytest.mark.parametrize("chunk", [7, 50])
+def test_chunked_prefill_keeps_image_blocks_whole(vision_factory, chunk):
+    folder, ref = vision_factory("vision")
+    model = load_model(folder / "hf", dtype=mx.float32)
+    prompt = a(ref, "prompt")
+    whole = model.make_cache()
+    model.encode(prompt, whole, pixel_values=a(ref, "pixels1"), image_position_ids=a(ref, "positions1"),
+                 mm_token_type_ids=image_types(prompt, model))
+    parts = model.make_cache()
+    prefill_with_images(model, prompt, parts, a(ref, "pixels1"), a(ref, "positions1"), image_types(prompt, model),
+                        chunk=chunk)
+    canvas, sc = a(ref, "canvas1"), a(ref, "sc_logits1")
+    assert rel_err(model.denoise(canvas, parts, sc), np.array(model.denoise(canvas, whole, sc))) < 1e-5
+
+
+@pytest.mark.parametrize("case", range(len(PROCESSOR_CASES)))
+def test_processor_identical_to_reference(vision_factory, case):
+    from PIL import Image
+
+    _, ref = vision_factory("vision")
+    _, _, mode, budget = PROCESSOR_CASES[case]
+    image = ref[f"processor_image_{case}"]
+    out = process_images([Image.fromarray(image, mode)], budget=budget)
+    assert np.array_equal(out.pixel_values, ref[f"processor_pixels_{case}"])
+    assert np.array_equal(out.image_position_ids, ref[f"processor_positions_{case}"])
+    assert out.num_soft_tokens_per_image == ref[f"processor_tokens_{case}"].tolist()
+
+
+def test_expand_image_tokens():
+    img, boi, eoi = 9, 7, 8
+    assert expand_image_tokens([1, img, 2, boi, img, eoi, 3], [2, 1], img, boi, eoi) == [
+        1, boi, img, img, eoi, 2, boi, img, eoi, 3]
+    with pytest.raises(GenerationError, match="2 image placeholders for 1 images"):
+        expand_image_tokens([img, img], [3], img, boi, eoi)
+
+
+def test_placeholder_count_mismatch_is_one_line(vision_factory):
+    folder, ref = vision_factory("causal")
+    model = load_model(folder / "hf", dtype=mx.float32)
+    prompt = a(ref, "prompt")[:, :-10]  # drops placeholders of the second image
+    with pytest.raises(GenerationError, match="image placeholder tokens but the images give"):
+        model.encode(prompt, model.make_cache(), pixel_values=a(ref, "pixels1"), image_position_ids=a(ref, "positions1"))
