@@ -15,6 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from . import multimodal
 from .cache import DiffusionCache
 from .errors import GenerationError
 from .loop import CommitEvent, StepEvent, generate_tokens, prefill
@@ -186,6 +187,7 @@ def stream_generate(
     cache: DiffusionCache | None = None,
     drafter: Any = "auto",
     verify: VerifyConfig | None = None,
+    images: Sequence[Any] | None = None,
     **unsupported: Any,
 ) -> Iterator[Draft | Commit | Done]:
     """Generate a response, yielding drafts, commits and a final ``Done`` (see the module docstring).
@@ -201,6 +203,10 @@ def stream_generate(
     ``drafter`` proposes canvases for the model to verify (``mlx_dgemma.drafter.make_proposer``): ``"auto"``
     (the model folder's own drafter, if any), ``"none"``, ``"lookup"``, a drafter folder or a proposer;
     ``verify`` sets how drafts are verified. The commit rule stays the model's.
+
+    ``images`` (paths, PIL images, uint8 arrays, bytes) are read by the vision tower; chat messages may carry
+    image content parts instead (see ``mlx_dgemma.multimodal``). With ``prompt_ids``, the ids hold one image
+    placeholder per image, which is expanded to the image's soft tokens.
     """
     for name in unsupported:
         hint = UNSUPPORTED.get(name, "it is not a DiffusionGemma generation option")
@@ -211,10 +217,18 @@ def stream_generate(
     )
     gen_config = getattr(model, "generation_config", {}) or {}
     max_tokens = max_tokens if max_tokens is not None else gen_config.get("max_new_tokens") or 256
+    image_list: list[Any] = []
+    if images or multimodal.has_images(prompt):
+        placeholder = tokenizer.convert_ids_to_tokens(getattr(model.vision_args, "image_token_id", 0))
+        prompt, image_list = multimodal.split_images(prompt, images, placeholder)
     if prompt_ids is None:
         ids = encode_prompt(tokenizer, prompt, system, use_chat_template, thinking)
     else:
         ids = list(prompt_ids)
+    image_prompt = None
+    if image_list:
+        image_prompt = multimodal.prepare(model, ids, image_list, cache.offset if cache is not None else 0)
+        ids = image_prompt.ids
     from .drafter import make_proposer
 
     proposer = make_proposer(drafter, model)
@@ -231,7 +245,10 @@ def stream_generate(
     mx.reset_peak_memory()
     start = time.perf_counter()
     encoded = len(ids) - cache.offset
-    prefill(model, mx.array([ids[cache.offset :]], dtype=mx.int32), cache)
+    if image_prompt is not None:
+        multimodal.prefill(model, image_prompt, cache)
+    else:
+        prefill(model, mx.array([ids[cache.offset :]], dtype=mx.int32), cache)
     prompt_time = time.perf_counter() - start
     passes, canvases, kept, reason = 0, 0, 0, "length"
     text = _Text(tokenizer)

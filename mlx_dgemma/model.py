@@ -395,8 +395,9 @@ class Model(nn.Module):
         if image_position_ids is None:
             raise V.GenerationError("pixel_values need image_position_ids: pass the image processor's output as it is")
         encoder = self.model.encoder
-        feats = encoder.vision_tower(mx.array(pixel_values), mx.array(image_position_ids).astype(mx.int32))
-        return encoder.embed_vision(feats)
+        positions = mx.array(image_position_ids).astype(mx.int32)
+        V.check_positions(positions, self.vision_args)
+        return encoder.embed_vision(encoder.vision_tower(mx.array(pixel_values), positions))
 
     def logits(self, h: mx.array) -> mx.array:
         """Tied LM head in float32, soft-capped as the reference does."""

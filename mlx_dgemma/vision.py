@@ -64,6 +64,16 @@ def has_vision_weights(weights: dict[str, mx.array]) -> bool:
     return any(k.startswith(VISION_PREFIXES) for k in weights)
 
 
+def check_positions(positions: mx.array, args: VisionArgs) -> None:
+    """Raise if a patch position is past the tower's position table (the reference's embedding lookup fails)."""
+    top = int(positions.max().item()) if positions.size else 0
+    if top >= args.position_embedding_size:
+        raise GenerationError(
+            f"an image is {top + 1} patches along one side, but this vision tower knows "
+            f"{args.position_embedding_size} positions: use a smaller image budget or a less elongated image"
+        )
+
+
 def keep_vision_key(key: str, args: VisionArgs) -> bool:
     """Clipping calibration tensors are kept only when the tower clips (as mlx-vlm's ``sanitize`` does)."""
     return args.use_clipped_linears or key.rsplit(".", 1)[-1] not in _CLIPPING

@@ -171,3 +171,93 @@ def test_placeholder_count_mismatch_is_one_line(vision_factory):
     prompt = a(ref, "prompt")[:, :-10]  # drops placeholders of the second image
     with pytest.raises(GenerationError, match="image placeholder tokens but the images give"):
         model.encode(prompt, model.make_cache(), pixel_values=a(ref, "pixels1"), image_position_ids=a(ref, "positions1"))
+
+
+def collapse(ids: list[int], img: int, boi: int, eoi: int) -> list[int]:
+    """The processor's input: one <|image|> per image (undo the expansion)."""
+    out, inside = [], False
+    for t in ids:
+        if t == boi:
+            inside = True
+            out.append(img)
+        elif t == eoi:
+            inside = False
+        elif not inside:
+            out.append(t)
+    return out
+
+
+class StubTokenizer:
+    """Just what stream_generate needs from a tokenizer, for a checkpoint that has none."""
+
+    eos_token_ids = (1,)
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+    def convert_ids_to_tokens(self, i):
+        return f"<{i}>"
+
+
+def test_generate_with_images_prefills_as_the_reference(vision_factory):
+    """prompt ids with one placeholder per image + images → the reference's expanded prompt and prefill cache."""
+    from mlx_dgemma import multimodal, stream_generate
+
+    folder, ref = vision_factory("vision")
+    (folder / "hf" / "processor_config.json").write_text(json.dumps({"image_processor": {"max_soft_tokens": 70}}))
+    model = load_model(folder / "hf", dtype=mx.float32)
+    v = model.vision_args
+    raw = collapse(ref["prompt"][0].tolist(), v.image_token_id, v.boi_token_id, v.eoi_token_id)
+    images = [ref["images_0"], ref["images_1"]]
+    prepared = multimodal.prepare(model, raw, images)
+    assert prepared.ids == ref["prompt"][0].tolist()
+    cache = model.make_cache()
+    multimodal.prefill(model, prepared, cache)
+    assert cache_err(cache, ref, "prefill") < FP32_TOL
+    events = list(stream_generate(model, StubTokenizer(), None, 8, prompt_ids=raw, images=images, drafter="none",
+                                  max_denoising_steps=2))
+    assert events[-1].stats.prompt_tokens == ref["prompt"].shape[1]
+
+
+def test_generate_with_images_on_the_demo_model():
+    """The embedded demo model carries a (tiny, untrained) vision tower: images go through the whole path."""
+    from mlx_dgemma import generate, load
+
+    model, tokenizer = load()
+    image = np.full((32, 40, 3), 128, np.uint8)
+    text = generate(model, tokenizer, "Describe the image.", 8, images=[image], drafter="none")
+    parts = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe."}]}]
+    assert isinstance(text, str) and isinstance(generate(model, tokenizer, parts, 8, drafter="none"), str)
+    with pytest.raises(GenerationError, match="patches along one side"):
+        generate(model, tokenizer, "Describe.", 8, images=[np.zeros((4, 400, 3), np.uint8)])
+
+
+def test_images_for_a_text_only_checkpoint_is_one_line(tmp_path):
+    """A checkpoint without the tower (a --drop-vision conversion) refuses images in one line."""
+    import shutil
+
+    from mlx_dgemma import DEFAULT_MODEL, generate, load
+    from mlx_dgemma.vision import VISION_PREFIXES
+
+    folder = tmp_path / "text-only"
+    shutil.copytree(DEFAULT_MODEL, folder, ignore=shutil.ignore_patterns("drafter", "model.safetensors"))
+    weights = mx.load(str(DEFAULT_MODEL / "model.safetensors"))
+    mx.save_safetensors(str(folder / "model.safetensors"),
+                        {k: v for k, v in weights.items() if not k.startswith(VISION_PREFIXES)})
+    model, tokenizer = load(folder)
+    assert model.vision_args is None
+    with pytest.raises(GenerationError, match="no vision tower"):
+        generate(model, tokenizer, "Describe it.", 8, images=[np.zeros((32, 32, 3), np.uint8)])
+
+
+def test_bad_images_are_one_line(tmp_path):
+    from mlx_dgemma.image_processing import to_rgb_array
+
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(GenerationError, match=r"cannot read .* as an image"):
+        to_rgb_array(bad)
+    with pytest.raises(GenerationError, match="image not found"):
+        to_rgb_array(tmp_path / "missing.png")
+    with pytest.raises(GenerationError, match="uint8"):
+        to_rgb_array(np.zeros((4, 4, 3), np.float32))
