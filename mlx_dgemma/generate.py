@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-canvas", action="store_true",
                    help="show the canvas being denoised, redrawn in place (terminals only)")
     p.add_argument("--verbose", "-v", action="store_true", help="print statistics when done")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image for the vision tower (repeatable: one per image, in prompt order)")
     return p
 
 
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace, prompt: str) -> int:
         use_chat_template=not args.no_chat_template, thinking=args.thinking, seed=args.seed,
         max_denoising_steps=args.steps, t_max=args.temp_max, t_min=args.temp_min,
         entropy_bound=args.entropy_bound, drafts=live, drafter=args.drafter,
+        images=args.image,
     )
     for event in events:
         if isinstance(event, Draft) and view:

@@ -261,3 +261,64 @@ def test_bad_images_are_one_line(tmp_path):
         to_rgb_array(tmp_path / "missing.png")
     with pytest.raises(GenerationError, match="uint8"):
         to_rgb_array(np.zeros((4, 4, 3), np.float32))
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_converter_round_trips_the_tower(vision_factory, tmp_path, quantize):
+    """HF → mlx_dgemma.convert (tower kept by default, unquantized) → load: the image scenarios still match."""
+    from mlx_dgemma.convert import convert
+
+    folder, ref = vision_factory("vision")
+    out = convert(folder / "hf", tmp_path / "mlx", quantize=quantize, progress=False).path
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_config"]["use_clipped_linears"] is True
+    model = load_model(out, dtype=mx.float32)
+    tower = model.model.encoder.vision_tower
+    assert type(tower.encoder.layers[0].self_attn.q_proj.linear).__name__ == "Linear"  # never quantized
+    feats = model.get_image_features(a(ref, "pixels1"), a(ref, "positions1"))
+    assert rel_err(feats, ref["features1"]) < FP32_TOL
+    if not quantize:
+        assert max(run_turns(model, ref).values()) < FP32_TOL
+    dropped = convert(folder / "hf", tmp_path / "text", drop_vision=True, progress=False).path
+    assert json.loads((dropped / "config.json").read_text())["vision_config"] is None
+    assert load_model(dropped).vision_args is None
+
+
+def test_fused_checkpoint_config_matches_its_weights(vision_factory, tmp_path):
+    """save_fused (train --fuse, convert --adapter-path) writes the tower and its config, or neither."""
+    from mlx_dgemma.train.lora import save_fused
+    from mlx_dgemma.vision import VISION_PREFIXES
+
+    folder, ref = vision_factory("causal")
+    out = save_fused(load_model(folder / "hf", dtype=mx.float32), folder / "hf", tmp_path / "fused")
+    assert json.loads((out / "config.json").read_text())["vision_config"] is not None
+    assert max(run_turns(load_model(out, dtype=mx.float32), ref).values()) < FP32_TOL
+    # A folder whose config names a tower its weights lack loads text-only; fusing it drops the vision_config.
+    weights = mx.load(str(out / "model.safetensors"))
+    mx.save_safetensors(str(out / "model.safetensors"), {k: v for k, v in weights.items()
+                                                         if not k.startswith(VISION_PREFIXES)})
+    model = load_model(out)
+    assert model.vision_args is None
+    bare = save_fused(model, out, tmp_path / "bare")
+    assert json.loads((bare / "config.json").read_text())["vision_config"] is None
+
+
+def test_cli_image_flag(tmp_path):
+    """--image PATH (repeatable) on the demo model; a bad image is one error line, exit code 2."""
+    from PIL import Image
+
+    for i, size in enumerate([(40, 32), (24, 48)]):
+        Image.fromarray(np.full((*size[::-1], 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mlx_dgemma.generate", *args], capture_output=True, text=True,
+                              timeout=300)
+
+    ok = cli("--prompt", "Compare the images.", "--image", str(tmp_path / "0.png"), "--image",
+             str(tmp_path / "1.png"), "--max-tokens", "8", "--steps", "2", "--drafter", "none", "--verbose")
+    assert ok.returncode == 0, ok.stderr
+    prompt_tokens = int(ok.stderr.split("Prompt: ")[1].split()[0])
+    assert prompt_tokens > 2 * 100  # both images' soft tokens are in the prompt
+    (tmp_path / "bad.png").write_text("no")
+    bad = cli("--prompt", "hi", "--image", str(tmp_path / "bad.png"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and bad.stderr.strip().count("\n") == 0
