@@ -28,13 +28,22 @@ IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 
 @dataclass
 class ImagePrompt:
-    """A prompt's token ids with expanded image placeholders, and the processor output of its uncached images."""
+    """A prompt's token ids with expanded image placeholders, and the processor output of its images."""
 
     ids: list[int]
-    pixel_values: np.ndarray | None
-    image_position_ids: np.ndarray | None
-    digests: list[str]  # of every image in the prompt, in order (what a prompt cache keys images by)
+    pixel_values: np.ndarray  # [I, patches, 3 p^2]
+    image_position_ids: np.ndarray  # [I, patches, 2]
+    digests: list[str]  # sha256 of each image's pixels, in prompt order
     soft_tokens: list[int]  # per image
+    starts: list[int]  # where each image's soft tokens start in ``ids``
+
+    def cache_key(self) -> list[int]:
+        """``ids`` with each image's soft tokens replaced by a negative id drawn from the image's content: a
+        prompt cache keyed by these matches a cached image only when the pixels are the same."""
+        key = list(self.ids)
+        for digest, start, n in zip(self.digests, self.starts, self.soft_tokens):
+            key[start : start + n] = [-1 - int(digest[:15], 16)] * n
+        return key
 
 
 def has_images(prompt: Any) -> bool:
@@ -141,8 +150,9 @@ def image_budget(model: Any) -> int:
 def prepare(
     model: Any, ids: list[int], images: list[ImageInput], cached: int = 0, budget: int | None = None
 ) -> ImagePrompt:
-    """Expand the placeholders of ``ids`` for ``images`` and process those not already in a cache of ``cached``
-    positions (a previous turn's images stay in the cache)."""
+    """Expand the placeholders of ``ids`` (one per image) into the images' soft tokens and process the images.
+
+    ``cached``: positions a reusable cache already holds (it may not end inside an image)."""
     vision = getattr(model, "vision_args", None)
     if vision is None:
         raise GenerationError("this checkpoint has no vision tower, so it cannot read images: use a multimodal "
@@ -157,19 +167,19 @@ def prepare(
         raise GenerationError(f"the prompt with its images takes {len(ids)} tokens ({sum(counts)} for images), over "
                               f"the {limit}-token context: give fewer or smaller images")
     starts = [i for i, t in enumerate(ids) if t == vision.image_token_id and (i == 0 or ids[i - 1] != t)]
-    new = [i for i, s in enumerate(starts) if s >= cached]
-    if any(s < cached < s + counts[i] for i, s in enumerate(starts)):
+    if any(s < cached < s + n for s, n in zip(starts, counts)):
         raise GenerationError("the cached prompt ends inside an image: re-encode the prompt from the start")
-    pixels = processed.pixel_values[new] if new else None
-    positions = processed.image_position_ids[new] if new else None
-    return ImagePrompt(ids, pixels, positions, processed.digests, counts)
+    return ImagePrompt(ids, processed.pixel_values, processed.image_position_ids, processed.digests, counts, starts)
 
 
-def prefill(model: Any, prompt: ImagePrompt, cache: Any, chunk: int = 2048) -> None:
-    """Encode the uncached part of ``prompt`` (with its images) into ``cache``."""
-    vision = model.vision_args
-    ids = mx.array([prompt.ids[cache.offset :]], dtype=mx.int32)
-    types = (ids == vision.image_token_id).astype(mx.int32)
-    pixels = None if prompt.pixel_values is None else mx.array(prompt.pixel_values)
-    positions = None if prompt.image_position_ids is None else mx.array(prompt.image_position_ids)
+def prefill(model: Any, prompt: ImagePrompt, cache: Any, end: int | None = None, chunk: int = 2048) -> None:
+    """Encode ``prompt.ids[cache.offset:end]`` into ``cache``, with the images whose soft tokens lie there."""
+    end = len(prompt.ids) if end is None else end
+    if end <= cache.offset:
+        return
+    inside = [i for i, s in enumerate(prompt.starts) if cache.offset <= s < end]
+    ids = mx.array([prompt.ids[cache.offset : end]], dtype=mx.int32)
+    types = (ids == model.vision_args.image_token_id).astype(mx.int32)
+    pixels = mx.array(prompt.pixel_values[inside]) if inside else None
+    positions = mx.array(prompt.image_position_ids[inside]) if inside else None
     prefill_with_images(model, ids, cache, pixels, positions, types, chunk=chunk)

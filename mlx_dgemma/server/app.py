@@ -143,7 +143,8 @@ async def _complete(kind: Kind, request: Request, served: Served, worker: Worker
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     req = parse(kind, data)
     served.check_model(req.model)
-    job_plan = plan(kind, req, served.tokenizer, served.model, served.context_length)
+    # In a thread: image URLs are fetched and images processed while planning.
+    job_plan = await asyncio.to_thread(plan, kind, req, served.tokenizer, served.model, served.context_length)
     events: asyncio.Queue[Event] = asyncio.Queue()
     try:
         job = worker.submit(job_plan, _emitter(events))
