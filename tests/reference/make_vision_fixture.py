@@ -7,7 +7,8 @@ never import mlx or mlx_dgemma.
 
 Spec keys: ``text`` (text-config overrides), ``vision`` (Gemma4VisionConfig overrides), ``bidirectional``
 ("vision" or null), ``clipped`` (finite clipping ranges on the vision linears), ``standardize``,
-``processor`` (also record the image-processor cases), ``seed``, ``canvas_length``.
+``processor`` (also record the image-processor cases), ``checkpoint_only`` (write only DIR/hf), ``seed``,
+``canvas_length``.
 
 Writes DIR/hf (``save_pretrained``) and DIR/reference.npz:
   processor_*: Gemma 4's PIL image processor on random images (several sizes, aspects, modes and budgets)
@@ -208,6 +209,9 @@ def main() -> None:
     hf = args.out / "hf"
     shutil.rmtree(hf, ignore_errors=True)
     model.save_pretrained(hf)
+    if spec.get("checkpoint_only"):  # benchmarks: the checkpoint, no reference outputs
+        print(f"{hf}: checkpoint only")
+        return
     reference = load_reference(hf, torch.float32)
     rng = np.random.default_rng(spec["seed"])
     arrays = record_model(reference, spec, gen, rng)
