@@ -16,7 +16,7 @@ def fused_source(source: str | Path, adapter_path: str | Path, near: Path) -> It
 
     Written next to the output (same file system) and removed afterwards. A quantized base (QLoRA) is
     dequantized, so that the conversion quantizes the fused weights once, by its own recipe. The fused
-    folder is text-only: fused checkpoints leave the vision tower out.
+    folder keeps the base's vision tower (its config drops ``vision_config`` when the base has none).
     """
     from mlx_dgemma.train import load_adapters
     from mlx_dgemma.train.lora import save_fused, stored_dtype

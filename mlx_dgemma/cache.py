@@ -102,6 +102,9 @@ class DiffusionCache(list):
         # [B, L, len(capture) * hidden] chunk per encode call.
         self.capture: tuple[int, ...] = ()
         self.features: list[mx.array] = []
+        # Bool [B, offset]: which cached positions are vision tokens (None until an image is encoded); an image
+        # block continuing into the next encode call keeps attending both ways (``vision.record_vision_positions``).
+        self.vision: mx.array | None = None
 
     @property
     def offset(self) -> int:

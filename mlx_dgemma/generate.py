@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_level(p)
     add_ar_only_flags(p)
     add_ar_only_flags(p, UNSUPPORTED_FLAGS, why="has no counterpart in mlx_dgemma")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image for the vision tower (repeatable: one per image, in prompt order)")
     return p
 
 
@@ -178,6 +180,7 @@ def run(args: argparse.Namespace, prompt: str) -> int:
         max_denoising_steps=args.steps, t_max=t_max, t_min=t_min, chat_template_kwargs=args.chat_template_config,
         entropy_bound=args.entropy_bound, drafts=live, drafter=args.drafter,
         fast=args.fast,
+        images=args.image,
     )
     for event in events:
         if isinstance(event, Draft) and view:

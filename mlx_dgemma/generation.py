@@ -18,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 from jinja2 import TemplateError
 
+from . import multimodal
 from .cache import DiffusionCache
 from .errors import GenerationError
 from .fast import FastConfig, FastDenoiser
@@ -276,6 +277,7 @@ def stream_generate(
     prompt_cache: list[Any] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     fast: bool | FastConfig = False,
+    images: Sequence[Any] | None = None,
     **unsupported: Any,
 ) -> Iterator[Draft | Commit | Done]:
     """Generate a response, yielding commits, a final ``Done`` and, with ``drafts=True``, a ``Draft`` per
@@ -302,6 +304,10 @@ def stream_generate(
 
     ``fast`` switches on fast decoding (``mlx_dgemma.fast``: fewer decoder positions and sampler FLOPs per
     token), a labelled departure from the reference sampler; a ``FastConfig`` picks its techniques.
+
+    ``images`` (paths, PIL images, uint8 arrays, bytes) are read by the vision tower; chat messages may carry
+    image content parts instead (see ``mlx_dgemma.multimodal``). With ``prompt_ids``, the ids hold one image
+    placeholder per image, which is expanded to the image's soft tokens.
     """
     for name in unsupported:
         hint = UNSUPPORTED.get(name, "it is not a DiffusionGemma generation option")
@@ -314,6 +320,10 @@ def stream_generate(
     )
     gen_config = getattr(model, "generation_config", {}) or {}
     max_tokens = max_tokens if max_tokens is not None else gen_config.get("max_new_tokens") or 256
+    image_list: list[Any] = []
+    if images or multimodal.has_images(prompt):
+        placeholder = tokenizer.convert_ids_to_tokens(getattr(model.vision_args, "image_token_id", 0))
+        prompt, image_list = multimodal.split_images(prompt, images, placeholder)
     if prompt_ids is None:
         ids = encode_prompt(tokenizer, prompt, system, use_chat_template, thinking, chat_template_kwargs)
     else:
@@ -325,6 +335,11 @@ def stream_generate(
     given = len(ids)
     if prompt_cache is not None:
         ids = [model.args.pad_token_id] * cache.offset + ids  # placeholders: only ids[cache.offset:] are read
+    image_prompt = None
+    if image_list:
+        image_prompt = multimodal.prepare(model, ids, image_list, cache.offset if cache is not None else 0)
+        given += len(image_prompt.ids) - len(ids)
+        ids = image_prompt.ids
     from .drafter import make_proposer
 
     proposer = make_proposer(drafter, model)
@@ -341,7 +356,10 @@ def stream_generate(
     mx.reset_peak_memory()
     start = time.perf_counter()
     encoded = len(ids) - cache.offset
-    prefill(model, mx.array([ids[cache.offset :]], dtype=mx.int32), cache)
+    if image_prompt is not None:
+        multimodal.prefill(model, image_prompt, cache)
+    else:
+        prefill(model, mx.array([ids[cache.offset :]], dtype=mx.int32), cache)
     prompt_time = time.perf_counter() - start
     passes, canvases, reason = 0, 0, "length"
     text = _Text(tokenizer)

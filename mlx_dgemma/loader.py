@@ -17,6 +17,7 @@ import mlx.nn as nn
 from .config import ModelArgs
 from .errors import CheckpointError
 from .model import Model
+from .vision import VisionArgs, has_vision_weights
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 
@@ -177,8 +178,11 @@ def load_model(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> Model
     folder = resolve(path_or_repo)
     config = read_config(folder)
     args = ModelArgs.from_config(config, source=str(folder / "config.json"))
-    model = Model(args, _read_json(folder / "generation_config.json"))
-    weights = model.sanitize(load_weights(folder))
+    raw = load_weights(folder)
+    # A config may name a vision tower whose weights were left out (text-only conversions): load text only.
+    vision = VisionArgs.from_config(config) if has_vision_weights(raw) else None
+    model = Model(args, _read_json(folder / "generation_config.json"), vision)
+    weights = model.sanitize(raw)
     _quantize(model, config, weights)
     check_tensors(model, weights, folder)
     if dtype is not None:

@@ -18,6 +18,7 @@ import numpy as np
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
+from . import vision as V
 from .cache import DiffusionCache, FullKVCache, WindowKVCache
 from .config import ModelArgs
 
@@ -286,25 +287,34 @@ class EncoderLanguageModel(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, vision: V.VisionArgs | None = None):
         super().__init__()
         self.language_model = EncoderLanguageModel(args)
+        if vision is not None:  # multimodal checkpoints: Gemma 4's vision tower and its embedder
+            self.vision_tower = V.VisionTower(vision)
+            self.embed_vision = V.MultimodalEmbedder(vision, args.hidden_size)
 
 
 class DiffusionGemmaModel(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, vision: V.VisionArgs | None = None):
         super().__init__()
-        self.encoder = Encoder(args)
+        self.encoder = Encoder(args, vision)
         self.decoder = Decoder(args)
 
 
 class Model(nn.Module):
     """DiffusionGemma's text model: ``encode`` a prompt into a cache, ``denoise`` canvases against it."""
 
-    def __init__(self, args: ModelArgs, generation_config: dict | None = None):
+    def __init__(
+        self,
+        args: ModelArgs,
+        generation_config: dict | None = None,
+        vision: V.VisionArgs | None = None,
+    ):
         super().__init__()
         self.args = args
-        self.model = DiffusionGemmaModel(args)
+        self.vision_args = vision  # None: text only (no vision tower in the checkpoint)
+        self.model = DiffusionGemmaModel(args, vision)
         # A read-only mapping, kept out of the module tree (plain dicts there are treated as submodules).
         self.generation_config = MappingProxyType(dict(generation_config or {}))
 
@@ -319,18 +329,40 @@ class Model(nn.Module):
             [WindowKVCache(a.sliding_window) if a.is_sliding(i) else FullKVCache() for i in range(len(self.layers))]
         )
 
-    def encode(self, input_ids: mx.array, cache: DiffusionCache, mask: mx.array | None = None) -> mx.array:
+    def encode(
+        self,
+        input_ids: mx.array,
+        cache: DiffusionCache,
+        mask: mx.array | None = None,
+        pixel_values: mx.array | None = None,
+        image_position_ids: mx.array | None = None,
+        mm_token_type_ids: mx.array | None = None,
+        image_features: mx.array | None = None,
+    ) -> mx.array:
         """Run the causal encoder over ``input_ids`` [B, L], appending their keys/values to ``cache``.
 
         ``mask`` [B, L] marks real tokens (1) and left padding (0) of batched prompts. Positions continue after
         what the cache holds, shared by all rows, as in the reference. Returns the final hidden states; the
         hidden states after the layers in ``cache.capture`` are appended to ``cache.features`` (a drafter's).
+
+        Images, under the names of the reference's processor: ``pixel_values`` [I, patches, 3 p^2] and
+        ``image_position_ids`` [I, patches, 2] give the features that replace the image placeholder tokens in
+        order (or pass ``image_features`` from :meth:`get_image_features`); ``mm_token_type_ids`` [B, L] (or the
+        whole sequence's) lets tokens of one image attend both ways when the config sets
+        ``use_bidirectional_attention: "vision"``.
         """
         decoder = self.model.decoder
         B, L = input_ids.shape
         valid = self._valid_keys(cache, mask, B, L)
-        masks = {kind: self._encoder_mask(cache, kind, L, valid) for kind in ("sliding", "full")}
+        blocks = None
+        if self.args.use_bidirectional_attention == "vision":
+            blocks = V.record_vision_positions(cache, mm_token_type_ids, B, L)
+        masks = {kind: self._encoder_mask(cache, kind, L, valid, blocks) for kind in ("sliding", "full")}
         h = decoder.embed(input_ids)
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values, image_position_ids)
+        if image_features is not None:
+            h = V.scatter_image_features(h, input_ids, image_features, self.vision_args.image_token_id)
         scalars = self.model.encoder.language_model.layers
         captured = []
         for i, (layer, scalar, c) in enumerate(zip(decoder.layers, scalars, cache)):
@@ -364,6 +396,20 @@ class Model(nn.Module):
             h = layer(h, c, mask_l, write=False, layer_scalar=layer.layer_scalar)
         return self.logits(decoder.norm(h))
 
+    def get_image_features(self, pixel_values: mx.array, image_position_ids: mx.array) -> mx.array:
+        """Soft tokens of the images, projected into the text model's width: [sum of soft tokens, hidden]."""
+        if self.vision_args is None:
+            raise V.GenerationError(
+                "this checkpoint has no vision tower, so it cannot read images: use a multimodal checkpoint "
+                "(e.g. google/diffusiongemma-26B-A4B-it, or one converted without --drop-vision)"
+            )
+        if image_position_ids is None:
+            raise V.GenerationError("pixel_values need image_position_ids: pass the image processor's output as it is")
+        encoder = self.model.encoder
+        positions = mx.array(image_position_ids).astype(mx.int32)
+        V.check_positions(positions, self.vision_args)
+        return encoder.embed_vision(encoder.vision_tower(mx.array(pixel_values), positions))
+
     def logits(self, h: mx.array) -> mx.array:
         """Tied LM head in float32, soft-capped as the reference does."""
         cap = self.args.final_logit_softcapping
@@ -388,20 +434,24 @@ class Model(nn.Module):
         new = mx.ones((B, L), dtype=mx.bool_) if mask is None else mask.astype(mx.bool_)
         return mx.concatenate([old, new], axis=1)
 
-    def _encoder_mask(self, cache: DiffusionCache, kind: str, L: int, valid: mx.array | None):
+    def _encoder_mask(
+        self, cache: DiffusionCache, kind: str, L: int, valid: mx.array | None, blocks: mx.array | None = None
+    ):
         c = self._first_cache(cache, kind)
         if c is None:
             return None
         offset, stored = c.offset, self._stored(c)
         window = self.args.sliding_window if kind == "sliding" else None
         # Only the oldest cached keys can leave a query's window; without padding plain causal suffices.
-        if valid is None and (window is None or stored + L <= window):
+        if blocks is None and valid is None and (window is None or stored + L <= window):
             return "causal" if L > 1 else None
         q = mx.arange(offset, offset + L)[:, None]
         k = mx.arange(offset - stored, offset + L)[None, :]
         allowed = k <= q
         if window is not None:
             allowed = allowed & (k > q - window)
+        if blocks is not None:  # the reference ORs the block overlay in before the padding mask
+            allowed = V.or_same_block(allowed, blocks, offset, stored, L)
         if valid is not None:
             # A padding query would see no key at all; letting it see itself keeps its (unused) row finite.
             allowed = (allowed & valid[:, None, None, offset - stored :]) | (k == q)
@@ -421,12 +471,16 @@ class Model(nn.Module):
         """Map checkpoint keys (original HF or mlx-community layout) onto this module's parameter names.
 
         The HF checkpoint stores the tied encoder/decoder weights once (either side), the LM head tied to the
-        embedding, the vision tower (skipped: text-only runtime) and ``layer_scalar`` buffers per side.
+        embedding, the vision tower (kept when this model has one) and ``layer_scalar`` buffers per side.
         """
         out: dict[str, mx.array] = {}
         enc = "model.encoder.language_model."
         for key, value in weights.items():
-            if key.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.")) or "rotary_emb" in key:
+            if "rotary_emb" in key:
+                continue
+            if key.startswith(V.VISION_PREFIXES):
+                if self.vision_args is not None and V.keep_vision_key(key, self.vision_args):
+                    out[key] = value
                 continue
             if key == "lm_head.weight":
                 continue

@@ -172,6 +172,7 @@ class Plan:
     thinking: bool = False  # split the thinking channel into reasoning_content (enable_thinking was on)
     ignored: tuple[str, ...] = ()  # autoregressive-only fields ignored (named in X-Ignored-Fields)
     fast: bool | None = None  # fast decoding; None: the server's default
+    image_prompt: Any = None  # mlx_dgemma.multimodal.ImagePrompt of a request with images (ids already expanded)
 
 
 Kind = Literal["chat", "completion"]
@@ -271,8 +272,8 @@ def stops_of(request: _Request) -> list[str]:
     return [s for s in stops if s]
 
 
-def chat_prompt_ids(request: ChatRequest, tokenizer: Any,
-                    context: int | None = None) -> tuple[list[int], int | None]:
+def chat_prompt_ids(request: ChatRequest, tokenizer: Any, context: int | None = None, images: list | None = None,
+                    placeholder: str = "") -> tuple[list[int], int | None]:
     """The chat template applied to the messages (plus tools and ``chat_template_kwargs``), as token ids, and
     where the conversation so far ends in them (before the generation prompt), if it is a prefix.
 
@@ -284,7 +285,7 @@ def chat_prompt_ids(request: ChatRequest, tokenizer: Any,
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
-    messages = _with_tool_names([_message(i, m) for i, m in enumerate(request.messages)])
+    messages = _with_tool_names([_message(i, m, images, placeholder) for i, m in enumerate(request.messages)])
     kwargs = dict(request.chat_template_kwargs or {})
     bad = _TEMPLATE_RESERVED & set(kwargs)
     if bad:
@@ -339,8 +340,9 @@ def _tool_choice(request: ChatRequest) -> Any:
     return (request.model_extra or {}).get("tool_choice")
 
 
-def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
-    """One chat message for the template: text parts joined, ``developer`` read as ``system``."""
+def _message(i: int, message: dict[str, Any], images: list | None = None, placeholder: str = "") -> dict[str, Any]:
+    """One chat message for the template: text parts joined, ``developer`` read as ``system``; image parts
+    (collected into ``images`` when given) become ``placeholder``."""
     role = message.get("role")
     if role not in ("system", "developer", "user", "assistant", "tool"):
         raise APIError(400, f"messages[{i}].role must be system, developer, user, assistant or tool (got {role!r})",
@@ -349,7 +351,11 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
     content = message.get("content")
     if isinstance(content, list):
         texts = []
-        for part in content:
+        for j, part in enumerate(content):
+            if images is not None and isinstance(part, dict) and part.get("type") in ("image_url", "input_image"):
+                images.append((f"messages.{i}.content.{j}", part))
+                texts.append(placeholder)
+                continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise APIError(400, f"messages[{i}].content: only text parts are supported", f"messages.{i}.content")
             texts.append(part["text"])
@@ -449,9 +455,16 @@ def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, m
     """
     ignored = check_extra_fields(request.model_extra or {}, strict)
     sampler = schedule(request, model)
-    history = None
+    history, image_prompt = None, None
     if isinstance(request, ChatRequest):
-        ids, history = chat_prompt_ids(request, tokenizer, context)
+        images: list = [] if getattr(model, "vision_args", None) is not None else None
+        placeholder = tokenizer.convert_ids_to_tokens(model.vision_args.image_token_id) if images is not None else ""
+        ids, history = chat_prompt_ids(request, tokenizer, context, images, placeholder)
+        if images:
+            image_prompt = _image_prompt(model, ids, images)
+            if history is not None:  # every image is in the conversation so far
+                history += len(image_prompt.ids) - len(ids)
+            ids = image_prompt.ids
     else:
         assert isinstance(request, CompletionRequest)
         ids = completion_prompt_ids(request, tokenizer, context)
@@ -464,4 +477,17 @@ def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, m
     thinking = chat and bool((request.chat_template_kwargs or {}).get("enable_thinking"))
     return Plan(ids, max_tokens, stops_of(request), seed_of(request), sampler, request.stream,
                 options.include_usage, options.include_drafts, () if history is None else (history,),
-                tools, thinking, tuple(ignored), fast=request.fast)
+                tools, thinking, tuple(ignored), fast=request.fast,
+                image_prompt=image_prompt)
+
+
+def _image_prompt(model: Model, ids: list[int], parts: list[tuple[str, dict]]) -> Any:
+    """Fetch or decode the images (``server.images``), process them and expand their placeholders."""
+    from ..multimodal import prepare
+    from .images import image_of
+
+    data = [image_of(part, where) for where, part in parts]
+    try:
+        return prepare(model, ids, data)
+    except DGemmaError as e:
+        raise APIError(400, f"messages: {e}", "messages") from None

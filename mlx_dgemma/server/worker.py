@@ -18,6 +18,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from .. import multimodal
 from ..cache import DiffusionCache, FullKVCache, WindowKVCache
 from ..drafter import make_proposer
 from ..errors import DGemmaError
@@ -327,8 +328,9 @@ class Worker:
             self._answer(job, Failed(job.reason))
 
     def _serve(self, job: Job) -> None:
-        ids = job.plan.prompt_ids
-        cache, kept, cached = self._prefill(ids, job.plan.cache_points)
+        ids, images = job.plan.prompt_ids, job.plan.image_prompt
+        keys = images.cache_key() if images is not None else ids  # cached images match by content
+        cache, kept, cached = self._prefill(ids, job.plan.cache_points, images, keys)
         answer = _Answer(job, self.tokenizer, len(ids), cached)
         deadline = None if self.request_timeout is None else _clock() + self.request_timeout
         events = stream_generate(self.model, self.tokenizer, None, job.plan.max_tokens, prompt_ids=ids, cache=cache,
@@ -352,20 +354,26 @@ class Worker:
         finally:
             events.close()
             # After an error the live cache may be half-written: keep only the prompt's copies then.
-            encoded = (ids + answer.tokens)[: cache.offset]
+            encoded = (keys + answer.tokens)[: cache.offset]
             self.prompt_cache.keep([*kept, (encoded, cache)] if finished and len(encoded) > len(ids) else kept)
 
-    def _prefill(self, ids: list[int], points: tuple[int, ...]) -> tuple[DiffusionCache, list[Entry], int]:
+    def _prefill(self, ids: list[int], points: tuple[int, ...], images: Any = None,
+                 keys: list[int] | None = None) -> tuple[DiffusionCache, list[Entry], int]:
         """A cache holding ``ids``, the entries to keep (those reused, and a copy at each of ``points`` and at
-        the end of the prompt), and how many tokens came from the prompt cache."""
-        cache, kept = self.prompt_cache.take(ids)
+        the end of the prompt), and how many tokens came from the prompt cache. ``keys``: what the prompt
+        cache matches (``ids`` with each image's tokens keyed by its content)."""
+        keys = ids if keys is None else keys
+        cache, kept = self.prompt_cache.take(keys)
         cached = cache.offset
         if cached == 0:
             cache.capture = getattr(self.proposer, "capture", ())  # the drafter reads these layers' features
         self.prompt_cache.keep([])  # until this request has made its own
         for point in sorted({p for p in [*points, len(ids)] if p > cache.offset}):
-            prefill(self.model, mx.array([ids[cache.offset : point]], dtype=mx.int32), cache)
-            kept.append((ids[:point], copy_cache(cache)))
+            if images is not None:
+                multimodal.prefill(self.model, images, cache, point)
+            else:
+                prefill(self.model, mx.array([ids[cache.offset : point]], dtype=mx.int32), cache)
+            kept.append((keys[:point], copy_cache(cache)))
         return cache, kept, cached
 
 

@@ -94,8 +94,9 @@ def save_fused(
     """Write ``model`` (adapters fused) as a plain checkpoint folder that ``mlx_dgemma.load`` reads.
 
     Config, tokenizer, chat template and other small files are copied from the base folder; the weights are
-    written in the mlx-community layout (text only), floating-point ones in ``dtype`` (default: as they are now;
-    see :func:`stored_dtype` for the base's). A quantized base stays quantized unless ``dequantize``.
+    written in the mlx-community layout (with the vision tower when the model has one), floating-point ones in
+    ``dtype`` (default: as they are now; see :func:`stored_dtype` for the base's). A quantized base stays
+    quantized unless ``dequantize``.
     """
     from mlx_lm.utils import save_model
 
@@ -106,11 +107,13 @@ def save_fused(
     for file in base_folder.iterdir():
         if file.is_file() and not re.search(r"\.safetensors(\.index\.json)?$", file.name):
             shutil.copy2(file, out / file.name)
+    config = json.loads((out / "config.json").read_text())
     if dequantize:
-        config = json.loads((out / "config.json").read_text())
         for key in ("quantization", "quantization_config"):
             config.pop(key, None)
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if getattr(model, "vision_args", None) is None and config.get("vision_config"):
+        config["vision_config"] = None  # no tower in the weights written: mlx-vlm would otherwise refuse the folder
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_model(out, model)
     return out
 
