@@ -10,7 +10,10 @@ import functools
 import hashlib
 import json
 import os
-import threading
+import shlex
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,34 +37,27 @@ def launched() -> bool:
 def launched_group() -> mx.distributed.Group | None:
     """The group of all ranks started by ``mlx.launch``, or ``None`` in a single process (or one rank).
 
-    The ring backend retries connecting forever when a peer is missing; we wait at most
-    ``MLX_DGEMMA_CONNECT_TIMEOUT`` seconds (default 60) and then raise instead of hanging.
+    The ring backend retries connecting forever when a peer is missing; after
+    ``MLX_DGEMMA_CONNECT_TIMEOUT`` seconds (default 60) this process prints one error line and ends.
     """
     if not launched():
         return None
     timeout = float(os.environ.get("MLX_DGEMMA_CONNECT_TIMEOUT", CONNECT_TIMEOUT))
-    found: list[Any] = []
-
-    def connect() -> None:
-        try:
-            found.append(mx.distributed.init(strict=True))
-        except Exception as e:  # reported below, on the calling thread
-            found.append(e)
-
-    # A daemon thread: if it never returns, the process can still exit after reporting the error.
-    thread = threading.Thread(target=connect, name="mlx_dgemma-connect", daemon=True)
-    thread.start()
-    thread.join(timeout)
     rank = os.environ.get("MLX_RANK", "?")
-    if not found:
-        raise DistributedError(
-            f"rank {rank} could not reach the other ranks within {timeout:g} s: check that every host in the "
-            "hostfile is up and runs the same command, the addresses and ports, and any firewall "
-            "(MLX_DGEMMA_CONNECT_TIMEOUT sets the wait)"
-        )
-    if isinstance(found[0], Exception):
-        raise DistributedError(f"rank {rank} could not join the other ranks: {found[0]}") from None
-    group = found[0]
+    message = (f"error: rank {rank} could not reach the other ranks within {timeout:g} s: check that every host "
+               "in the hostfile is up and runs the same command, the addresses and ports, and any firewall "
+               "(MLX_DGEMMA_CONNECT_TIMEOUT sets the wait)")
+    # init blocks in C++ holding the GIL, so no Python thread or signal handler can time it out: a tiny
+    # shell process says why and ends this one (SIGTERM has no Python handler) unless init returns first.
+    watchdog = subprocess.Popen(["/bin/sh", "-c", f"sleep {timeout}; echo {shlex.quote(message)} >&2; "
+                                 f"kill -TERM {os.getpid()}"], stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        group = mx.distributed.init(strict=True)
+    except Exception as e:
+        raise DistributedError(f"rank {rank} could not join the other ranks: {e}") from None
+    finally:
+        os.killpg(watchdog.pid, signal.SIGKILL)  # the shell and its sleep, which holds our stderr open
+        watchdog.wait()
     return group if group.size() > 1 else None
 
 
@@ -74,6 +70,12 @@ def rank() -> int:
 def is_leader() -> bool:
     """True on rank 0 (and in a single process): the rank that prints and answers HTTP."""
     return rank() == 0
+
+
+def quiet_followers() -> None:
+    """On ranks other than 0, send standard output to nowhere (errors still reach standard error)."""
+    if not is_leader():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
 
 
 def fingerprint(folder: Path) -> bytes:

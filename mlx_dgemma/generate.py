@@ -66,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, prompt: str) -> int:
+    from .distributed import quiet_followers
     from .generation import Commit, Done, Draft, stream_generate
     from .loader import load
 
     model, tokenizer = load(args.model, adapter_path=args.adapter_path)
+    quiet_followers()  # under mlx.launch, only rank 0 prints
     live = args.show_canvas and sys.stdout.isatty()
     view = CanvasView(sys.stdout) if live else None
     events = stream_generate(

@@ -12,6 +12,7 @@ from typing import Any
 import uvicorn
 
 from .._cli import add_model_arguments
+from ..distributed import is_leader
 from ..errors import DGemmaError
 from .app import create_app
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     except DGemmaError as e:
         print(f"mlx_dgemma.server: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if not is_leader():  # several ranks: this one follows rank 0's requests until rank 0 stops
+        app.state.worker.join()
+        return
     card = app.state.served.card()
     print(f"mlx_dgemma.server: serving {card['id']!r} (context length {card['context_length']}) "
           f"on http://{args.host}:{args.port}/v1", file=sys.stderr)

@@ -18,12 +18,14 @@ from typing import Any
 import mlx.core as mx
 
 from ..cache import DiffusionCache, FullKVCache, WindowKVCache
+from ..distributed import is_leader
 from ..drafter import make_proposer
 from ..errors import DGemmaError
 from ..generation import Commit, Done, Draft, stream_generate
 from ..loader import load
 from ..loop import prefill
 from ..model import Model
+from .follow import announce, cancelled, follow
 from .protocol import APIError, Plan
 
 log = logging.getLogger("mlx_dgemma.server")
@@ -222,6 +224,10 @@ class Worker:
         self._queue.put(None)
         self._thread.join(timeout)
 
+    def join(self) -> None:
+        """Wait until the worker thread ends (on a follower rank: until rank 0 stops serving)."""
+        self._thread.join()
+
     @property
     def active(self) -> int:
         return self._active
@@ -247,7 +253,10 @@ class Worker:
             return
         finally:
             self._ready.set()
-        self._run()
+        if is_leader():
+            self._run()
+        else:  # split over several ranks: this one serves rank 0's requests (follow.py)
+            follow(self)
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
@@ -258,6 +267,7 @@ class Worker:
                 elif job.cancelled.is_set():
                     self.counters["cancelled"] += 1
                 else:
+                    announce(job.plan)  # to the other ranks, when split over several (follow.py)
                     self._serve(job)
             except DGemmaError as e:  # validated before queueing, so unexpected; still the client's
                 self.counters["failed"] += 1
@@ -270,6 +280,7 @@ class Worker:
                 self.running = None
                 with self._lock:
                     self._active -= 1
+        announce(None)
 
     def _serve(self, job: Job) -> None:
         ids = job.plan.prompt_ids
@@ -281,7 +292,7 @@ class Worker:
         finished = False
         try:
             for event in events:
-                if job.cancelled.is_set():  # between two denoising steps
+                if cancelled(job):  # between two denoising steps (on several ranks, rank 0's flag)
                     self.counters["cancelled"] += 1
                     return
                 if answer.on(event):
