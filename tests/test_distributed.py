@@ -36,7 +36,7 @@ LAUNCH_TIMEOUT = 900  # a generous bound against a hang: the launch takes ~1 min
 def launch(*args: str, n: int = 2, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
     """``mlx.launch --backend ring -n N`` of ``tests/distributed_ranks.py`` on free loopback ports."""
     port = random.randrange(20000, 60000, 16)
-    cmd = [sys.executable, "-m", "mlx._distributed_utils.launch", "--backend", "ring", "-n", str(n),
+    cmd = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()", "--backend", "ring", "-n", str(n),
            "-p", str(port), "--python", sys.executable, str(RANKS_SCRIPT), *args]
     return subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=timeout)
@@ -63,7 +63,8 @@ def ranks(tmp_path_factory):
     result = launch("--models", *(f"{k}={v}" for k, v in folders.items()), "--out", str(out),
                     "--mismatch", str(tmp / "mismatch{rank}"), "--server", str(DEFAULT_MODEL),
                     "--cli", str(DEFAULT_MODEL))
-    assert result.returncode == 0, result.stderr[-3000:]
+    # mlx.launch exits 0 even when a rank fails: the ranks' files are the evidence.
+    assert all((out / f"rank{r}.npz").is_file() for r in range(2)), (result.stdout + result.stderr)[-3000:]
     return folders, [dict(np.load(out / f"rank{r}.npz")) for r in range(2)], result
 
 
