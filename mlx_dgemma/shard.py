@@ -152,6 +152,7 @@ def shard_weights(model: Model, weights: dict[str, mx.array], group: mx.distribu
             x = _cut_param(modules[path], name, x, cuts[path])
         mx.eval(x)
         out[key] = x
+    mx.clear_cache()  # the whole tensors read on the way: give their memory back
     model.update(tree_unflatten(list(out.items())))
     for attr, value in sizes.items():
         path, name = attr.rsplit(".", 1)
