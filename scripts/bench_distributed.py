@@ -166,6 +166,7 @@ def rank_main(args: argparse.Namespace) -> None:
 
     group = launched_group()
     model = load_model(args.folder, mx.float32, group)
+    mx.eval(model.parameters())  # one process loads lazily: materialise before measuring
     barrier = (lambda: mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=group))) if group else None
     result = {"rank": group.rank() if group else 0, "weight_bytes": weight_bytes(model),
               "peak_bytes_after_load": mx.get_peak_memory(), **pass_times(model, args.size, args.reps, barrier)}
@@ -221,9 +222,10 @@ def main() -> int:
             results[n] = json.loads(out.read_text())
     experts = expert_times(args.size, folder, args.reps)
     one, two = results[1], results[2]
-    print(f"model: {args.size} scale, float32, {folder}")
+    print(f"model: {args.size} scale, float32, {folder}; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores (timings are only meaningful on a quiet machine)")
     print(f"weights per rank: 1 rank {one['weight_bytes'] / 1e6:.1f} MB; 2 ranks {two['weight_bytes'] / 1e6:.1f} MB "
-          f"({two['weight_bytes'] / one['weight_bytes']:.0%})")
+          f"({two['weight_bytes'] / one['weight_bytes']:.0%}); peak during load {two['peak_bytes_after_load'] / 1e6:.1f} MB")
     print(f"decoder pass (canvas {CANVAS[args.size]}, self-conditioning, median of {args.reps}): "
           f"1 rank {one['pass_s'] * 1e3:.0f} ms; 2 ranks on this machine {two['pass_s'] * 1e3:.0f} ms")
     print(f"exchanged per pass: {two['collectives_per_pass']} all-reduces, {two['bytes_reduced_per_pass'] / 1e6:.2f} MB "
