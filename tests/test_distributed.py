@@ -75,6 +75,13 @@ def single(ranks):
     return {name: (load_model(folder, mx.float32), load_tokenizer(folder)) for name, folder in folders.items()}
 
 
+@pytest.fixture(scope="module")
+def answers(single):
+    """One process's seeded answers, per model and drafter."""
+    return {(name, drafter): generate(model, tokenizer, PROMPT, 40, seed=3, drafter=drafter)
+            for name, (model, tokenizer) in single.items() for drafter in ("none", "auto")}
+
+
 @pytest.mark.parametrize("name", ["default", "q4"])
 def test_sharded_logits_equal_one_process(ranks, single, name):
     _, results, _ = ranks
@@ -88,11 +95,10 @@ def test_sharded_logits_equal_one_process(ranks, single, name):
 
 
 @pytest.mark.parametrize("name", ["default", "q4"])
-def test_seeded_generation_gives_the_same_text(ranks, single, name):
+def test_seeded_generation_gives_the_same_text(ranks, answers, name):
     _, results, _ = ranks
-    model, tokenizer = single[name]
     for drafter in ("none", "auto"):
-        want = generate(model, tokenizer, PROMPT, 40, seed=3, drafter=drafter)
+        want = answers[name, drafter]
         assert want
         for r in results:
             assert json.loads(str(r[f"{name}/text_{drafter}"])) == want, (name, drafter)
@@ -111,18 +117,16 @@ def test_each_rank_holds_its_share_of_the_weights(ranks, single, name):
         assert int(r[f"{name}/weight_bytes"]) == pytest.approx(whole - split / 2, rel=0.02)
 
 
-def test_server_on_two_ranks_answers_as_one_process(ranks, single):
+def test_server_on_two_ranks_answers_as_one_process(ranks, answers):
     _, results, _ = ranks
-    model, tokenizer = single["default"]
-    want = generate(model, tokenizer, PROMPT, 40, seed=3)
+    want = answers["default", "auto"]  # the server's default drafter is the model's own
     assert json.loads(str(results[0]["server"])) == [want, want]
     assert json.loads(str(results[1]["server"])) == []
 
 
-def test_generate_cli_prints_on_rank_0_only(ranks, single):
+def test_generate_cli_prints_on_rank_0_only(ranks, answers):
     *_, result = ranks
-    model, tokenizer = single["default"]
-    want = generate(model, tokenizer, PROMPT, 40, seed=3)
+    want = answers["default", "auto"]
     assert result.stdout.count(want) == 1, result.stdout
 
 
