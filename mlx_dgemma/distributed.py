@@ -40,8 +40,9 @@ def launched_group() -> mx.distributed.Group | None:
     The ring backend retries connecting forever when a peer is missing; after
     ``MLX_DGEMMA_CONNECT_TIMEOUT`` seconds (default 60) this process prints one error line and ends.
     """
-    if not launched():
-        return None
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if not launched() or (hostfile and Path(hostfile).is_file() and not Path(hostfile).read_text().strip()):
+        return None  # not launched, or launched on one host (mlx.launch -n 1 writes an empty hostfile)
     timeout = float(os.environ.get("MLX_DGEMMA_CONNECT_TIMEOUT", CONNECT_TIMEOUT))
     rank = os.environ.get("MLX_RANK", "?")
     message = (f"error: rank {rank} could not reach the other ranks within {timeout:g} s: check that every host "

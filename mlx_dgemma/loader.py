@@ -147,7 +147,9 @@ def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, mx.array]]:
     return tree_flatten(tree, prefix=prefix)
 
 
-def load_model(path_or_repo: str | Path, dtype: mx.Dtype | None = None, group: Any = None) -> Model:
+def load_model(
+    path_or_repo: str | Path, dtype: mx.Dtype | None = None, group: mx.distributed.Group | None = None
+) -> Model:
     """Load a DiffusionGemma text model from a folder or hub id (HF, sharded, or mlx-community layout).
 
     ``dtype`` casts the floating-point weights (e.g. ``mx.float32`` for CPU tests); default keeps them as stored.
