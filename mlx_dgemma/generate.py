@@ -161,12 +161,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, prompt: str) -> int:
+    from .distributed import quiet_followers
     from .generation import Commit, Done, Draft, stream_generate, temperature_schedule
     from .loader import load
 
     if args.temp is not None and (args.temp_max is not None or args.temp_min is not None):
         raise DGemmaError("give either --temp or --temp-max/--temp-min, not both")
     model, tokenizer = load(args.model, adapter_path=args.adapter_path)
+    quiet_followers()  # under mlx.launch, only rank 0 prints
     t_max, t_min = args.temp_max, args.temp_min
     if args.temp is not None:
         t_max, t_min = temperature_schedule(model, args.temp)

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelArgs
+from .distributed import launched_group
 from .errors import CheckpointError
 from .model import Model
 from .vision import VisionArgs, has_vision_weights
@@ -170,10 +171,13 @@ def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, mx.array]]:
     return tree_flatten(tree, prefix=prefix)
 
 
-def load_model(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> Model:
+def load_model(
+    path_or_repo: str | Path, dtype: mx.Dtype | None = None, group: mx.distributed.Group | None = None
+) -> Model:
     """Load a DiffusionGemma text model from a folder or hub id (HF, sharded, or mlx-community layout).
 
     ``dtype`` casts the floating-point weights (e.g. ``mx.float32`` for CPU tests); default keeps them as stored.
+    ``group`` (an ``mx.distributed`` group of several ranks) loads only this rank's part (``mlx_dgemma.shard``).
     """
     folder = resolve(path_or_repo)
     config = read_config(folder)
@@ -185,6 +189,10 @@ def load_model(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> Model
     weights = model.sanitize(raw)
     _quantize(model, config, weights)
     check_tensors(model, weights, folder)
+    if group is not None:
+        from .shard import shard_weights
+
+        weights = shard_weights(model, weights, group, folder)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
@@ -212,10 +220,15 @@ def load(
 ) -> tuple[Model, Any]:
     """Load a model and its tokenizer: a folder, a Hugging Face repo id, or (no argument) the embedded default.
 
-    ``adapter_path`` applies fine-tuned adapters written by ``mlx_dgemma.train``.
+    ``adapter_path`` applies fine-tuned adapters written by ``mlx_dgemma.train``. Started by ``mlx.launch``
+    on several ranks, each rank loads its part of the model (``mlx_dgemma.shard``).
     """
     folder = resolve(path_or_repo if path_or_repo is not None else DEFAULT_MODEL)
-    model = load_model(folder, dtype)
+    group = launched_group()
+    if group is not None and adapter_path is not None:
+        raise CheckpointError("adapters cannot be applied to a model split over several ranks: fuse them first "
+                              "(mlx_dgemma.train --fuse) and launch with the fused model")
+    model = load_model(folder, dtype, group)
     if adapter_path is not None:
         from .adapters import load_adapters
 

@@ -188,8 +188,20 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
+class Whole:
+    """A layer's outputs in one process are whole; ``mlx_dgemma.shard.SumOverRanks`` sums them over ranks."""
+
+    def attention(self, h: mx.array) -> mx.array:
+        return h
+
+    def feed_forward(self, dense: mx.array, moe: mx.array) -> tuple[mx.array, mx.array]:
+        return dense, moe
+
+
 class DecoderLayer(nn.Module):
     """One transformer layer: attention, then a dense MLP and routed experts summed under four norms."""
+
+    sharding: Whole = Whole()  # replaced per layer by mlx_dgemma.shard when split over several ranks
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -216,11 +228,13 @@ class DecoderLayer(nn.Module):
         layer_scalar: mx.array,
     ) -> mx.array:
         h = self.self_attn(self.input_layernorm(x), cache, mask, write)
-        x = x + self.post_attention_layernorm(h)
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.post_attention_layernorm(self.sharding.attention(h))
+        dense = self.mlp(self.pre_feedforward_layernorm(x))
         idx, weights = self.router(x)  # routes on the raw residual, not on a normed input
-        moe = self.post_feedforward_layernorm_2(self.experts(self.pre_feedforward_layernorm_2(x), idx, weights))
-        x = x + self.post_feedforward_layernorm(dense + moe)
+        moe = self.experts(self.pre_feedforward_layernorm_2(x), idx, weights)
+        dense, moe = self.sharding.feed_forward(dense, moe)
+        moe = self.post_feedforward_layernorm_2(moe)
+        x = x + self.post_feedforward_layernorm(self.post_feedforward_layernorm_1(dense) + moe)
         return x * layer_scalar
 
 

@@ -11,6 +11,7 @@ import time
 from typing import Any, NoReturn
 
 from .._cli import add_model_arguments
+from ..distributed import is_leader
 from ..errors import DGemmaError
 from .app import MAX_BODY_BYTES, check_limits, create_app
 from .net import Server, make_config
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     except DGemmaError as e:
         print(f"mlx_dgemma.server: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if not is_leader():  # several ranks: this one follows rank 0's requests until rank 0 stops
+        app.state.worker.join()
+        return
     card = app.state.served.card()
     port = sock.getsockname()[1]
     print(f"mlx_dgemma.server: serving {card['id']!r} (context length {card['context_length']}) "

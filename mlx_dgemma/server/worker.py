@@ -20,12 +20,14 @@ import mlx.core as mx
 
 from .. import multimodal
 from ..cache import DiffusionCache, FullKVCache, WindowKVCache
+from ..distributed import is_leader
 from ..drafter import make_proposer
 from ..errors import DGemmaError
 from ..generation import Commit, Done, Draft, stream_generate
 from ..loader import load
 from ..loop import prefill
 from ..model import Model
+from .follow import announce, cancelled, follow
 from .protocol import APIError, Plan
 
 log = logging.getLogger("mlx_dgemma.server")
@@ -253,6 +255,10 @@ class Worker:
         self._queue.put(None)
         self._thread.join(timeout)
 
+    def join(self) -> None:
+        """Wait until the worker thread ends (on a follower rank: until rank 0 stops serving)."""
+        self._thread.join()
+
     @property
     def active(self) -> int:
         return self._active
@@ -298,7 +304,10 @@ class Worker:
             return
         finally:
             self._ready.set()
-        self._run()
+        if is_leader():
+            self._run()
+        else:  # split over several ranks: this one serves rank 0's requests (follow.py)
+            follow(self)
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
@@ -309,6 +318,7 @@ class Worker:
                 elif job.cancelled.is_set():
                     self._cancelled(job)
                 else:
+                    announce(job.plan)  # to the other ranks, when split over several (follow.py)
                     self._serve(job)
             except DGemmaError as e:  # validated before queueing, so unexpected; still the client's
                 self.counters["failed"] += 1
@@ -321,6 +331,7 @@ class Worker:
             finally:
                 self.running = None
                 job.release()
+        announce(None)
 
     def _cancelled(self, job: Job) -> None:
         self.counters["cancelled"] += 1
@@ -340,7 +351,7 @@ class Worker:
         finished = False
         try:
             for event in events:
-                if job.cancelled.is_set():  # between two denoising steps
+                if cancelled(job):  # between two denoising steps (on several ranks, rank 0's flag)
                     self._cancelled(job)
                     return
                 if deadline is not None and _clock() > deadline:
