@@ -16,6 +16,7 @@ from typing import Any
 import mlx.core as mx
 
 from .cache import DiffusionCache
+from .constrain import make_constraint
 from .errors import GenerationError
 from .loop import CommitEvent, StepEvent, generate_tokens, prefill
 from .model import Model
@@ -186,6 +187,9 @@ def stream_generate(
     cache: DiffusionCache | None = None,
     drafter: Any = "auto",
     verify: VerifyConfig | None = None,
+    response_format: dict[str, Any] | None = None,
+    json_schema: Any = None,
+    infill: str | None = None,
     **unsupported: Any,
 ) -> Iterator[Draft | Commit | Done]:
     """Generate a response, yielding drafts, commits and a final ``Done`` (see the module docstring).
@@ -201,6 +205,11 @@ def stream_generate(
     ``drafter`` proposes canvases for the model to verify (``mlx_dgemma.drafter.make_proposer``): ``"auto"``
     (the model folder's own drafter, if any), ``"none"``, ``"lookup"``, a drafter folder or a proposer;
     ``verify`` sets how drafts are verified. The commit rule stays the model's.
+
+    Structured output (``constrain.py``): ``response_format`` (OpenAI's ``json_object`` / ``json_schema``,
+    or ``regex`` / ``lark``) or ``json_schema`` (a schema dict or JSON text) makes every committed token follow
+    the grammar; ``infill`` is a template whose ``{{N}}`` holes (N tokens each) the model fills while the rest
+    is held fixed (no drafter then). Constrained generation syncs with the host at every denoising step.
     """
     for name in unsupported:
         hint = UNSUPPORTED.get(name, "it is not a DiffusionGemma generation option")
@@ -227,6 +236,10 @@ def stream_generate(
                               "give a non-empty prompt that the cache is a prefix of")
     check_context(model, len(ids), max_tokens)
     eos = eos_ids(model, tokenizer)
+    constraint = make_constraint(tokenizer, sorted(eos), model.args.pad_token_id or 0,
+                                 model.args.vocab_size, max_tokens, response_format, json_schema, infill)
+    if infill is not None:
+        session = None  # a draft would overwrite the held positions of the canvas it starts
 
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -236,7 +249,7 @@ def stream_generate(
     passes, canvases, kept, reason = 0, 0, 0, "length"
     text = _Text(tokenizer)
     events = generate_tokens(model, cache, max_tokens, cfg, seed=seed, adaptive_stopping=adaptive_stopping,
-                             eos_ids=sorted(eos), drafts=session)
+                             eos_ids=sorted(eos), drafts=session, constraint=constraint)
     for event in events:
         if isinstance(event, StepEvent):
             if drafts:

@@ -16,6 +16,7 @@ from functools import partial
 import mlx.core as mx
 
 from .cache import DiffusionCache
+from .constrain import Constraint, constrained_step, start_canvas
 from .model import Model
 from .sampler import SamplerConfig, StepOutput, denoise_step, finalize_canvas, init_history, initial_canvas
 from .verify import DraftSession, Proposal, VerifyConfig, agreement, draft_start
@@ -163,6 +164,7 @@ def generate_tokens(
     eos_ids: list[int] | None = None,
     compiled: bool | None = None,
     drafts: DraftSession | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[StepEvent | CommitEvent]:
     """Generate up to ``max_tokens`` tokens after the prompt already encoded in ``cache`` (see ``prefill``).
 
@@ -170,7 +172,8 @@ def generate_tokens(
     pad; a finished row stops) and encoded into the cache before the next canvas is denoised. The caller
     truncates to ``max_tokens``: canvases are always denoised whole, since the model was trained on them.
     With ``drafts``, each canvas starts from its proposer's draft while the session keeps it on (``verify.py``);
-    the commit rule stays the target's.
+    the commit rule stays the target's. With ``constraint`` (``constrain.py``; batch of one row), every step's
+    argmax is projected onto it and its held positions are written into each canvas.
     """
     a = model.args
     key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
@@ -179,17 +182,24 @@ def generate_tokens(
     for index in range(math.ceil(max_tokens / a.canvas_length)):
         key, canvas_key = mx.random.split(key)
         given = start if index == 0 else None
+        fn = step_fn
+        if constraint is not None:
+            given = start_canvas(constraint, index * a.canvas_length, given, mx.random.split(canvas_key, 3)[2],
+                                 finished.shape[0], a.canvas_length, a.vocab_size)
+            fn = constrained_step(step_fn, constraint, index * a.canvas_length)
         proposal = drafts.propose(model, cache) if drafts is not None and given is None else None
         if proposal is not None:
             events = denoise_drafted(model, cache, cfg, canvas_key, index, proposal, drafts.config,
-                                     adaptive_stopping, step_fn)
+                                     adaptive_stopping, fn)
         else:
-            events = denoise_canvas(model, cache, cfg, canvas_key, index, given, adaptive_stopping, step_fn)
+            events = denoise_canvas(model, cache, cfg, canvas_key, index, given, adaptive_stopping, fn)
         for event in events:
             if isinstance(event, StepEvent):
                 yield event
         tokens, finished = finalize_canvas(event.tokens, finished, eos_ids or a.eos_token_id, a.pad_token_id)
         mx.eval(tokens, finished)
+        if constraint is not None:
+            constraint.commit(tokens[0].tolist())
         if drafts is not None:
             drafts.commit(tokens, event)
         yield CommitEvent(index, tokens, finished, event.decoder_passes, event.tokens, event.drafted,
