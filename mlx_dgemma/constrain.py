@@ -29,6 +29,7 @@ import contextlib
 import json
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -98,6 +99,18 @@ def _schema_dict(schema: Any) -> dict[str, Any]:
     return schema
 
 
+def read_schema(path: str) -> dict[str, Any]:
+    """A JSON schema file, as a dict; one-line errors for a missing file or bad JSON."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConstraintError(f"cannot read the JSON schema file {path}: {e.strerror}") from None
+    try:
+        return _schema_dict(text)
+    except ConstraintError as e:
+        raise ConstraintError(f"{path}: {e}") from None
+
+
 def ll_tokenizer(tokenizer: Any, eos_ids: Sequence[int], vocab_size: int) -> Any:
     """An ``llguidance.LLTokenizer`` for a Hugging Face fast tokenizer (or mlx-lm's wrapper of one)."""
     import llguidance as llg
@@ -157,12 +170,32 @@ def _best(row: np.ndarray, allowed: np.ndarray) -> int:
 
 
 class GrammarConstraint(Constraint):
-    """Committed text always matches the grammar (a prefix of a match if ``max_tokens`` cuts it)."""
+    """Committed text always matches the grammar, and is complete by ``max_tokens`` when the grammar allows:
+    near the budget's end a token is kept only if a short completion still fits after it; otherwise the
+    closing token (:func:`closing_cost`) is taken."""
 
-    def __init__(self, llt: Any, grammar: str, eos_ids: Sequence[int], pad_id: int, vocab: int):
+    def __init__(self, llt: Any, grammar: str, eos_ids: Sequence[int], pad_id: int, vocab: int,
+                 max_tokens: int, canvas_length: int):
         self.matcher = matcher(llt, grammar)
         self.eos, self.eos_set, self.pad, self.vocab = int(eos_ids[0]), set(eos_ids), pad_id, vocab
-        self.ended = False
+        self.ended, self.max_tokens, self.cost = False, max_tokens, closing_cost(llt, vocab)
+        self.committed = 0
+        self.min_length = self.need(self.matcher, max(4 * max_tokens, 256))
+        # Positions this close to max_tokens check that the answer can still be closed in time.
+        self.tail = canvas_length + (self.min_length or 0)
+
+    def need(self, m: Any, limit: int) -> int | None:
+        """Tokens a greedy closing completion takes from matcher state ``m`` (closing tokens first, so near
+        the shortest for JSON); ``None`` if more than ``limit``."""
+        m = m.deep_copy()
+        for length in range(limit + 1):
+            allowed = _allowed(m.compute_bitmask(), self.vocab)
+            if m.is_stopped() or any(allowed[e] for e in self.eos_set if e < self.vocab):
+                return length
+            if not allowed.any():
+                return None
+            m.consume_token(int(np.argmin(np.where(allowed, self.cost, np.inf))))
+        return None
 
     def project(self, offset: int, argmax: np.ndarray, row: Callable[[int], np.ndarray]) -> np.ndarray:
         m = self.matcher.deep_copy()  # under a microsecond; rollback cannot undo an EOS
@@ -170,11 +203,17 @@ class GrammarConstraint(Constraint):
         is_eos = np.isin(out, list(self.eos_set))
         seq = np.where(is_eos, self.eos, out)
         i, n = 0, len(out)
+        free = max(0, min(n, self.max_tokens - self.tail - offset))  # positions before the budget's tail
         while i < n:
             if self.ended:
                 out[i:] = self.pad
                 break
-            run = m.validate_tokens(seq[i:].tolist())  # the longest allowed run of the argmax, in one call
+            if i >= free:
+                if not self._tail_token(m, out, seq, is_eos, i, offset, row):
+                    break
+                i += 1
+                continue
+            run = min(m.validate_tokens(seq[i:].tolist()), free - i)  # the argmax's allowed run, in one call
             ends = np.nonzero(is_eos[i : i + run])[0]
             if len(ends):  # the model ended the answer where the grammar allows it
                 out[i + ends[0] + 1 :] = self.pad
@@ -192,30 +231,46 @@ class GrammarConstraint(Constraint):
             i += 1
         return out
 
+    def _tail_token(self, m: Any, out: np.ndarray, seq: np.ndarray, is_eos: np.ndarray, i: int, offset: int,
+                    row: Callable[[int], np.ndarray]) -> bool:
+        """Project position ``i`` near the budget's end; ``False`` once the answer has ended there."""
+        left = self.max_tokens - offset - i  # positions left, this one included
+        allowed = _allowed(m.compute_bitmask(), self.vocab)
+        if left <= 0 or m.is_stopped() or (is_eos[i] and allowed[self.eos]):
+            if left > 0:
+                out[i] = out[i] if is_eos[i] else _best(row(i), allowed)
+            out[i + 1 :] = self.pad if left > 0 else out[i + 1 :]
+            return False
+        t = int(seq[i])
+        if not allowed[t] or not self._fits(m, t, left - 1):
+            ranked = np.where(allowed, row(i), -np.inf)
+            t = int(np.argmax(ranked))
+            if not self._fits(m, t, left - 1):  # the model's best allowed does not fit either: close
+                t = self.eos if allowed[self.eos] else int(np.argmin(np.where(allowed, self.cost, np.inf)))
+            out[i] = t
+        if t in self.eos_set:
+            out[i + 1 :] = self.pad
+            return False
+        m.consume_token(t)
+        return True
+
+    def _fits(self, m: Any, token: int, room: int) -> bool:
+        if token in self.eos_set:
+            return True
+        after = m.deep_copy()
+        return after.consume_token(token) and self.need(after, room) is not None
+
     def commit(self, tokens: Sequence[int]) -> None:
-        if self.ended:
-            return
-        for t in tokens:
+        room = self.max_tokens - self.committed  # tokens past max_tokens are not part of the answer
+        self.committed += len(tokens)
+        for t in list(tokens)[: max(room, 0)]:
+            if self.ended:
+                return
             eos = t in self.eos_set
             if not self.matcher.consume_token(self.eos if eos else int(t)):
                 raise ConstraintError(f"internal error: a committed token broke the grammar "
-                                      f"({self.matcher.get_error()})")
-            if eos:
-                self.ended = True
-                return
-
-    def shortest(self, limit: int, cost: np.ndarray) -> int | None:
-        """Length in tokens of a short complete answer, found greedily by ``cost`` (:func:`closing_cost`: closing
-        tokens first, so it is near the shortest for JSON); ``None`` if none is found within ``limit`` tokens."""
-        m = self.matcher.deep_copy()
-        for length in range(limit + 1):
-            allowed = _allowed(m.compute_bitmask(), self.vocab)
-            if m.is_stopped() or any(allowed[e] for e in self.eos_set if e < self.vocab):
-                return length
-            if not allowed.any():
-                return None
-            m.consume_token(int(np.argmin(np.where(allowed, cost, np.inf))))
-        return None
+                                      f"({' '.join(self.matcher.get_error().split()[:20])})")
+            self.ended = eos
 
 
 _COSTS: dict[int, np.ndarray] = {}
@@ -301,6 +356,7 @@ def make_constraint(
     pad_id: int,
     vocab_size: int,
     max_tokens: int,
+    canvas_length: int,
     response_format: dict[str, Any] | None = None,
     json_schema: Any = None,
     infill: str | None = None,
@@ -322,8 +378,8 @@ def make_constraint(
     if grammar is None:
         return None
     llt = ll_tokenizer(tokenizer, eos_ids, vocab_size)
-    c = GrammarConstraint(llt, grammar, eos_ids, pad_id, vocab_size)
-    short = c.shortest(max(4 * max_tokens, 256), closing_cost(llt, vocab_size))
+    c = GrammarConstraint(llt, grammar, eos_ids, pad_id, vocab_size, max_tokens, canvas_length)
+    short = c.min_length
     if short is not None and short > max_tokens:  # unknown (None) is not an error: the search is greedy
         raise ConstraintError(f"max_tokens={max_tokens} is too small: the shortest answer this schema/grammar allows "
                               f"takes about {short} tokens; raise max_tokens")

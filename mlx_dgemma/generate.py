@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-canvas", action="store_true",
                    help="show the canvas being denoised, redrawn in place (terminals only)")
     p.add_argument("--verbose", "-v", action="store_true", help="print statistics when done")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the answer to this JSON schema (a .json file)")
+    p.add_argument("--infill", metavar="TEMPLATE", help="fill the {{N}} holes (N tokens each) of this template")
     return p
 
 
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, prompt: str) -> int:
+    from .constrain import read_schema
     from .generation import Commit, Done, Draft, stream_generate
     from .loader import load
 
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace, prompt: str) -> int:
         use_chat_template=not args.no_chat_template, thinking=args.thinking, seed=args.seed,
         max_denoising_steps=args.steps, t_max=args.temp_max, t_min=args.temp_min,
         entropy_bound=args.entropy_bound, drafts=live, drafter=args.drafter,
+        json_schema=read_schema(args.json_schema) if args.json_schema else None, infill=args.infill,
     )
     for event in events:
         if isinstance(event, Draft) and view:

@@ -237,7 +237,8 @@ def stream_generate(
     check_context(model, len(ids), max_tokens)
     eos = eos_ids(model, tokenizer)
     constraint = make_constraint(tokenizer, sorted(eos), model.args.pad_token_id or 0,
-                                 model.args.vocab_size, max_tokens, response_format, json_schema, infill)
+                                 model.args.vocab_size, max_tokens, model.args.canvas_length, response_format,
+                                 json_schema, infill)
     if infill is not None:
         session = None  # a draft would overwrite the held positions of the canvas it starts
 

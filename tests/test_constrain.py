@@ -1,0 +1,130 @@
+"""Structured output (mlx_dgemma.constrain): on a random model, whose unconstrained output is noise, every
+answer under a spread of JSON schemas parses and validates; infill keeps every fixed token; bad input is one
+line."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import mlx.core as mx
+import pytest
+
+from mlx_dgemma import DEFAULT_MODEL, load
+from mlx_dgemma.config import ModelArgs
+from mlx_dgemma.constrain import ConstraintError
+from mlx_dgemma.generation import Commit, Done, stream_generate
+from mlx_dgemma.loader import load_tokenizer, read_config
+from mlx_dgemma.model import Model
+
+FAST = {"max_denoising_steps": 3, "drafter": "none"}
+
+SCHEMAS = {
+    "nested": {"type": "object", "properties": {
+        "person": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                                      "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+                   "required": ["name", "age"], "additionalProperties": False}},
+        "required": ["person"], "additionalProperties": False},
+    "bounded_array": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5},
+                      "minItems": 2, "maxItems": 4},
+    "enum_number": {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                                     "score": {"type": "number", "minimum": 0, "maximum": 1}},
+                    "required": ["color", "score"], "additionalProperties": False},
+    "pattern_optional": {"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
+        "note": {"type": "string", "maxLength": 8}, "ok": {"type": "boolean"}},
+        "required": ["code"], "additionalProperties": False},
+}
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    """The demo model's architecture and tokenizer with random weights: unconstrained output is noise."""
+    mx.random.seed(7)
+    args = ModelArgs.from_config(read_config(DEFAULT_MODEL), source="random")
+    model = Model(args, {"eos_token_id": [1, 5], "pad_token_id": 0})
+    model.eval()
+    return model, load_tokenizer(DEFAULT_MODEL)
+
+
+def answer(model, tokenizer, prompt="Give me the data.", max_tokens=48, seed=0, **kw) -> Done:
+    done = list(stream_generate(model, tokenizer, prompt, max_tokens, seed=seed, **FAST, **kw))[-1]
+    assert isinstance(done, Done)
+    return done
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_every_answer_validates_on_a_random_model(random_model, name):
+    model, tokenizer = random_model
+    for seed in range(3):
+        done = answer(model, tokenizer, seed=seed, json_schema=SCHEMAS[name])
+        jsonschema.validate(json.loads(done.text), SCHEMAS[name])
+
+
+def test_unconstrained_random_output_is_not_json(random_model):
+    model, tokenizer = random_model
+    text = answer(model, tokenizer, max_tokens=24).text
+    with pytest.raises(ValueError):
+        json.loads(text)
+
+
+def test_budget_end_closes_the_answer(random_model):
+    """A long free string would run past max_tokens: near the end the projection closes it in time."""
+    model, tokenizer = random_model
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    for seed in range(2):
+        done = answer(model, tokenizer, max_tokens=30, seed=seed, json_schema=schema)
+        jsonschema.validate(json.loads(done.text), schema)
+        assert done.stats.generated_tokens <= 30
+
+
+def test_response_format_types(random_model):
+    model, tokenizer = random_model
+    obj = answer(model, tokenizer, response_format={"type": "json_object"})
+    assert isinstance(json.loads(obj.text), dict)
+    schema = SCHEMAS["enum_number"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    jsonschema.validate(json.loads(answer(model, tokenizer, response_format=fmt).text), schema)
+    assert answer(model, tokenizer, response_format={"type": "regex", "regex": "[a-c]{3}-[0-9]{2}"}).text[3] == "-"
+
+
+def test_infill_keeps_every_fixed_token(random_model):
+    model, tokenizer = random_model
+    template = 'def add(a, b):\n    return {{4}}\n\nprint(add({{2}}, 2))'
+    parts = [tokenizer.encode(p, add_special_tokens=False)
+             for p in ("def add(a, b):\n    return ", "\n\nprint(add(", ", 2))")]
+    fixed = [*parts[0], *[None] * 4, *parts[1], None, None, *parts[2]]
+    for seed in range(2):
+        events = list(stream_generate(model, tokenizer, "Fill it.", 48, seed=seed, **FAST, infill=template))
+        tokens = [t for e in events if isinstance(e, Commit) for t in e.tokens]
+        assert len(tokens) == len(fixed) and events[-1].finish_reason == "stop"
+        assert all(f is None or f == t for f, t in zip(fixed, tokens))
+        assert all(t not in (0, 1, 5) for t in tokens)  # holes hold no pad or end token
+
+
+def test_demo_model_record_schema():
+    model, tokenizer = load()
+    schema = json.loads((DEFAULT_MODEL.parent.parent / "scripts" / "record_schema.json").read_text())
+    prompt = "Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi."
+    done = list(stream_generate(model, tokenizer, prompt, 64, seed=0, max_denoising_steps=8, json_schema=schema))[-1]
+    record = json.loads(done.text)
+    jsonschema.validate(record, schema)
+    assert record["name"] == "Maya" and record["age"] == 34
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"json_schema": {"type": "foo"}}, "invalid or unsupported"),
+    ({"json_schema": "{not json"}, "not valid JSON"),
+    ({"response_format": {"type": "xml"}}, "not supported"),
+    ({"json_schema": {"type": "array", "items": {"type": "integer"}, "minItems": 20}, "max_tokens": 8},
+     "too small"),
+    ({"infill": "a {{30}} b", "max_tokens": 8}, "raise max_tokens"),
+    ({"infill": "no holes here"}, "no holes"),
+    ({"infill": "x {{}} y"}, "needs a size"),
+])
+def test_bad_input_is_one_line(random_model, kw, words):
+    model, tokenizer = random_model
+    kw = {"max_tokens": 24, **kw}
+    with pytest.raises(ConstraintError) as e:
+        answer(model, tokenizer, **kw)
+    assert words in str(e.value) and "\n" not in str(e.value)
