@@ -128,3 +128,23 @@ def test_bad_input_is_one_line(random_model, kw, words):
     with pytest.raises(ConstraintError) as e:
         answer(model, tokenizer, **kw)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_server_response_format_through_the_openai_client():
+    import openai
+
+    from mlx_dgemma.server import BackgroundServer, create_app
+
+    schema = json.loads((DEFAULT_MODEL.parent.parent / "scripts" / "record_schema.json").read_text())
+    prompt = [{"role": "user", "content": "Fill the record: Leo (41) works as a baker in Lima and speaks Hindi."}]
+    with BackgroundServer(create_app(max_concurrency=2)) as srv:
+        client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=120)
+        fmt = {"type": "json_schema", "json_schema": {"name": "record", "schema": schema, "strict": True}}
+        r = client.chat.completions.create(model="default", messages=prompt, max_tokens=64, seed=0,
+                                           response_format=fmt, extra_body={"max_denoising_steps": 8})
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="default", messages=prompt, max_tokens=64,
+                                           response_format={"type": "json_schema", "json_schema": {
+                                               "name": "x", "schema": {"type": "foo"}}})
+        assert e.value.body["param"] == "response_format" and "foo" in e.value.message

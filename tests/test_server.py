@@ -399,7 +399,7 @@ def test_unknown_model_is_404(client):
 
 @pytest.mark.parametrize("field,value", [
     ("top_p", 0.5), ("logprobs", True), ("n", 2), ("presence_penalty", 0.5), ("frequency_penalty", 1.0),
-    ("logit_bias", {"5": 10}), ("response_format", {"type": "json_object"}), ("tool_choice", "required"),
+    ("logit_bias", {"5": 10}), ("response_format", {"type": "xml"}), ("tool_choice", "required"),
     ("top_k", 5), ("banana", 1),
 ])
 def test_unsupported_field_is_400_naming_it(server, field, value):

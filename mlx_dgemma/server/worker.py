@@ -277,6 +277,7 @@ class Worker:
         answer = _Answer(job, self.tokenizer, len(ids), cached)
         events = stream_generate(self.model, self.tokenizer, None, job.plan.max_tokens, prompt_ids=ids, cache=cache,
                                  seed=job.plan.seed, drafts=True, drafter=self.proposer or "none",
+                                 response_format=job.plan.response_format,
                                  **job.plan.sampler)
         finished = False
         try:
