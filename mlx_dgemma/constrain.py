@@ -180,6 +180,8 @@ class GrammarConstraint(Constraint):
         self.eos, self.eos_set, self.pad, self.vocab = int(eos_ids[0]), set(eos_ids), pad_id, vocab
         self.ended, self.max_tokens, self.cost = False, max_tokens, closing_cost(llt, vocab)
         self.committed = 0
+        self.order = np.argsort(self.cost, kind="stable")  # cheapest closing tokens first
+        self.finite = int(np.isfinite(self.cost).sum())
         self.min_length = self.need(self.matcher, max(4 * max_tokens, 256))
         # Positions this close to max_tokens check that the answer can still be closed in time.
         self.tail = canvas_length + (self.min_length or 0)
@@ -189,12 +191,23 @@ class GrammarConstraint(Constraint):
         the shortest for JSON); ``None`` if more than ``limit``."""
         m = m.deep_copy()
         for length in range(limit + 1):
-            allowed = _allowed(m.compute_bitmask(), self.vocab)
-            if m.is_stopped() or any(allowed[e] for e in self.eos_set if e < self.vocab):
+            words = np.frombuffer(m.compute_bitmask(), dtype=np.uint32)
+            if m.is_stopped() or any((words[e >> 5] >> (e & 31)) & 1 for e in self.eos_set if e < self.vocab):
                 return length
-            if not allowed.any():
+            t = self._cheapest(words)
+            if t is None:
                 return None
-            m.consume_token(int(np.argmin(np.where(allowed, self.cost, np.inf))))
+            m.consume_token(t)
+        return None
+
+    def _cheapest(self, words: np.ndarray) -> int | None:
+        """The allowed token of least closing cost; candidates in cost order, in growing chunks, because the
+        closing tokens are few and a whole large vocabulary need not be unpacked for them."""
+        for lo, hi in ((0, 64), (64, 4096), (4096, self.finite)):
+            cand = self.order[lo:hi]
+            hit = np.flatnonzero((words[cand >> 5] >> (cand & 31).astype(np.uint32)) & 1)
+            if len(hit):
+                return int(cand[hit[0]])
         return None
 
     def project(self, offset: int, argmax: np.ndarray, row: Callable[[int], np.ndarray]) -> np.ndarray:
@@ -235,7 +248,8 @@ class GrammarConstraint(Constraint):
                     row: Callable[[int], np.ndarray]) -> bool:
         """Project position ``i`` near the budget's end; ``False`` once the answer has ended there."""
         left = self.max_tokens - offset - i  # positions left, this one included
-        allowed = _allowed(m.compute_bitmask(), self.vocab)
+        bitmask = m.compute_bitmask()
+        allowed = _allowed(bitmask, self.vocab)
         if left <= 0 or m.is_stopped() or (is_eos[i] and allowed[self.eos]):
             if left > 0:
                 out[i] = out[i] if is_eos[i] else _best(row(i), allowed)
@@ -246,7 +260,8 @@ class GrammarConstraint(Constraint):
             ranked = np.where(allowed, row(i), -np.inf)
             t = int(np.argmax(ranked))
             if not self._fits(m, t, left - 1):  # the model's best allowed does not fit either: close
-                t = self.eos if allowed[self.eos] else int(np.argmin(np.where(allowed, self.cost, np.inf)))
+                cheapest = self._cheapest(np.frombuffer(bitmask, dtype=np.uint32))
+                t = self.eos if allowed[self.eos] or cheapest is None else cheapest
             out[i] = t
         if t in self.eos_set:
             out[i + 1 :] = self.pad
@@ -277,7 +292,7 @@ _COSTS: dict[int, np.ndarray] = {}
 
 
 def closing_cost(llt: Any, vocab: int) -> np.ndarray:
-    """Per token: quotes and closing brackets first, then 0/1, then shorter tokens (for ``shortest``)."""
+    """Per token: quotes and closing brackets first, then 0/1, then shorter tokens (``GrammarConstraint.need``)."""
     if id(llt) not in _COSTS:
         rank = {ord('"'): 0, ord("}"): 1, ord("]"): 2, ord("0"): 3, ord("1"): 4}
         cost = np.full(vocab, np.inf)
