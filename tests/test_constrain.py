@@ -47,10 +47,18 @@ def random_model():
     return model, load_tokenizer(DEFAULT_MODEL)
 
 
-def answer(model, tokenizer, prompt="Give me the data.", max_tokens=48, seed=0, **kw) -> Done:
-    done = list(stream_generate(model, tokenizer, prompt, max_tokens, seed=seed, **FAST, **kw))[-1]
-    assert isinstance(done, Done)
-    return done
+class Answer:
+    """The answer's text (from the commits: ``Done`` carries statistics) and its ``Done`` event."""
+
+    def __init__(self, events: list):
+        self.text = "".join(e.text for e in events if isinstance(e, Commit))
+        self.done = events[-1]
+        assert isinstance(self.done, Done)
+        self.finish_reason, self.stats = self.done.finish_reason, self.done.stats
+
+
+def answer(model, tokenizer, prompt="Give me the data.", max_tokens=48, seed=0, **kw) -> Answer:
+    return Answer(list(stream_generate(model, tokenizer, prompt, max_tokens, seed=seed, **FAST, **kw)))
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
@@ -97,7 +105,7 @@ def test_infill_keeps_every_fixed_token(random_model):
     for seed in range(2):
         events = list(stream_generate(model, tokenizer, "Fill it.", 48, seed=seed, **FAST, infill=template))
         tokens = [t for e in events if isinstance(e, Commit) for t in e.tokens]
-        assert len(tokens) == len(fixed) and events[-1].finish_reason == "stop"
+        assert len(tokens) == len(fixed) and Answer(events).finish_reason == "stop"
         assert all(f is None or f == t for f, t in zip(fixed, tokens))
         assert all(t not in (0, 1, 5) for t in tokens)  # holes hold no pad or end token
 
@@ -106,7 +114,8 @@ def test_demo_model_record_schema():
     model, tokenizer = load()
     schema = json.loads((DEFAULT_MODEL.parent.parent / "scripts" / "record_schema.json").read_text())
     prompt = "Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi."
-    done = list(stream_generate(model, tokenizer, prompt, 64, seed=0, max_denoising_steps=8, json_schema=schema))[-1]
+    done = Answer(list(stream_generate(model, tokenizer, prompt, 64, seed=0, max_denoising_steps=8,
+                                       json_schema=schema)))
     record = json.loads(done.text)
     jsonschema.validate(record, schema)
     assert record["name"] == "Maya" and record["age"] == 34
@@ -148,3 +157,16 @@ def test_server_response_format_through_the_openai_client():
                                            response_format={"type": "json_schema", "json_schema": {
                                                "name": "x", "schema": {"type": "foo"}}})
         assert e.value.body["param"] == "response_format" and "foo" in e.value.message
+
+
+def test_cli_json_schema_and_its_errors(tmp_path):
+    import subprocess
+    import sys
+
+    schema = DEFAULT_MODEL.parent.parent / "scripts" / "record_schema.json"
+    cmd = [sys.executable, "-m", "mlx_dgemma.generate", "--steps", "8", "--seed", "0", "-m", "64"]
+    out = subprocess.run([*cmd, "--json-schema", str(schema)], capture_output=True, text=True, check=True)
+    jsonschema.validate(json.loads(out.stdout), json.loads(schema.read_text()))
+    (tmp_path / "bad.json").write_text('{"type": "object", "properties": {"a": {"type": "strnig"}}}')
+    bad = subprocess.run([*cmd, "--json-schema", str(tmp_path / "bad.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "strnig" in bad.stderr
