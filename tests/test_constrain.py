@@ -170,3 +170,58 @@ def test_cli_json_schema_and_its_errors(tmp_path):
     (tmp_path / "bad.json").write_text('{"type": "object", "properties": {"a": {"type": "strnig"}}}')
     bad = subprocess.run([*cmd, "--json-schema", str(tmp_path / "bad.json")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "strnig" in bad.stderr
+
+
+def test_projection_keeps_allowed_tokens_and_replaces_the_rest():
+    """Left to right: an allowed argmax is kept, a rejected one becomes the best allowed token by its logits,
+    and once the grammar is complete the end token is written and pad after it."""
+    import numpy as np
+
+    from mlx_dgemma.constrain import GrammarConstraint, grammar_of, ll_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    llt = ll_tokenizer(tokenizer, [1, 5], 1024)
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"],
+              "additionalProperties": False}
+    c = GrammarConstraint(llt, grammar_of(json_schema=schema), [1, 5], 0, 1024, max_tokens=100, canvas_length=24)
+    good = llt.tokenize_str('{"age": 34}')
+    noise = [400] * 12
+    argmax = np.array([*good[:3], 400, *good[4:], *noise])[:16]  # one wrong token inside, noise after
+    logits = np.zeros((16, 1024), dtype=np.float32)
+    logits[3, good[3]] = 5.0  # the rejected position's best allowed token
+    logits[:, 5] = 1.0  # end of turn is the model's second choice everywhere
+    out = c.project(0, argmax, lambda i: logits[i])
+    n = len(good)
+    assert out[:n].tolist() == good and out[n] == 5 and (out[n + 1 :] == 0).all()
+    c.commit(out.tolist())
+    assert c.ended
+
+
+def test_constrained_step_feeds_projected_and_held_tokens_back():
+    """The next decoder input carries every token the projection changed and every held token; the other
+    positions keep the sampler's canvas (accepted samples and fresh noise)."""
+    import numpy as np
+
+    from mlx_dgemma.constrain import Constraint, constrained_step
+    from mlx_dgemma.sampler import StepOutput
+
+    class Stub(Constraint):
+        def fixed(self, offset, length):
+            return {0: 7}
+
+        def project(self, offset, argmax, row):
+            out = argmax.copy()
+            out[0], out[2] = 7, 9
+            return out
+
+    raw = mx.array([[1, 2, 3, 4]])
+    sampled = mx.array([[11, 12, 13, 14]])
+    logits = mx.zeros((1, 4, 16))
+
+    def step_fn(*args):
+        return StepOutput(sampled, raw, logits, mx.array([False]), mx.zeros((1, 1, 4), dtype=mx.int32),
+                          mx.ones((1, 4), dtype=mx.bool_))
+
+    out = constrained_step(step_fn, Stub(), 0)(None, None, None, None, None, None, 1, None)
+    assert np.array(out.argmax).tolist() == [[7, 2, 9, 4]]
+    assert np.array(out.canvas).tolist() == [[7, 12, 9, 14]]
