@@ -58,14 +58,14 @@ def grammar_of(response_format: dict[str, Any] | None = None, json_schema: Any =
     (``{"json_schema": {"schema": {...}, "strict": true, "name": ...}}``), and two extensions: ``regex``
     (``{"regex": "..."}``) and ``lark`` (``{"lark": "..."}``, llguidance's Lark dialect).
     """
+    if json_schema is None and response_format is None:
+        return None
     import llguidance as llg
 
     if json_schema is not None and response_format is not None:
         raise ConstraintError("give either json_schema or response_format, not both")
     if json_schema is not None:
         return llg.LLMatcher.grammar_from_json_schema(_schema_dict(json_schema), defaults=JSON_OPTIONS)
-    if response_format is None:
-        return None
     if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
         raise ConstraintError('response_format must be an object with a "type" (text, json_object, json_schema, '
                               f"regex or lark), got {response_format!r}")
