@@ -182,6 +182,7 @@ class GrammarConstraint(Constraint):
         self.committed = 0
         self.order = np.argsort(self.cost, kind="stable")  # cheapest closing tokens first
         self.finite = int(np.isfinite(self.cost).sum())
+        self.klass = (np.nan_to_num(self.cost, posinf=-2000) // 1000).astype(np.int32)  # first-byte rank
         self.min_length = self.need(self.matcher, max(4 * max_tokens, 256))
         # Positions this close to max_tokens check that the answer can still be closed in time.
         self.tail = canvas_length + (self.min_length or 0)
@@ -190,28 +191,34 @@ class GrammarConstraint(Constraint):
         """Tokens a greedy closing completion takes from matcher state ``m`` (closing tokens first, so near
         the shortest for JSON); ``None`` if more than ``limit``."""
         m = m.deep_copy()
+        last, run = -1, 0
         for length in range(limit + 1):
             words = np.frombuffer(m.compute_bitmask(), dtype=np.uint32)
             if m.is_stopped() or any((words[e >> 5] >> (e & 31)) & 1 for e in self.eos_set if e < self.vocab):
                 return length
-            t = self._cheapest(words)
+            # A closer that repeats 4 times is string content here (a '"' in a Gemma 4 <|"|> string): skip
+            # every token that starts with it.
+            t = self._cheapest(words, last if run >= 4 and last < 9 else -1)  # as _skip
             if t is None:
                 return None
+            k = int(self.klass[t])
+            last, run = k, run + 1 if k == last else 1
             m.consume_token(t)
         return None
 
-    def _cheapest(self, words: np.ndarray) -> int | None:
+    def _cheapest(self, words: np.ndarray, skip_class: int = -1) -> int | None:
         """The allowed token of least closing cost; candidates in cost order, in growing chunks, because the
         closing tokens are few and a whole large vocabulary need not be unpacked for them."""
         for lo, hi in ((0, 64), (64, 4096), (4096, self.finite)):
             cand = self.order[lo:hi]
-            hit = np.flatnonzero((words[cand >> 5] >> (cand & 31).astype(np.uint32)) & 1)
+            hit = np.flatnonzero(((words[cand >> 5] >> (cand & 31).astype(np.uint32)) & 1) & (self.klass[cand] != skip_class))
             if len(hit):
                 return int(cand[hit[0]])
         return None
 
     def project(self, offset: int, argmax: np.ndarray, row: Callable[[int], np.ndarray]) -> np.ndarray:
         m = self.matcher.deep_copy()  # under a microsecond; rollback cannot undo an EOS
+        self._closing = (-1, 0)  # (class, run) of the closing tokens forced in this projection
         out = argmax.astype(np.int32).copy()  # an EOS keeps the model's own id; the grammar sees self.eos
         is_eos = np.isin(out, list(self.eos_set))
         seq = np.where(is_eos, self.eos, out)
@@ -260,14 +267,21 @@ class GrammarConstraint(Constraint):
             ranked = np.where(allowed, row(i), -np.inf)
             t = int(np.argmax(ranked))
             if not self._fits(m, t, left - 1):  # the model's best allowed does not fit either: close
-                cheapest = self._cheapest(np.frombuffer(bitmask, dtype=np.uint32))
+                cheapest = self._cheapest(np.frombuffer(bitmask, dtype=np.uint32), self._skip())
                 t = self.eos if allowed[self.eos] or cheapest is None else cheapest
+                k = int(self.klass[t])
+                self._closing = (k, self._closing[1] + 1 if k == self._closing[0] else 1)
             out[i] = t
         if t in self.eos_set:
             out[i + 1 :] = self.pad
             return False
         m.consume_token(t)
         return True
+
+    def _skip(self) -> int:
+        """The closing class to skip: one picked 4 times in a row is string content (as in :meth:`need`)."""
+        k, run = self._closing
+        return k if run >= 4 and k < 9 else -1
 
     def _fits(self, m: Any, token: int, room: int) -> bool:
         if token in self.eos_set:
@@ -292,9 +306,10 @@ _COSTS: dict[int, np.ndarray] = {}
 
 
 def closing_cost(llt: Any, vocab: int) -> np.ndarray:
-    """Per token: quotes and closing brackets first, then 0/1, then shorter tokens (``GrammarConstraint.need``)."""
+    """Per token: quotes (``<`` opens Gemma 4's ``<|\"|>``) and closing brackets first, then 0/1, then shorter
+    tokens (``GrammarConstraint.need``)."""
     if id(llt) not in _COSTS:
-        rank = {ord('"'): 0, ord("}"): 1, ord("]"): 2, ord("0"): 3, ord("1"): 4}
+        rank = {ord('"'): 0, ord("<"): 1, ord("}"): 2, ord("]"): 3, ord("0"): 4, ord("1"): 5}
         cost = np.full(vocab, np.inf)
         for t in range(min(vocab, llt.vocab_size)):
             b = llt.decode_bytes([t])

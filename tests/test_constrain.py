@@ -225,3 +225,27 @@ def test_constrained_step_feeds_projected_and_held_tokens_back():
     out = constrained_step(step_fn, Stub(), 0)(None, None, None, None, None, None, 1, None)
     assert np.array(out.argmax).tolist() == [[7, 2, 9, 4]]
     assert np.array(out.canvas).tolist() == [[7, 12, 9, 14]]
+
+
+def test_forced_tool_call_parses_and_its_arguments_validate(random_model):
+    """tool_choice "required" / a named function: a Gemma 4 call that mlx-lm's parser reads, with arguments
+    under the tool's schema, even from a random model."""
+    from mlx_lm.tool_parsers.gemma4 import parse_tool_call
+
+    from mlx_dgemma.toolgrammar import tool_call_grammar
+
+    model, tokenizer = random_model
+    weather = {"type": "object", "properties": {"city": {"type": "string", "pattern": "[A-Z][a-z]{1,8}"},
+                                                "days": {"type": "integer"}, "unit": {"enum": ["c", "f"]}},
+               "required": ["city"]}
+    search = {"type": "object", "properties": {"q": {"type": "string"}, "n": {"type": "integer"}},
+              "required": ["q", "n"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}},
+             {"type": "function", "function": {"name": "search", "parameters": search}}]
+    for seed, choice in enumerate(["required", {"type": "function", "function": {"name": "search"}}]):
+        fmt = {"type": "lark", "lark": tool_call_grammar(tools, choice, tokenizer)}
+        call = parse_tool_call(answer(model, tokenizer, max_tokens=96, seed=seed, response_format=fmt).text)
+        assert choice == "required" or call["name"] == "search"
+        jsonschema.validate(call["arguments"], weather if call["name"] == "get_weather" else search)
+    with pytest.raises(ConstraintError, match="not in tools"):
+        tool_call_grammar(tools, {"type": "function", "function": {"name": "nope"}})
