@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_ar_only_flags(p, UNSUPPORTED_FLAGS, why="has no counterpart in mlx_dgemma")
     p.add_argument("--image", action="append", default=None, metavar="PATH",
                    help="an image for the vision tower (repeatable: one per image, in prompt order)")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the answer to this JSON schema (a .json file)")
+    p.add_argument("--infill", metavar="TEMPLATE", help="fill the {{N}} holes (N tokens each) of this template")
     return p
 
 
@@ -161,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, prompt: str) -> int:
+    from .constrain import read_schema
     from .distributed import quiet_followers
     from .generation import Commit, Done, Draft, stream_generate, temperature_schedule
     from .loader import load
@@ -183,6 +186,7 @@ def run(args: argparse.Namespace, prompt: str) -> int:
         entropy_bound=args.entropy_bound, drafts=live, drafter=args.drafter,
         fast=args.fast,
         images=args.image,
+        json_schema=read_schema(args.json_schema) if args.json_schema else None, infill=args.infill,
     )
     for event in events:
         if isinstance(event, Draft) and view:

@@ -20,6 +20,7 @@ from jinja2 import TemplateError
 
 from . import multimodal
 from .cache import DiffusionCache
+from .constrain import make_constraint
 from .errors import GenerationError
 from .fast import FastConfig, FastDenoiser
 from .loop import CommitEvent, StepEvent, generate_tokens, prefill
@@ -278,6 +279,9 @@ def stream_generate(
     chat_template_kwargs: dict[str, Any] | None = None,
     fast: bool | FastConfig = False,
     images: Sequence[Any] | None = None,
+    response_format: dict[str, Any] | None = None,
+    json_schema: Any = None,
+    infill: str | None = None,
     **unsupported: Any,
 ) -> Iterator[Draft | Commit | Done]:
     """Generate a response, yielding commits, a final ``Done`` and, with ``drafts=True``, a ``Draft`` per
@@ -308,6 +312,11 @@ def stream_generate(
     ``images`` (paths, PIL images, uint8 arrays, bytes) are read by the vision tower; chat messages may carry
     image content parts instead (see ``mlx_dgemma.multimodal``). With ``prompt_ids``, the ids hold one image
     placeholder per image, which is expanded to the image's soft tokens.
+
+    Structured output (``constrain.py``): ``response_format`` (OpenAI's ``json_object`` / ``json_schema``,
+    or ``regex`` / ``lark``) or ``json_schema`` (a schema dict or JSON text) makes every committed token follow
+    the grammar; ``infill`` is a template whose ``{{N}}`` holes (N tokens each) the model fills while the rest
+    is held fixed (no drafter then). Constrained generation syncs with the host at every denoising step.
     """
     for name in unsupported:
         hint = UNSUPPORTED.get(name, "it is not a DiffusionGemma generation option")
@@ -352,6 +361,14 @@ def stream_generate(
                               "give a non-empty prompt that the cache is a prefix of")
     check_context(model, len(ids), max_tokens)
     eos = eos_ids(model, tokenizer)
+    constraint = make_constraint(tokenizer, sorted(eos), model.args.pad_token_id or 0,
+                                 model.args.vocab_size, max_tokens, model.args.canvas_length, response_format,
+                                 json_schema, infill)
+    if infill is not None:
+        session = None  # a draft would overwrite the held positions of the canvas it starts
+    if constraint is not None and fast:
+        raise GenerationError("fast decoding does not combine with response_format, json_schema or infill yet "
+                              "(its sparse passes skip the step that enforces them): leave fast off")
 
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -367,7 +384,7 @@ def stream_generate(
     denoiser = FastDenoiser(fast if isinstance(fast, FastConfig) else FastConfig(), sorted(eos)) if fast else None
     events = wired(model, generate_tokens(model, cache, max_tokens, cfg, seed=seed,
                                           adaptive_stopping=adaptive_stopping, eos_ids=sorted(eos), drafts=session,
-                                          denoiser=denoiser))
+                                          denoiser=denoiser, constraint=constraint))
     tail: list[int] = []  # the last canvas's kept tokens and the end-of-turn token that ended it
     for event in events:
         if isinstance(event, StepEvent):

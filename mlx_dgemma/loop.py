@@ -16,6 +16,7 @@ from functools import partial
 import mlx.core as mx
 
 from .cache import DiffusionCache
+from .constrain import Constraint, constrained_step, start_canvas
 from .model import Model
 from .sampler import SamplerConfig, StepOutput, denoise_step, finalize_canvas, init_history, initial_canvas
 from .verify import DraftSession, Proposal, VerifyConfig, agreement, draft_start
@@ -167,6 +168,7 @@ def generate_tokens(
     compiled: bool | None = None,
     drafts: DraftSession | None = None,
     denoiser: Callable[..., Iterator[StepEvent | CommitEvent]] | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[StepEvent | CommitEvent]:
     """Generate up to ``max_tokens`` tokens after the prompt already encoded in ``cache`` (see ``prefill``).
 
@@ -175,7 +177,8 @@ def generate_tokens(
     truncates to ``max_tokens``: canvases are always denoised whole, since the model was trained on them.
     With ``drafts``, each canvas starts from its proposer's draft while the session keeps it on (``verify.py``);
     the commit rule stays the target's. ``denoiser`` replaces ``denoise_canvas`` (same arguments and events):
-    fast mode passes a ``fast.FastDenoiser``; without it this is the reference's loop.
+    fast mode passes a ``fast.FastDenoiser``; without it this is the reference's loop. With ``constraint`` (``constrain.py``; batch of one row), every step's
+    argmax is projected onto it and its held positions are written into each canvas.
     """
     denoise = denoiser or denoise_canvas
     a = model.args
@@ -185,17 +188,24 @@ def generate_tokens(
     for index in range(math.ceil(max_tokens / a.canvas_length)):
         key, canvas_key = mx.random.split(key)
         given = start if index == 0 else None
+        fn = step_fn
+        if constraint is not None:
+            given = start_canvas(constraint, index * a.canvas_length, given, mx.random.split(canvas_key, 3)[2],
+                                 finished.shape[0], a.canvas_length, a.vocab_size)
+            fn = constrained_step(step_fn, constraint, index * a.canvas_length)
         proposal = drafts.propose(model, cache) if drafts is not None and given is None else None
         if proposal is not None:
             events = denoise_drafted(model, cache, cfg, canvas_key, index, proposal, drafts.config,
-                                     adaptive_stopping, step_fn, denoiser)
+                                     adaptive_stopping, fn, denoiser)
         else:
-            events = denoise(model, cache, cfg, canvas_key, index, given, adaptive_stopping, step_fn)
+            events = denoise(model, cache, cfg, canvas_key, index, given, adaptive_stopping, fn)
         for event in events:
             if isinstance(event, StepEvent):
                 yield event
         tokens, finished = finalize_canvas(event.tokens, finished, eos_ids or a.eos_token_id, a.pad_token_id)
         mx.eval(tokens, finished)
+        if constraint is not None:
+            constraint.commit(tokens[0].tolist())
         if drafts is not None:
             drafts.commit(tokens, event)
         yield CommitEvent(index, tokens, finished, event.decoder_passes, event.tokens, event.drafted,

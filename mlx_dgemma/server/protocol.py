@@ -53,7 +53,6 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "logit_bias": (({},), "a canvas is denoised as a whole; there is no per-token bias"),
     "echo": ((False,), "the prompt is not returned; prepend it yourself"),
     "suffix": (("",), "infilling is not supported by this server"),
-    "response_format": (({"type": "text"},), "the output cannot be constrained to a format"),
     "tool_choice": (("auto", "none"), "the model cannot be forced to call a tool"),
     "modalities": ((["text"],), "this server is text only"),
     "functions": ((), "use tools"),
@@ -138,6 +137,7 @@ class _Request(BaseModel):
     t_min: float | None = Field(None, ge=0)
     entropy_bound: float | None = Field(None, gt=0)
     fast: StrictBool | None = None  # fast decoding (mlx_dgemma.fast); None: the server's --fast default
+    response_format: dict[str, Any] | None = None  # text, json_object, json_schema (+ regex, lark): constrain.py
 
 
 class ChatRequest(_Request):
@@ -173,6 +173,7 @@ class Plan:
     ignored: tuple[str, ...] = ()  # autoregressive-only fields ignored (named in X-Ignored-Fields)
     fast: bool | None = None  # fast decoding; None: the server's default
     image_prompt: Any = None  # mlx_dgemma.multimodal.ImagePrompt of a request with images (ids already expanded)
+    response_format: dict[str, Any] | None = None  # checked by ``response_format_of``
 
 
 Kind = Literal["chat", "completion"]
@@ -478,7 +479,8 @@ def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, m
     return Plan(ids, max_tokens, stops_of(request), seed_of(request), sampler, request.stream,
                 options.include_usage, options.include_drafts, () if history is None else (history,),
                 tools, thinking, tuple(ignored), fast=request.fast,
-                image_prompt=image_prompt)
+                image_prompt=image_prompt,
+                response_format=response_format_of(request, tokenizer, model, max_tokens))
 
 
 def _image_prompt(model: Model, ids: list[int], parts: list[tuple[str, dict]]) -> Any:
@@ -491,3 +493,20 @@ def _image_prompt(model: Model, ids: list[int], parts: list[tuple[str, dict]]) -
         return prepare(model, ids, data)
     except DGemmaError as e:
         raise APIError(400, f"messages: {e}", "messages") from None
+
+
+def response_format_of(request: _Request, tokenizer: Any, model: Model, max_tokens: int) -> dict[str, Any] | None:
+    """The request's ``response_format`` if it constrains the answer; compiled here so that a bad schema,
+    or a ``max_tokens`` too small for it, is a 400 before the request is queued."""
+    fmt = request.response_format
+    if fmt is None or fmt == {"type": "text"}:
+        return None
+    from ..constrain import make_constraint
+    from ..generation import eos_ids
+
+    try:
+        make_constraint(tokenizer, sorted(eos_ids(model, tokenizer)), model.args.pad_token_id or 0,
+                        model.args.vocab_size, max_tokens, model.args.canvas_length, response_format=fmt)
+    except DGemmaError as e:
+        raise APIError(400, str(e), "response_format") from None
+    return fmt
