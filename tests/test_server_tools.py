@@ -179,3 +179,22 @@ def test_output_parser_holds_back_only_possible_markers():
     assert p.feed("ol_call>call:f{}<tool_call|> done") == [("content", " done")]
     rest, calls = p.finish()
     assert rest == [] and calls[0]["function"] == {"name": "f", "arguments": '{"raw": "call:f{}"}'}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "read_file"}}])
+def test_a_forced_tool_call_returns_valid_tool_calls(agent, choice):
+    """No canned answer: the demo model knows nothing of tools, and the grammar still makes its answer a call."""
+    import jsonschema
+
+    r = agent.chat.completions.create(model="default", messages=[{"role": "user", "content": "Read notes.txt"}],
+                                      tools=TOOLS, tool_choice=choice, max_tokens=48, seed=1,
+                                      extra_body={"max_denoising_steps": 4})
+    calls = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and len(calls) == 1
+    assert calls[0].function.name == "read_file"
+    jsonschema.validate(json.loads(calls[0].function.arguments), TOOLS[0]["function"]["parameters"])
+
+
+def test_a_forced_tool_call_needs_tools(agent):
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        agent.chat.completions.create(model="default", messages=HELLO, tool_choice="required", max_tokens=8)

@@ -53,7 +53,9 @@ Generation
       response (streaming: in the chunk with the ``finish_reason``).
     * Fields we cannot honour are a 400 naming the field unless they carry their "off" value (null
       always is): ``n``/``best_of`` ≠ 1, ``logprobs``, ``top_logprobs``, ``logit_bias``, ``echo``, ``suffix``,
-      ``response_format`` other than text, ``tool_choice`` other than auto/none, non-text modalities,
+      ``response_format`` other than text/json_object/json_schema/regex/lark, ``tool_choice`` other than
+      auto/none/required/a named function (the last two force one call, its arguments under the tool's
+      schema: ``toolgrammar.py``), non-text modalities,
       ``audio``, ``prediction``, ``functions``, ``reasoning_effort``, ``verbosity``. Unknown fields are a
       400 too. Metadata with no effect on the answer (``user``, ``metadata``, ``store``, ``service_tier``,
       ``prompt_cache_key``, ``safety_identifier``, ``parallel_tool_calls``) is accepted and ignored.

@@ -53,7 +53,7 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "logit_bias": (({},), "a canvas is denoised as a whole; there is no per-token bias"),
     "echo": ((False,), "the prompt is not returned; prepend it yourself"),
     "suffix": (("",), "infilling is not supported by this server"),
-    "tool_choice": (("auto", "none"), "the model cannot be forced to call a tool"),
+    "tool_choice": (("auto", "none"), 'use "required" or {"type": "function", "function": {"name": ...}}'),
     "modalities": ((["text"],), "this server is text only"),
     "functions": ((), "use tools"),
     "function_call": ((), "use tools and tool_choice"),
@@ -454,7 +454,9 @@ def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, m
 
     Not ``strict``: autoregressive-only sampling fields are ignored (listed in ``Plan.ignored``), not 400s.
     """
-    ignored = check_extra_fields(request.model_extra or {}, strict)
+    extra = dict(request.model_extra or {})
+    forced = _forced_tool_choice(request, extra)
+    ignored = check_extra_fields(extra, strict)
     sampler = schedule(request, model)
     history, image_prompt = None, None
     if isinstance(request, ChatRequest):
@@ -480,7 +482,7 @@ def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, m
                 options.include_usage, options.include_drafts, () if history is None else (history,),
                 tools, thinking, tuple(ignored), fast=request.fast,
                 image_prompt=image_prompt,
-                response_format=response_format_of(request, tokenizer, model, max_tokens))
+                response_format=response_format_of(request, tokenizer, model, max_tokens, forced))
 
 
 def _image_prompt(model: Model, ids: list[int], parts: list[tuple[str, dict]]) -> Any:
@@ -495,11 +497,34 @@ def _image_prompt(model: Model, ids: list[int], parts: list[tuple[str, dict]]) -
         raise APIError(400, f"messages: {e}", "messages") from None
 
 
-def response_format_of(request: _Request, tokenizer: Any, model: Model, max_tokens: int) -> dict[str, Any] | None:
-    """The request's ``response_format`` if it constrains the answer; compiled here so that a bad schema,
-    or a ``max_tokens`` too small for it, is a 400 before the request is queued."""
-    fmt = request.response_format
-    if fmt is None or fmt == {"type": "text"}:
+def _forced_tool_choice(request: _Request, extra: dict[str, Any]) -> Any:
+    """``tool_choice`` when it forces a call ("required" or a named function), taken out of ``extra``; else None."""
+    choice = extra.get("tool_choice")
+    if not isinstance(request, ChatRequest) or choice in (None, "auto", "none"):
+        return None
+    if not request.tools:
+        raise APIError(400, f"tool_choice={choice!r} needs tools to choose from: send tools", "tool_choice")
+    return extra.pop("tool_choice")
+
+
+def response_format_of(request: _Request, tokenizer: Any, model: Model, max_tokens: int,
+                       tool_choice: Any = None) -> dict[str, Any] | None:
+    """The grammar the answer must follow: the request's ``response_format``, or one tool call when
+    ``tool_choice`` forces it (``toolgrammar.py``: the call's arguments under the tool's schema). Compiled here
+    so that a bad schema, or a ``max_tokens`` too small for it, is a 400 before the request is queued."""
+    fmt, param = request.response_format, "response_format"
+    if fmt == {"type": "text"}:
+        fmt = None
+    if tool_choice is not None:
+        if fmt is not None:
+            raise APIError(400, "give either response_format or a forced tool_choice, not both", "tool_choice")
+        from ..toolgrammar import tool_call_grammar
+
+        try:
+            fmt, param = {"type": "lark", "lark": tool_call_grammar(request.tools, tool_choice, tokenizer)}, "tool_choice"
+        except DGemmaError as e:
+            raise APIError(400, str(e), "tool_choice") from None
+    if fmt is None:
         return None
     from ..constrain import make_constraint
     from ..generation import eos_ids
@@ -508,5 +533,5 @@ def response_format_of(request: _Request, tokenizer: Any, model: Model, max_toke
         make_constraint(tokenizer, sorted(eos_ids(model, tokenizer)), model.args.pad_token_id or 0,
                         model.args.vocab_size, max_tokens, model.args.canvas_length, response_format=fmt)
     except DGemmaError as e:
-        raise APIError(400, str(e), "response_format") from None
+        raise APIError(400, str(e), param) from None
     return fmt
