@@ -349,3 +349,12 @@ def test_quantized_embedder_of_a_community_folder_loads(vision_factory, tmp_path
 
     assert rel_err(feats, np.array(_rms_norm(expected, None, 1e-6) @ deq.T)) < 1e-5
     assert rel_err(feats, ref["features1"]) < 0.05  # 8-bit: close to the reference, not equal
+
+
+def test_more_image_tokens_than_the_context_is_one_line():
+    from mlx_dgemma import generate, load
+
+    model, tokenizer = load()
+    images = [np.full((32, 40, 3), 9 * i, np.uint8) for i in range(6)]  # 6 x 252 soft tokens > 1024 positions
+    with pytest.raises(GenerationError, match=r"for images\), over the 1024-token context"):
+        generate(model, tokenizer, "Describe them.", 8, images=images)
