@@ -42,8 +42,6 @@ class ModelArgs:
     bos_token_id: int = 2
     eos_token_id: list[int] = field(default_factory=lambda: [1])
     tie_word_embeddings: bool = True
-    # "vision": tokens of one image attend to each other both ways in the encoder (None: causal throughout).
-    use_bidirectional_attention: str | None = None
 
     def __post_init__(self) -> None:
         if not self.layer_types:

@@ -369,7 +369,7 @@ class Model(nn.Module):
         B, L = input_ids.shape
         valid = self._valid_keys(cache, mask, B, L)
         blocks = None
-        if self.args.use_bidirectional_attention == "vision":
+        if self.vision_args is not None and self.vision_args.bidirectional:
             blocks = V.record_vision_positions(cache, mm_token_type_ids, B, L)
         masks = {kind: self._encoder_mask(cache, kind, L, valid, blocks) for kind in ("sliding", "full")}
         h = decoder.embed(input_ids)

@@ -43,6 +43,9 @@ class VisionArgs:
     image_token_id: int = 258_880
     boi_token_id: int = 255_999
     eoi_token_id: int = 258_882
+    # text_config.use_bidirectional_attention == "vision": tokens of one image attend both ways in the encoder.
+    # (Kept here, not in ModelArgs, whose fields fingerprint the text model for drafters.)
+    bidirectional: bool = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> VisionArgs | None:
@@ -54,6 +57,7 @@ class VisionArgs:
         for key in ("image_token_id", "boi_token_id", "eoi_token_id"):
             if config.get(key) is not None:
                 kwargs[key] = config[key]
+        kwargs["bidirectional"] = (config.get("text_config") or {}).get("use_bidirectional_attention") == "vision"
         args = cls(**kwargs)
         args.rope_parameters = {"rope_theta": 100.0, **(args.rope_parameters or {})}
         return args

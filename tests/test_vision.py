@@ -322,3 +322,39 @@ def test_cli_image_flag(tmp_path):
     (tmp_path / "bad.png").write_text("no")
     bad = cli("--prompt", "hi", "--image", str(tmp_path / "bad.png"))
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and bad.stderr.strip().count("\n") == 0
+
+
+def test_quantized_embedder_of_a_community_folder_loads(vision_factory, tmp_path):
+    """mlx-vlm's predicate may quantize ``embed_vision`` (it only skips ``vision_tower``): such a folder loads
+    into a quantized projection that computes what its dequantized weights compute."""
+    from mlx_dgemma.convert import convert
+
+    folder, ref = vision_factory("causal")
+    out = convert(folder / "hf", tmp_path / "mlx", progress=False).path
+    (file,) = out.glob("*.safetensors")
+    weights = mx.load(str(file))
+    key = "model.encoder.embed_vision.embedding_projection"
+    w, scales, biases = mx.quantize(weights[f"{key}.weight"], 32, 8)
+    weights.update({f"{key}.weight": w, f"{key}.scales": scales, f"{key}.biases": biases})
+    mx.save_safetensors(str(file), weights)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization"] = {"group_size": 32, "bits": 8, "mode": "affine"}
+    (out / "config.json").write_text(json.dumps(config))
+    model = load_model(out, dtype=mx.float32)
+    assert type(model.model.encoder.embed_vision.embedding_projection).__name__ == "QuantizedLinear"
+    feats = model.get_image_features(a(ref, "pixels1"), a(ref, "positions1"))
+    expected = model.model.encoder.vision_tower(a(ref, "pixels1"), a(ref, "positions1"))
+    deq = mx.dequantize(w, scales, biases, 32, 8)
+    from mlx_dgemma.vision import _rms_norm
+
+    assert rel_err(feats, np.array(_rms_norm(expected, None, 1e-6) @ deq.T)) < 1e-5
+    assert rel_err(feats, ref["features1"]) < 0.05  # 8-bit: close to the reference, not equal
+
+
+def test_more_image_tokens_than_the_context_is_one_line():
+    from mlx_dgemma import generate, load
+
+    model, tokenizer = load()
+    images = [np.full((32, 40, 3), 9 * i, np.uint8) for i in range(6)]  # 6 x 252 soft tokens > 1024 positions
+    with pytest.raises(GenerationError, match=r"for images\), over the 1024-token context"):
+        generate(model, tokenizer, "Describe them.", 8, images=images)

@@ -37,6 +37,10 @@ Generation
       ``length`` (``max_tokens`` reached). ``usage.completion_tokens`` counts the answer's tokens (with a
       stop sequence: the tokens through its end); ``usage.prompt_tokens_details.cached_tokens`` counts
       the prompt tokens reused from the previous request's encoder cache.
+    * Images (checkpoints with a vision tower): chat content parts ``{"type": "image_url", "image_url":
+      {"url": ...}}`` with a ``data:`` URL or an http(s) URL, fetched with a size and time limit
+      (``server/images.py``); a bad, unreachable or oversized image is a 400. The prompt cache keys
+      images by their pixels.
     * Diffusion options, under their own names: ``max_denoising_steps``, ``t_max``, ``t_min``,
       ``entropy_bound``, ``seed``; defaults from the checkpoint's ``generation_config.json``.
     * ``temperature`` T (0 to 2) maps onto the linear temperature schedule: ``t_max = T`` and
