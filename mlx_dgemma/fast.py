@@ -298,7 +298,7 @@ class FastDenoiser:
     config: FastConfig = field(default_factory=FastConfig)
     eos_ids: Sequence[int] = ()
     compiled: bool | None = None
-    positions: int = 0  # decoder positions computed (summed over rows and passes)
+    positions: int = 0  # decoder positions computed (summed over batch rows and passes)
     passes: int = 0
     exact: list[float] = field(default_factory=list)  # per committed canvas (and row), with config.check
     sizes: dict[int, int] = field(default_factory=dict)  # passes run at each decoder input size
@@ -363,7 +363,7 @@ class FastDenoiser:
             mx.eval(state, passes, result.active, *(stores or []))
             self.passes += 1
             self.sizes[size] = self.sizes.get(size, 0) + 1
-            self.positions += size * int(live.sum().item()) if B > 1 else size
+            self.positions += size * B  # the pass computes every row, finished ones too
             yield StepEvent(canvas_index, n, state.argmax, state.done)
             first = False
             finished, active = (state.done.all().astype(mx.int32), result.active)
