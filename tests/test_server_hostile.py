@@ -86,7 +86,7 @@ def test_health_answers_while_a_prompt_is_tokenized(server, monkeypatch):
     t.start()
     try:
         assert entered.wait(60)
-        r = httpx.get(f"{base(server)}/health", timeout=5)  # would time out with the loop blocked
+        r = httpx.get(f"{base(server)}/health", timeout=30)  # would time out with the loop blocked (held 60 s)
         assert r.status_code == 200
     finally:
         release.set()
