@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..distributed import agree, broadcast_json, launched_group
+from ..errors import DGemmaError
 from .protocol import Plan
 
 if TYPE_CHECKING:
@@ -24,8 +25,11 @@ log = logging.getLogger("mlx_dgemma.server")
 def announce(plan: Plan | None) -> None:
     """On rank 0: send ``plan`` (``None``: stop) to the followers. Does nothing in a single process."""
     group = launched_group()
-    if group is not None:
-        broadcast_json(None if plan is None else dataclasses.asdict(plan), group)
+    if group is None:
+        return
+    if plan is not None and plan.image_prompt is not None:  # pixels do not travel as JSON
+        raise DGemmaError("images are not served on several ranks yet: run the server as one process for images")
+    broadcast_json(None if plan is None else dataclasses.asdict(plan), group)
 
 
 def cancelled(job: Job) -> bool:
