@@ -50,8 +50,8 @@ def has_images(prompt: Any) -> bool:
     """True when chat messages carry image content parts."""
     if isinstance(prompt, str) or prompt is None:
         return False
-    return any(isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES
-               for m in prompt if isinstance(m.get("content"), list) for p in m["content"])
+    return any(isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES  # token ids (mlx-lm's way) have none
+               for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), list) for p in m["content"])
 
 
 def split_images(prompt: Any, images: Sequence[ImageInput] | None, placeholder: str) -> tuple[Any, list]:

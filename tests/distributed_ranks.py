@@ -52,7 +52,7 @@ def main() -> int:
         ids = list(tokenizer.encode(PROMPT))
         results[f"{name}/logits"], results[f"{name}/logits_sc"] = logits(model, ids)
         for drafter in ("none", "auto"):
-            text = generate(model, tokenizer, PROMPT, 40, seed=3, drafter=drafter)
+            text = generate(model, tokenizer, PROMPT, max_tokens=40, seed=3, drafter=drafter)
             results[f"{name}/text_{drafter}"] = np.array(json.dumps(text))
     if args.mismatch:  # each rank loads its own folder: they must refuse to work together
         try:

@@ -78,7 +78,7 @@ def single(ranks):
 @pytest.fixture(scope="module")
 def answers(single):
     """One process's seeded answers, per model and drafter."""
-    return {(name, drafter): generate(model, tokenizer, PROMPT, 40, seed=3, drafter=drafter)
+    return {(name, drafter): generate(model, tokenizer, PROMPT, max_tokens=40, seed=3, drafter=drafter)
             for name, (model, tokenizer) in single.items() for drafter in ("none", "auto")}
 
 

@@ -225,11 +225,11 @@ def test_generate_with_images_on_the_demo_model():
 
     model, tokenizer = load()
     image = np.full((32, 40, 3), 128, np.uint8)
-    text = generate(model, tokenizer, "Describe the image.", 8, images=[image], drafter="none")
+    text = generate(model, tokenizer, "Describe the image.", max_tokens=8, images=[image], drafter="none")
     parts = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe."}]}]
-    assert isinstance(text, str) and isinstance(generate(model, tokenizer, parts, 8, drafter="none"), str)
+    assert isinstance(text, str) and isinstance(generate(model, tokenizer, parts, max_tokens=8, drafter="none"), str)
     with pytest.raises(GenerationError, match="patches along one side"):
-        generate(model, tokenizer, "Describe.", 8, images=[np.zeros((4, 400, 3), np.uint8)])
+        generate(model, tokenizer, "Describe.", max_tokens=8, images=[np.zeros((4, 400, 3), np.uint8)])
 
 
 def test_images_for_a_text_only_checkpoint_is_one_line(tmp_path):
@@ -247,7 +247,7 @@ def test_images_for_a_text_only_checkpoint_is_one_line(tmp_path):
     model, tokenizer = load(folder)
     assert model.vision_args is None
     with pytest.raises(GenerationError, match="no vision tower"):
-        generate(model, tokenizer, "Describe it.", 8, images=[np.zeros((32, 32, 3), np.uint8)])
+        generate(model, tokenizer, "Describe it.", max_tokens=8, images=[np.zeros((32, 32, 3), np.uint8)])
 
 
 def test_bad_images_are_one_line(tmp_path):
@@ -357,4 +357,4 @@ def test_more_image_tokens_than_the_context_is_one_line():
     model, tokenizer = load()
     images = [np.full((32, 40, 3), 9 * i, np.uint8) for i in range(6)]  # 6 x 252 soft tokens > 1024 positions
     with pytest.raises(GenerationError, match=r"for images\), over the 1024-token context"):
-        generate(model, tokenizer, "Describe them.", 8, images=images)
+        generate(model, tokenizer, "Describe them.", max_tokens=8, images=images)
