@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_dgemma.errors import CheckpointError
 from mlx_dgemma.hf_export import export_hf
@@ -87,3 +87,27 @@ def test_plain_export_is_the_original_checkpoint(exported):
 def test_export_refuses_to_overwrite_the_base():
     with pytest.raises(CheckpointError, match="base model's folder"):
         export_hf(load_model(DEFAULT_MODEL), DEFAULT_MODEL, DEFAULT_MODEL)
+
+
+def test_train_fuse_hf_layout_writes_what_export_hf_writes(tmp_path):
+    """``mlx_dgemma.train --fuse --hf-layout`` on saved adapters: the same tensors as fusing them and calling
+    ``export_hf`` (whose output transformers loads with our logits, above)."""
+    import json
+
+    from mlx_dgemma.train.cli import main
+
+    model = load_model(DEFAULT_MODEL, mx.float32)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
+    params = [(f"{path}.lora_b", mx.random.normal(m["lora_b"].shape, key=mx.random.key(i)) * 0.05)
+              for i, (path, m) in enumerate(model.named_modules()) if "lora_b" in m]
+    model.update(tree_unflatten(params))
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    mx.save_safetensors(str(adapters / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    (adapters / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "lora_parameters": {"rank": 4, "alpha": 8.0}}))
+    want = export_hf(fuse_lora(model, dequantize=True), DEFAULT_MODEL, tmp_path / "api", dtype=mx.float32)
+    assert main(["--model", str(DEFAULT_MODEL), "--out", str(adapters), "--fuse", "--hf-layout",
+                 "--fused-dtype", "float32", "--fused-out", str(tmp_path / "cli")]) == 0
+    a, b = mx.load(str(want / "model.safetensors")), mx.load(str(tmp_path / "cli" / "model.safetensors"))
+    assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]).item() for k in a)

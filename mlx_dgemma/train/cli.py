@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("fusing")
     out.add_argument("--fuse", action="store_true", help="merge the adapters into a plain model folder")
     out.add_argument("--fused-out", help="where --fuse writes the model (default: OUT_fused)")
+    out.add_argument("--hf-layout", action="store_true",
+                     help="--fuse writes the original Hugging Face layout (transformers, vLLM), unquantized")
     out.add_argument("--fused-dtype", choices=["base", "float32", "bfloat16", "float16"], default="base",
                      help="dtype of the fused weights (default: the base checkpoint's)")
     out.add_argument("--dequantize", action="store_true",
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
     from ..loader import DEFAULT_MODEL, load_model, load_tokenizer, resolve
-    from .lora import load_adapters, save_fused
+    from .lora import load_adapters
 
     check_args(args)
     cfg = _train_config(args)  # before the model loads: bad numbers fail at once
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         if args.test:
             _test(args, model, tokenizer, out, cfg)
         if args.fuse:
-            save_fused(model, folder, fused_out, _fused_dtype(args.fused_dtype, folder), args.dequantize)
+            _fuse(args, model, folder, fused_out)
             print(f"fused {out} into {folder.name}: {fused_out}")
         return 0
     mx.random.seed(args.seed)  # the LoRA initialisation
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     if args.test:
         _test(args, model, tokenizer, out, cfg)
     if args.fuse:
-        save_fused(model, folder, fused_out, _fused_dtype(args.fused_dtype, folder), args.dequantize)
+        _fuse(args, model, folder, fused_out)
         print(f"fused model: {fused_out}")
     return 0
 
@@ -253,6 +255,23 @@ def _dtype(name: str):
     if name == "auto":
         return mx.float32 if mx.default_device() == mx.cpu else None
     return getattr(mx, name)
+
+
+def _fuse(args: argparse.Namespace, model: Any, folder: Path, fused_out: Path) -> None:
+    """Merge the adapters and write the model: our (mlx-community) layout, or with ``--hf-layout`` the original
+    Hugging Face one (``hf_export``: dequantized, bfloat16 unless ``--fused-dtype`` says otherwise)."""
+    from .lora import fuse_lora, save_fused
+
+    if not args.hf_layout:
+        save_fused(model, folder, fused_out, _fused_dtype(args.fused_dtype, folder), args.dequantize)
+        return
+    import mlx.core as mx
+
+    from ..hf_export import export_hf
+
+    fuse_lora(model, dequantize=True)
+    dtype = mx.bfloat16 if args.fused_dtype == "base" else _fused_dtype(args.fused_dtype, folder)
+    export_hf(model, folder, fused_out, dtype)
 
 
 def _fused_dtype(name: str, folder: Path):
