@@ -18,6 +18,12 @@ import pytest
 import mlx_dgemma  # noqa: F401 (before any test module imports mlx.core: on Linux it preloads OpenBLAS)
 
 ROOT = Path(__file__).resolve().parent
+# Demo-task prompts (the embedded model's task) that the drafter and fast-mode tests share.
+DEMO_PROMPTS = [
+    "Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi.",
+    "Extract the person as JSON: Bob (51) works as an editor in Lima and speaks French.",
+    "JSON record for this text: From Kyoto: Iris, chef, 27 years old, fluent in German and Swahili.",
+]
 MAKE_FIXTURE = ROOT / "reference" / "make_fixture.py"
 
 BASE_TEXT = {

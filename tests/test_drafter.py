@@ -21,12 +21,9 @@ from mlx_dgemma.drafter import (
 from mlx_dgemma.drafter import train as drafter_train
 from mlx_dgemma.sampler import SamplerConfig, entropy, process_logits
 from mlx_dgemma.verify import Proposal, VerifyConfig
+from tests.conftest import DEMO_PROMPTS
 
-PROMPTS = [
-    "Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi.",
-    "Extract the person as JSON: Bob (51) works as an editor in Lima and speaks French.",
-    "JSON record for this text: From Kyoto: Iris, chef, 27 years old, fluent in German and Swahili.",
-]
+PROMPTS = DEMO_PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,9 @@ from mlx_dgemma.generation import encode_prompt
 from mlx_dgemma.loop import CommitEvent, generate_tokens, prefill
 from mlx_dgemma.memory import MemoryWarning, wired_limit
 from mlx_dgemma.sampler import SamplerConfig, init_history
+from tests.conftest import DEMO_PROMPTS
 
-PROMPTS = [
-    "Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi.",
-    "Extract the person as JSON: Bob (51) works as an editor in Lima and speaks French.",
-    "JSON record for this text: From Kyoto: Iris, chef, 27 years old, fluent in German and Swahili.",
-]
+PROMPTS = DEMO_PROMPTS
 
 
 @pytest.fixture(scope="module")
