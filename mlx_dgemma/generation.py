@@ -366,9 +366,6 @@ def stream_generate(
                                  json_schema, infill)
     if infill is not None:
         session = None  # a draft would overwrite the held positions of the canvas it starts
-    if constraint is not None and fast:
-        raise GenerationError("fast decoding does not combine with response_format, json_schema or infill yet "
-                              "(its sparse passes skip the step that enforces them): leave fast off")
 
     mx.reset_peak_memory()
     start = time.perf_counter()

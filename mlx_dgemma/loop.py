@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from .cache import DiffusionCache
 from .constrain import Constraint, constrained_step, start_canvas
+from .errors import GenerationError
 from .model import Model
 from .sampler import SamplerConfig, StepOutput, denoise_step, finalize_canvas, init_history, initial_canvas
 from .verify import DraftSession, Proposal, VerifyConfig, agreement, draft_start
@@ -180,6 +181,9 @@ def generate_tokens(
     fast mode passes a ``fast.FastDenoiser``; without it this is the reference's loop. With ``constraint`` (``constrain.py``; batch of one row), every step's
     argmax is projected onto it and its held positions are written into each canvas.
     """
+    if denoiser is not None and constraint is not None:  # a denoiser runs its own step, not the projecting one
+        raise GenerationError("fast decoding does not combine with response_format, json_schema or infill yet "
+                              "(its sparse passes skip the step that enforces them): leave fast off")
     denoise = denoiser or denoise_canvas
     a = model.args
     key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))

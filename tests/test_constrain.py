@@ -13,6 +13,7 @@ import pytest
 from mlx_dgemma import DEFAULT_MODEL, load
 from mlx_dgemma.config import ModelArgs
 from mlx_dgemma.constrain import ConstraintError
+from mlx_dgemma.errors import GenerationError
 from mlx_dgemma.generation import Commit, Done, stream_generate
 from mlx_dgemma.loader import load_tokenizer, read_config
 from mlx_dgemma.model import Model
@@ -138,6 +139,14 @@ def test_bad_input_is_one_line(random_model, kw, words):
         answer(model, tokenizer, **kw)
     assert words in str(e.value) and "\n" not in str(e.value)
 
+
+
+def test_fast_mode_with_a_grammar_is_one_line(random_model):
+    """Fast mode's denoiser does not run the projecting step: the loop refuses the pair, not silently drops one."""
+    model, tokenizer = random_model
+    with pytest.raises(GenerationError) as e:
+        answer(model, tokenizer, max_tokens=24, json_schema={"type": "object"}, fast=True)
+    assert "leave fast off" in str(e.value) and "\n" not in str(e.value)
 
 def test_server_response_format_through_the_openai_client():
     import openai
