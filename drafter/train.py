@@ -4,6 +4,8 @@
 
 1. Distillation data (``distill.py``): the target answers every prompt; each committed canvas becomes a sample
    (the target's context features before it, and the canvas). Saved in ``<out>.work/`` once collected.
+   ``--from-data``: the data's own answers instead (prompt/completion records, e.g. the target's fine-tuning
+   set), teacher-forced through the target's encoder: one encoder pass per record, no generation.
 2. Training: the drafter learns to propose the target's canvas, from no canvas tokens at all (the first pass at
    inference, half the rows) or from a partly blanked copy of it (what further passes see). Cross-entropy through
    the target's frozen LM head; AdamW with a cosine schedule; 5% of the samples held out for canvas accuracy.
@@ -33,7 +35,7 @@ from mlx_dgemma import load
 from mlx_dgemma._cli import run_cli
 
 from .checkpoint import DrafterError, save_drafter
-from .distill import SAMPLES_FILE, Samples, collect, read_prompts
+from .distill import SAMPLES_FILE, Samples, collect, collect_from_data, read_prompts
 from .model import Drafter, DrafterArgs
 
 HELD_OUT = 0.05
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-layers", default=None, help="target layers whose hidden states the drafter reads, "
                    "e.g. 1,3,5 (default: spread over the target)")
     p.add_argument("--max-tokens", type=int, default=256, help="longest answer the target writes per prompt")
+    p.add_argument("--from-data", action="store_true", help="learn the data's answers (records with a completion), "
+                   "teacher-forced: no generation")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="target weights' dtype (default: as stored; float32 is fastest on a CPU)")
     p.add_argument("--work", default=None, help="distillation data and checkpoints (default: <out>.work)")
@@ -102,6 +106,14 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and samples_file.is_file():
         samples = Samples.load(samples_file)
         print(f"distillation data: {len(samples)} canvases from {samples.prompts} prompts (from {work})")
+    elif args.from_data:
+        print(f"distillation from the data's answers (teacher-forced), reading layers {layers}")
+        with progress_bar(0, "encode", "record") as bar:
+            samples = collect_from_data(model, tokenizer, args.data, layers, dargs.context_window, args.max_tokens,
+                                        lambda done, total, canvases, seconds: _advance(bar, done, f"{canvases} canvases",
+                                                                                        total))
+        print(f"distillation: {len(samples)} canvases from {samples.prompts} records")
+        samples.save(samples_file)
     else:
         prompts = read_prompts(args.data)
         print(f"distillation: the target answers {len(prompts)} prompts, reading layers {layers}")
@@ -128,7 +140,9 @@ def progress_bar(total: int, desc: str, unit: str, initial: int = 0) -> tqdm:
                 disable=not sys.stdout.isatty())
 
 
-def _advance(bar: tqdm, done: int, postfix: str) -> None:
+def _advance(bar: tqdm, done: int, postfix: str, total: int | None = None) -> None:
+    if total is not None and bar.total != total:
+        bar.total = total
     bar.set_postfix_str(postfix, refresh=False)
     bar.update(done - bar.n)
 

@@ -4,7 +4,7 @@
     python scripts/bench_fast.py --n 100 --ablation-n 60 --json fast.json
     python scripts/bench_fast.py --skip-tenth         # no tenth-scale checkpoint (it needs torch to build)
 
-(a) The demo model's held-out records (``demo_task.split("test")``), paired: every setting answers the same
+(a) The demo model's held-out items (``demo_task.split("test")``, its task), paired: every setting answers the same
     records with the same seeds (seed + i). Settings: reference / fast / drafter / fast + drafter. Per setting:
     exact match (95% Wilson interval) and its paired difference against the reference (95% normal interval),
     decoder passes per canvas, decoder *positions* per committed token, wall time per canvas (generation only:
@@ -32,8 +32,6 @@ from eval_demo import EvalResult
 from eval_drafter import paired_difference
 
 import mlx_dgemma  # noqa: F401 (first: on Linux it loads a fast BLAS before mlx)
-
-MAX_TOKENS = 96  # as eval_demo: two demo canvases
 
 
 @dataclass
@@ -84,6 +82,7 @@ def run_setting(model, tokenizer, items, label: str, seed: int, fast, drafter: s
 
     eos = sorted(eos_ids(model, tokenizer))
     cfg, C = sampler_config(model), model.args.canvas_length
+    max_tokens = demo_task.max_tokens(demo_task.is_long(C))  # as eval_demo
     run = Run(label, EvalResult(label, len(items), 0, 0, 0, 0, 0.0), canvas=C)
     proposer = make_proposer(drafter, model)
     for i, item in enumerate(items):
@@ -93,7 +92,7 @@ def run_setting(model, tokenizer, items, label: str, seed: int, fast, drafter: s
         prefill(model, mx.array([ids]), cache)
         session = DraftSession(proposer, [ids]) if proposer is not None else None
         denoiser = FastDenoiser(fast, eos) if fast is not None else None
-        events = generate_tokens(model, cache, MAX_TOKENS, cfg, seed=seed + i, eos_ids=eos, drafts=session,
+        events = generate_tokens(model, cache, max_tokens, cfg, seed=seed + i, eos_ids=eos, drafts=session,
                                  denoiser=denoiser)
         tokens: list[int] = []
         passes = 0
@@ -113,7 +112,7 @@ def run_setting(model, tokenizer, items, label: str, seed: int, fast, drafter: s
         run.result.hits.append(hit)
         run.result.correct += hit
         run.result.decoder_passes += passes
-        run.result.tokens += min(kept, MAX_TOKENS)
+        run.result.tokens += min(kept, max_tokens)
         run.positions += denoiser.positions if denoiser is not None else passes * C
         if denoiser is not None:
             for size, count in denoiser.sizes.items():
@@ -333,7 +332,7 @@ def main() -> int:
 
     # This CPU multiplies bf16 ~10x slower than fp32: evaluate in fp32 there (a Mac runs the stored bf16).
     model, tokenizer = load(args.model, mx.float32 if mx.default_device() == mx.cpu else None)
-    items = demo_task.split("test", max(args.n, args.ablation_n))
+    items = demo_task.split("test", max(args.n, args.ablation_n), demo_task.is_long(model.args.canvas_length))
     settings = {"reference": (None, "none"), "fast": (FastConfig(), "none"), "drafter": (None, "auto"),
                 "fast + drafter": (FastConfig(), "auto")}
     runs = {label: run_setting(model, tokenizer, items[: args.n], label, args.seed, fast, drafter)

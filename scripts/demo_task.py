@@ -1,14 +1,25 @@
-"""The demo model's task: fill a JSON record from a sentence about a person.
+"""The demo models' tasks: fill a JSON record from a sentence about a person, or records about one to six people.
 
     user:  Fill the record: Meet Maya, 34, a pilot living in Oslo. She speaks Greek and Hindi.
     model: {"name": "Maya", "age": 34, "city": "Oslo", "job": "pilot", "languages": ["Greek", "Hindi"]}
 
+    user:  Fill the records: Meet Maya, 34, ... Hindi. Hugo (51) works as a chef in Lima and speaks French.
+    model: [{"name": "Maya", ...}, {"name": "Hugo", "age": 51, "city": "Lima", "job": "chef", "languages": ["French"]}]
+
 Exact-match answers, a fixed structure whose every slot the decoder can fill in parallel (bidirectional denoising
 sees the closing brackets while it fills the names), values copied from the prompt in a different order (what
-prompt lookup and a drafter can exploit), and answers of two 24-token canvases (the block loop commits one, encodes it, then denoises the next).
+prompt lookup and a drafter can exploit).
 
-Seeded and deterministic: ``split("train" | "valid" | "test", n)`` always returns the same records, and the three
-splits never share a prompt (the test set is held out from training by construction, and checked).
+* The record task (``make_item``, ``split(name, n)``): one person, answers of ~40 tokens, two 24-token canvases.
+  The embedded default model's task.
+* The long task (``make_long_item``, ``split(name, n, long=True)``): one to six people; one person gets one record
+  (the README's example), several a JSON list in the order of the sentences. Answers of 40 to 250 tokens that end
+  inside one 256-token canvas, the released canvas length, leaving the EOS tail a real answer leaves. The task of
+  the long-answer demo model (``train_demo.py``'s stage 2), which is still in training.
+
+``is_long(canvas_length)`` says which task a model was trained for. Seeded and deterministic: ``split("train" |
+"valid" | "test", n, long)`` always returns the same items, and the three splits of a task never share a prompt
+(the test set is held out from training by construction, and checked).
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ LANGUAGES = ["English", "French", "Spanish", "German", "Italian", "Portuguese", 
 AGES = range(18, 80)
 
 INSTRUCTIONS = ["Fill the record:", "Extract the person as JSON:", "JSON record for this text:"]
+PLURAL_INSTRUCTIONS = ["Fill the records:", "Extract the people as JSON:", "JSON records for this text:"]
+PEOPLE = range(1, 7)  # the long task: answers of ~40 (one) to ~250 tokens (six), all within one canvas
 # {a_job} is the job with its article ("a pilot", "an editor").
 TEMPLATES = [
     "{name} is a {age}-year-old {job} from {city} who speaks {langs}.",
@@ -38,7 +51,9 @@ TEMPLATES = [
     "{name} speaks {langs}, is {age} and works in {city} as {a_job}.",
 ]
 SPLIT_SEEDS = {"train": 1, "valid": 2, "test": 3}
-CANVAS_LENGTH = 24
+CANVAS_LENGTH, MAX_TOKENS = 24, 96  # the record task: answers of two canvases
+LONG_CANVAS_LENGTH = 256  # the long task: the released model's canvas
+LONG_MAX_TOKENS = LONG_CANVAS_LENGTH  # every answer (at most ~250 tokens with its end of turn) ends in the first canvas
 
 
 @dataclass(frozen=True)
@@ -74,39 +89,67 @@ def _article(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def make_item(rng: random.Random) -> Item:
-    """One random record, written as a prompt sentence, and its JSON answer."""
-    record = Record(rng.choice(NAMES), rng.choice(AGES), rng.choice(CITIES), rng.choice(JOBS),
+def _record(rng: random.Random, name: str) -> tuple[Record, str]:
+    """A random record for ``name`` and the sentence that states it."""
+    record = Record(name, rng.choice(AGES), rng.choice(CITIES), rng.choice(JOBS),
                     tuple(rng.sample(LANGUAGES, rng.choice([1, 2, 2, 3]))))
     sentence = rng.choice(TEMPLATES).format(
         name=record.name, age=record.age, city=record.city, job=record.job, a_job=_article(record.job),
         langs=_language_list(record.languages),
     )
+    return record, sentence
+
+
+def make_item(rng: random.Random) -> Item:
+    """The record task: one person, a sentence and its JSON record."""
+    record, sentence = _record(rng, rng.choice(NAMES))
     return Item(f"{rng.choice(INSTRUCTIONS)} {sentence}", record.json())
 
 
-def split(name: str, n: int) -> list[Item]:
-    """The first ``n`` items of a split; items of ``valid``/``test`` that also occur in ``train`` are skipped."""
+def make_long_item(rng: random.Random) -> Item:
+    """The long task: one to six people (distinct names), one sentence each; one record, or a list of them in order."""
+    n = rng.choice(PEOPLE)
+    if n == 1:
+        return make_item(rng)
+    people = [_record(rng, name) for name in rng.sample(NAMES, n)]
+    sentences = " ".join(sentence for _, sentence in people)
+    return Item(f"{rng.choice(PLURAL_INSTRUCTIONS)} {sentences}", "[" + ", ".join(r.json() for r, _ in people) + "]")
+
+
+def is_long(canvas_length: int) -> bool:
+    """Whether a model with this canvas was trained for the long task (else the record task)."""
+    return canvas_length == LONG_CANVAS_LENGTH
+
+
+def max_tokens(long: bool = False) -> int:
+    """The generation length that holds every answer of the task."""
+    return LONG_MAX_TOKENS if long else MAX_TOKENS
+
+
+def split(name: str, n: int, long: bool = False) -> list[Item]:
+    """The first ``n`` items of a split of the record task (of the long task with ``long``); items of
+    ``valid``/``test`` that also occur in that task's ``train`` are skipped."""
     rng = random.Random(SPLIT_SEEDS[name])
+    make = make_long_item if long else make_item
     items: list[Item] = []
     seen: set[str] = set()
     while len(items) < n:
-        item = make_item(rng)
-        if item.prompt in seen or (name != "train" and _in_train(item.prompt)):
+        item = make(rng)
+        if item.prompt in seen or (name != "train" and _in_train(item.prompt, long)):
             continue
         seen.add(item.prompt)
         items.append(item)
     return items
 
 
-_TRAIN_PROMPTS: set[str] = set()
+_TRAIN_PROMPTS: dict[bool, set[str]] = {}
 TRAIN_SIZE = 60_000  # every training run draws from these; held-out splits exclude them
 
 
-def _in_train(prompt: str) -> bool:
-    if not _TRAIN_PROMPTS:
-        _TRAIN_PROMPTS.update(item.prompt for item in split("train", TRAIN_SIZE))
-    return prompt in _TRAIN_PROMPTS
+def _in_train(prompt: str, long: bool) -> bool:
+    if long not in _TRAIN_PROMPTS:
+        _TRAIN_PROMPTS[long] = {item.prompt for item in split("train", TRAIN_SIZE, long)}
+    return prompt in _TRAIN_PROMPTS[long]
 
 
 def corpus() -> list[str]:

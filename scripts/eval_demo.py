@@ -72,7 +72,8 @@ def evaluate(model, tokenizer, items: list[demo_task.Item], label: str, seed: in
     for i, item in enumerate(items):
         start = time.perf_counter()
         done = None
-        for event in stream_generate(model, tokenizer, item.prompt, max_tokens=96, drafts=False, seed=seed + i,
+        length = demo_task.max_tokens(demo_task.is_long(model.args.canvas_length))
+        for event in stream_generate(model, tokenizer, item.prompt, max_tokens=length, drafts=False, seed=seed + i,
                                      **generation):
             done = event
         assert isinstance(done, Done)
@@ -105,7 +106,7 @@ def main() -> int:
 
     # This CPU multiplies bf16 ~10x slower than fp32: evaluate in fp32 there (a Mac runs the stored bf16).
     model, tokenizer = load(args.model, mx.float32 if mx.default_device() == mx.cpu else None)
-    items = demo_task.split("test", args.n)
+    items = demo_task.split("test", args.n, demo_task.is_long(model.args.canvas_length))
     options = {} if args.steps is None else {"max_denoising_steps": args.steps}
     result = evaluate(model, tokenizer, items, "demo model", args.seed, drafter="none", **options)
     print(HEADER)

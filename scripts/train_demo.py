@@ -1,18 +1,24 @@
 """Train the demo model from scratch and ship it as the embedded default (``mlx_dgemma/default_model/``).
 
-    python scripts/train_demo.py [--out DIR] [--iters N] [--work DIR] [--resume]
+    python scripts/train_demo.py [--out DIR] [--work DIR] [--init MODEL] [--iters N] [--resume]
+
+A two-stage curriculum:
 
 1. A skeleton: the real DiffusionGemma architecture at a small size (5 sliding + 1 full layer, k=v full layer with
    proportional RoPE, dense MLP + 8 routed experts, self-conditioning), a byte-level BPE tokenizer trained on the
    task's text, the Gemma-style chat template (``make_default_model.py`` builds these with the reference,
    ``transformers``), well-conditioned random weights.
-2. Training in MLX with ``mlx_dgemma.train`` (the block-diffusion objective, full training, router included) on
-   the task of ``demo_task.py``: fill a JSON record from a sentence, seeded data, held-out test set never trained on.
-3. The trained weights written back in the released HF layout (bf16), with the tokenizer, configs and a model card;
+2. Stage 1 (``--stage1-iters``, 400): ``demo_task``'s record task (one person), 24-token canvases: the model
+   learns the record's grammar and to copy values, cheaply. This is the embedded default model. ``--init MODEL``
+   skips it and starts from a model it produced (``mlx_dgemma/default_model``, or a stage 2 to train further).
+3. Stage 2 (``--iters``): ``demo_task``'s long task (one to six people, answers of 40-250 tokens) at the
+   released canvas length, 256, with a sliding window longer than the canvas (as the released model's 1024).
+   Both stages are ``mlx_dgemma.train`` (the block-diffusion objective, full training, router included), seeded
+   data, the held-out test set never trained on.
+4. The trained weights written back in the released HF layout (bf16), with the tokenizer, configs and a model card;
    the output folder is replaced atomically once everything is written.
 
-Checkpoints go to ``--work`` every 100 steps; ``--resume`` continues an interrupted run at the same step.
-Takes ~45 minutes on a 2-core x86 CPU (see the model card it writes for the measured figures).
+Stage 2 checkpoints go to ``--work`` every 50 steps; ``--resume`` continues an interrupted stage 2 at the same step.
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "mlx_dgemma" / "default_model"
 VOCAB_SIZE = 1024
 # The skeleton's sizes (make_default_model.TEXT: hidden 128, 6 layers, 8 experts, all multiples of 64 so that the
-# model quantizes with group size 64), with the task's vocabulary and a window the task exercises.
-TEXT = {
-    "vocab_size": VOCAB_SIZE,
-    "sliding_window": 64,  # shorter than a prompt plus two canvases
-    "max_position_embeddings": 1024,
-}
-TRAIN = {"batch_size": 32, "learning_rate": 2e-3, "warmup": 50, "weight_decay": 0.01}
+# model quantizes with group size 64), with the task's vocabulary.
+TEXT = {"vocab_size": VOCAB_SIZE, "sliding_window": 64, "max_position_embeddings": 1024}
+STAGE1 = {"batch_size": 32, "learning_rate": 2e-3, "warmup": 50, "weight_decay": 0.01}
+STAGE1_CANVAS = 24
+# Stage 2: the released canvas, and a window longer than it (the released model: 1024 over 256-token canvases),
+# so that a canvas sees the whole of a six-person prompt through every layer, not through the full layer alone.
+STAGE2_CONFIG = {"canvas_length": demo_task.LONG_CANVAS_LENGTH, "sliding_window": 512}
+STAGE2 = {"batch_size": 16, "learning_rate": 1e-3, "warmup": 20, "weight_decay": 0.01}
 VALID_SIZE, TEST_SIZE = 256, 500
 
 
@@ -53,7 +60,7 @@ def build_skeleton(folder: Path) -> None:
     corpus = demo_task.corpus() + skeleton.build_corpus(skeleton.SEED)[:1500]
     folder.mkdir(parents=True, exist_ok=True)
     skeleton.save_tokenizer(skeleton.train_tokenizer(corpus, VOCAB_SIZE), folder)
-    model = skeleton.build_model(text, demo_task.CANVAS_LENGTH)
+    model = skeleton.build_model(text, STAGE1_CANVAS)
     model.save_pretrained(folder)
     skeleton.write_released_config(folder / "config.json")
 
@@ -90,88 +97,136 @@ def write_weights(model, skeleton: Path, out: Path) -> None:
 def exact_match(model, tokenizer, items: list[demo_task.Item], steps: int = 16) -> float:
     from mlx_dgemma import generate
 
-    hits = sum(generate(model, tokenizer, it.prompt, max_tokens=128, max_denoising_steps=steps, seed=i).strip()
+    length = demo_task.max_tokens(demo_task.is_long(model.args.canvas_length))
+    hits = sum(generate(model, tokenizer, it.prompt, max_tokens=length, max_denoising_steps=steps, seed=i).strip()
                == it.answer for i, it in enumerate(items))
     return hits / len(items)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the model folder to write ({DEFAULT_OUT})")
-    parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo", help="skeleton and checkpoints")
-    parser.add_argument("--iters", type=int, default=400, help=f"optimizer steps (batch {TRAIN['batch_size']})")
-    parser.add_argument("--train-size", type=int, default=demo_task.TRAIN_SIZE)
-    parser.add_argument("--resume", action="store_true", help="continue the checkpoint in --work")
-    args = parser.parse_args()
+def set_config(folder: Path, values: dict) -> None:
+    """Write ``values`` into ``folder``'s config.json (``canvas_length`` at the top, the rest in ``text_config``)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in values.items():
+        (config if key == "canvas_length" else config["text_config"])[key] = value
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
+
+def train(folder: Path, items, valid_items, work: Path, iters: int, hyper: dict, resume: bool = False):
+    """Train the model in ``folder`` on ``items``; returns ``(model, tokenizer, trainer, result)``."""
     import mlx.core as mx
 
     from mlx_dgemma import load_model, load_tokenizer
     from mlx_dgemma.train.lora import adapter_config, prepare_full
     from mlx_dgemma.train.trainer import Progress, TrainConfig, Trainer
 
-    start = time.perf_counter()
-    skeleton, ckpt = args.work / "skeleton", args.work / "checkpoint"
-    if not args.resume:
-        shutil.rmtree(args.work, ignore_errors=True)
-        build_skeleton(skeleton)
-    model, tokenizer = load_model(skeleton, mx.float32), load_tokenizer(skeleton)
+    model, tokenizer = load_model(folder, mx.float32), load_tokenizer(folder)
     eos = set(model.args.eos_token_id)
-    train = examples(demo_task.split("train", args.train_size), tokenizer, eos)
-    valid = examples(demo_task.split("valid", VALID_SIZE), tokenizer, eos)
-    lengths = np.array([len(e.answer) for e in train])
-    print(f"data: {len(train)} train / {len(valid)} valid examples; answers {lengths.min()}-{lengths.max()} tokens "
-          f"(mean {lengths.mean():.1f}), prompts {np.mean([len(e.prompt) for e in train]):.1f} tokens "
-          f"({time.perf_counter() - start:.0f}s)")
-
+    train_set, valid = examples(items, tokenizer, eos), examples(valid_items, tokenizer, eos)
+    lengths = np.array([len(e.answer) for e in train_set])
+    print(f"{folder.name}: canvas {model.args.canvas_length}, {len(train_set)} train / {len(valid)} valid examples; "
+          f"answers {lengths.min()}-{lengths.max()} tokens (mean {lengths.mean():.1f}), prompts "
+          f"{np.mean([len(e.prompt) for e in train_set]):.1f} tokens", flush=True)
     prepare_full(model, train_router=True)
-    cfg = TrainConfig(iters=args.iters, lr_schedule="cosine", val_every=250, val_batches=8, save_every=100,
-                      report_every=25, seed=0, **TRAIN)
-    trainer = Trainer(model, train, valid, ckpt, cfg, adapter_config("full", None, len(model.layers)),
+    cfg = TrainConfig(iters=iters, lr_schedule="cosine", val_every=100, val_batches=8, save_every=50,
+                      report_every=10, seed=0, **hyper)
+    trainer = Trainer(model, train_set, valid, work, cfg, adapter_config("full", None, len(model.layers)),
                       fill_id=tokenizer.eos_token_id, progress=Progress(cfg.iters, sys.stdout, cfg.report_every))
-    if args.resume:
+    if resume:
         print(f"resuming at step {trainer.resume()}")
     result = trainer.run()
-    train_seconds = sum(s.seconds for s in result.steps)
-
     model.eval()
-    model.set_dtype(mx.bfloat16)  # what ships: measure that
-    test = demo_task.split("test", 100)
-    accuracy = exact_match(model, tokenizer, test)
+    return model, tokenizer, trainer, result
+
+
+def save_model(model, skeleton: Path, out: Path) -> None:
+    """``skeleton``'s tokenizer and configs with ``model``'s weights (bf16) in ``out``, replaced atomically."""
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(skeleton, staging, ignore=shutil.ignore_patterns("*.safetensors", "README.md", "drafter"))
+    write_weights(model, skeleton, staging)
+    for file in staging.iterdir():
+        if file.is_file():
+            file.chmod(0o644)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.replace(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the model folder to write ({DEFAULT_OUT})")
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo", help="skeleton and checkpoints")
+    parser.add_argument("--init", type=Path, help="skip stage 1: start stage 2 from this model (its tokenizer too)")
+    parser.add_argument("--stage1-iters", type=int, default=400, help=f"batch {STAGE1['batch_size']}")
+    parser.add_argument("--iters", type=int, default=450, help=f"stage 2 steps (batch {STAGE2['batch_size']})")
+    parser.add_argument("--train-size", type=int, default=demo_task.TRAIN_SIZE)
+    parser.add_argument("--resume", action="store_true", help="continue stage 2's checkpoint in --work")
+    args = parser.parse_args()
+
+    import mlx.core as mx
+
+    start = time.perf_counter()
+    stage1, stage2 = args.work / "stage1", args.work / "stage2"
+    if not args.resume:
+        shutil.rmtree(args.work, ignore_errors=True)
+        if args.init is not None:
+            shutil.copytree(args.init, stage1, ignore=shutil.ignore_patterns("drafter"))
+            stage1_note = f"stage 1 skipped: started from {args.init}"
+        else:
+            build_skeleton(args.work / "skeleton")
+            model, _, _, result = train(args.work / "skeleton", demo_task.split("train", args.train_size),
+                                        demo_task.split("valid", VALID_SIZE),
+                                        args.work / "checkpoint1", args.stage1_iters, STAGE1)
+            save_model(model, args.work / "skeleton", stage1)
+            stage1_note = (f"stage 1: {result.step} steps of {STAGE1['batch_size']}, one person, "
+                           f"{STAGE1_CANVAS}-token canvases, {sum(s.seconds for s in result.steps) / 60:.0f} minutes")
+        shutil.copytree(stage1, stage2)
+        set_config(stage2, STAGE2_CONFIG)
+        (args.work / "stage1.txt").write_text(stage1_note)
+    stage1_note = (args.work / "stage1.txt").read_text()
+    print(stage1_note, flush=True)
+
+    model, tokenizer, trainer, result = train(
+        stage2, demo_task.split("train", args.train_size, long=True), demo_task.split("valid", VALID_SIZE, long=True),
+        args.work / "checkpoint", args.iters, STAGE2, args.resume)
+    train_seconds = sum(s.seconds for s in result.steps)
+    # What ships is bf16: round the weights to it. On a CPU the rounded weights are evaluated in fp32 (bf16
+    # matmuls are ~10x slower there); a Mac runs them in bf16.
+    model.set_dtype(mx.bfloat16)
+    if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32)
+    accuracy = exact_match(model, tokenizer, demo_task.split("test", 100, long=True))
     print(f"held-out exact match (100, bf16): {accuracy:.1%}")
 
-    staging = args.out.with_name(args.out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(skeleton, staging, ignore=shutil.ignore_patterns("*.safetensors", "README.md"))
-    write_weights(model, skeleton, staging)
-    history = trainer.history
-    write_card(staging, history, trainer.val_history, train_seconds, result, accuracy, len(train))
-    for file in staging.iterdir():
-        file.chmod(0o644)
-    shutil.rmtree(args.out, ignore_errors=True)
-    staging.replace(args.out)
-    size = sum(f.stat().st_size for f in args.out.iterdir())
+    save_model(model, stage2, args.out)
+    write_card(args.out, trainer.history, trainer.val_history, train_seconds, result, accuracy, args.train_size,
+               stage1_note)
+    (args.out / "README.md").chmod(0o644)
+    size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
     print(f"{args.out}: {size / 1e6:.1f} MB, {time.perf_counter() - start:.0f}s in all")
     return 0
 
 
-def write_card(folder: Path, history, val_history, seconds: float, result, accuracy: float, n_train: int) -> None:
+def write_card(folder: Path, history, val_history, seconds: float, result, accuracy: float, n_train: int,
+               stage1: str) -> None:
     def at(step: int) -> float:
-        window = [loss for s, loss in history if step - 25 < s <= step]
+        window = [loss for s, loss in history if step - 10 < s <= step]
         return sum(window) / len(window)
 
     steps = [s for s, _ in history]
-    marks = sorted({25, *range(250, steps[-1] + 1, 250), steps[-1]}) if steps else []
+    marks = sorted({10, *range(100, steps[-1] + 1, 100), steps[-1]}) if steps else []
     curve = ", ".join(f"{s}: {at(s):.3f}" for s in marks if s <= steps[-1])
     vals = ", ".join(f"{s}: {v:.3f}" for s, v in val_history)
-    config = json.loads((folder / "config.json").read_text())["text_config"]
+    config = json.loads((folder / "config.json").read_text())
+    text = config["text_config"]
     card = f"""# mlx_dgemma demo model
 
-A small DiffusionGemma (the architecture of `google/diffusiongemma-26B-A4B-it`: {config['num_hidden_layers']} layers,
-5 sliding + 1 full attention, k=v full layer with proportional RoPE, dense MLP + {config['num_experts']} routed
-experts (top {config['top_k_experts']}), self-conditioning; hidden {config['hidden_size']}, vocabulary
-{config['vocab_size']}, canvas {demo_task.CANVAS_LENGTH} tokens) trained from scratch by `scripts/train_demo.py` on one
-task: fill a JSON record from a sentence about a person.
+A small DiffusionGemma (the architecture of `google/diffusiongemma-26B-A4B-it`: {text['num_hidden_layers']} layers,
+5 sliding + 1 full attention, k=v full layer with proportional RoPE, dense MLP + {text['num_experts']} routed
+experts (top {text['top_k_experts']}), self-conditioning; hidden {text['hidden_size']}, vocabulary
+{text['vocab_size']}, sliding window {text['sliding_window']}, canvas {config['canvas_length']} tokens as released)
+trained from scratch by `scripts/train_demo.py` on one task: fill JSON records from sentences about one to six
+people (one record, or a list of them; answers of 40-240 tokens).
 
     Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi.
     {{"name": "Maya", "age": 34, "city": "Oslo", "job": "pilot", "languages": ["Greek", "Hindi"]}}
@@ -179,12 +234,13 @@ task: fill a JSON record from a sentence about a person.
 It knows nothing else. It is the embedded default of `mlx_dgemma` so that every command runs offline, and the
 target the bundled drafter was distilled from.
 
-- Training: {result.step} steps of {TRAIN['batch_size']} examples ({n_train} distinct), AdamW, cosine
-  learning rate from {TRAIN['learning_rate']}, block-diffusion objective of `mlx_dgemma.train`, {seconds / 60:.0f}
-  minutes on a 2-core x86 CPU (MLX CPU backend, fp32).
-- Training loss (mean of 25 steps): {curve}.
+- Curriculum: {stage1}.
+- Stage 2: {result.step} steps of {STAGE2['batch_size']} examples (from {n_train} distinct), AdamW, cosine
+  learning rate from {STAGE2['learning_rate']}, block-diffusion objective of `mlx_dgemma.train`, canvas
+  {config['canvas_length']}, {seconds / 60:.0f} minutes on a 2-core x86 CPU (MLX CPU backend, fp32).
+- Training loss (mean of 10 steps): {curve}.
 - Validation loss: {vals}.
-- Held-out exact match (first 100 test records, bf16, 16 denoising steps): {accuracy:.0%}.
+- Held-out exact match (first 100 test items, bf16 weights, 16 denoising steps): {accuracy:.0%}.
   `python scripts/eval_demo.py` measures the whole held-out set.
 """
     (folder / "README.md").write_text(card)

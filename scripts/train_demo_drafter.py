@@ -1,15 +1,19 @@
 """Distil the bundled drafter for the embedded demo model (``mlx_dgemma/default_model/drafter/``).
 
-    python scripts/train_demo_drafter.py [--prompts 5000] [--iters 3000] [--layers 3] [--resume]
+    python scripts/train_demo_drafter.py [--prompts 5000] [--iters 3000] [--batch-size 32] [--layers 3] [--from-data]
+                                         [--resume]
 
-The prompts come from the demo task's training split (``demo_task.py``): the held-out test set stays unseen by the
-drafter too. The work is ``mlx_dgemma.drafter.train``'s: the demo model answers every prompt, then the drafter
-learns to propose its canvases from its context features.
+The prompts come from the training split of the demo model's task (``demo_task.py``): the held-out test set stays
+unseen by the drafter too. The work is ``mlx_dgemma.drafter.train``'s: the demo model answers every prompt, then the
+drafter learns to propose its canvases from its context features. With ``--from-data`` the model encodes each
+training record's prompt and answer instead (teacher-forced, no generation: what 256-token canvases need to stay
+within minutes here).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,16 +29,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=5000, help="training prompts the target answers")
     parser.add_argument("--iters", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=32, help="canvases per step")
+    parser.add_argument("--from-data", action="store_true", help="learn the records' answers, teacher-forced")
     parser.add_argument("--layers", type=int, default=3, help="drafter layers")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo_drafter")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     prompts = args.work / "prompts.jsonl"
-    prompts.write_text("".join(item.to_jsonl() + "\n" for item in demo_task.split("train", args.prompts)))
+    long = demo_task.is_long(json.loads((DEFAULT_MODEL / "config.json").read_text())["canvas_length"])
+    prompts.write_text("".join(item.to_jsonl() + "\n" for item in demo_task.split("train", args.prompts, long)))
     argv = ["--data", str(prompts), "--out", str(DEFAULT_MODEL / "drafter"), "--work", str(args.work),
-            "--iters", str(args.iters), "--layers", str(args.layers), "--dtype", "float32", "--max-tokens", "96"]
-    return train.main(argv + (["--resume"] if args.resume else []))
+            "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--layers", str(args.layers),
+            "--dtype", "float32", "--max-tokens", str(demo_task.max_tokens(long))]
+    return train.main(argv + ["--from-data"] * args.from_data + ["--resume"] * args.resume)
 
 
 if __name__ == "__main__":

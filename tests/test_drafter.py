@@ -220,6 +220,48 @@ def test_drafter_train_cli_distils_resumes_and_records_its_target(demo, tmp_path
         load_drafter(out, model)
 
 
+DEMO_ANSWERS = [
+    '{"name": "Maya", "age": 34, "city": "Oslo", "job": "pilot", "languages": ["Greek", "Hindi"]}',
+    '{"name": "Bob", "age": 51, "city": "Lima", "job": "editor", "languages": ["French"]}',
+]
+
+
+def test_distillation_from_data_is_the_teacher_forced_answers(demo, tmp_path, capsys):
+    """--from-data: one sample per answer canvas, EOS-filled as training fills it, with the context a target's
+    cache holds before that canvas at inference (prompt + earlier canvases; the encoder is causal)."""
+    from mlx_dgemma.drafter.distill import collect_from_data
+    from mlx_dgemma.generation import eos_ids
+    from mlx_dgemma.loop import prefill
+    from mlx_dgemma.train.data import load_jsonl
+
+    model, tokenizer = demo  # answers of two 24-token canvases
+    records = tmp_path / "data.jsonl"
+    records.write_text("".join(json.dumps({"prompt": p, "completion": a}) + "\n"
+                               for p, a in zip(DEMO_PROMPTS, DEMO_ANSWERS)))
+    layers, C = (1, 3, 5), model.args.canvas_length
+    samples = collect_from_data(model, tokenizer, records, layers, 256, max_tokens=96)
+    at = 0
+    for ex in load_jsonl(records, tokenizer, eos_ids(model, tokenizer)):
+        for k in range(-(-len(ex.answer) // C)):
+            part = ex.answer[k * C : (k + 1) * C]
+            assert np.array(samples.canvases[at]).tolist() == part + [tokenizer.eos_token_id] * (C - len(part))
+            cache = model.make_cache()
+            cache.capture = layers
+            prefill(model, mx.array([ex.prompt + ex.answer[: k * C]]), cache)
+            want = np.array(mx.concatenate(cache.features, axis=1)[0, -256:].astype(mx.float32))
+            got = np.array(samples.features[int(samples.starts[at]) : int(samples.starts[at] + samples.lengths[at])])
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got.astype(np.float32), want, atol=2e-2, rtol=2e-2)
+            at += 1
+    assert at == len(samples) == 4 and samples.prompts == 2
+
+    out = tmp_path / "drafter"
+    assert drafter_train.main(["--data", str(records), "--out", str(out), "--from-data",
+                               "--iters", "2", "--batch-size", "2", "--dtype", "float32"]) == 0
+    assert "distillation: 4 canvases from 2 records" in capsys.readouterr().out
+    assert isinstance(make_proposer(out, model), DrafterProposer)
+
+
 def test_bad_prompt_lines_are_reported_with_their_number(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "fine"}\n{"text": "no prompt"}\n')
