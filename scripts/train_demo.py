@@ -1,4 +1,4 @@
-"""Train the demo model from scratch and ship it as the embedded default (``mlx_dgemma/default_model/``).
+"""Train the long-answer demo model from scratch (``models/long-demo-wip/`` until it is good enough to ship).
 
     python scripts/train_demo.py [--out DIR] [--work DIR] [--init MODEL] [--iters N] [--resume]
 
@@ -9,8 +9,9 @@ A two-stage curriculum:
    task's text, the Gemma-style chat template (``make_default_model.py`` builds these with the reference,
    ``transformers``), well-conditioned random weights.
 2. Stage 1 (``--stage1-iters``, 400): ``demo_task``'s record task (one person), 24-token canvases: the model
-   learns the record's grammar and to copy values, cheaply. This is the embedded default model. ``--init MODEL``
-   skips it and starts from a model it produced (``mlx_dgemma/default_model``, or a stage 2 to train further).
+   learns the record's grammar and to copy values, cheaply. The embedded default (``mlx_dgemma/default_model``)
+   is this stage's model (written by this script before stage 2 existed: ``git show 1286f58:scripts/train_demo.py``).
+   ``--init MODEL`` skips it and starts from such a model (the embedded default, or a stage 2 to train further).
 3. Stage 2 (``--iters``): ``demo_task``'s long task (one to six people, answers of 40-250 tokens) at the
    released canvas length, 256, with a sliding window longer than the canvas (as the released model's 1024).
    Both stages are ``mlx_dgemma.train`` (the block-diffusion objective, full training, router included), seeded
@@ -36,7 +37,7 @@ import numpy as np
 import mlx_dgemma  # noqa: F401 (first: on Linux it loads a fast BLAS before mlx)
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "mlx_dgemma" / "default_model"
+DEFAULT_OUT = ROOT / "models" / "long-demo-wip"
 VOCAB_SIZE = 1024
 # The skeleton's sizes (make_default_model.TEXT: hidden 128, 6 layers, 8 experts, all multiples of 64 so that the
 # model quantizes with group size 64), with the task's vocabulary.
@@ -158,7 +159,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo", help="skeleton and checkpoints")
     parser.add_argument("--init", type=Path, help="skip stage 1: start stage 2 from this model (its tokenizer too)")
     parser.add_argument("--stage1-iters", type=int, default=400, help=f"batch {STAGE1['batch_size']}")
-    parser.add_argument("--iters", type=int, default=450, help=f"stage 2 steps (batch {STAGE2['batch_size']})")
+    parser.add_argument("--iters", type=int, default=400, help=f"stage 2 steps (batch {STAGE2['batch_size']})")
     parser.add_argument("--train-size", type=int, default=demo_task.TRAIN_SIZE)
     parser.add_argument("--resume", action="store_true", help="continue stage 2's checkpoint in --work")
     args = parser.parse_args()
@@ -226,13 +227,13 @@ A small DiffusionGemma (the architecture of `google/diffusiongemma-26B-A4B-it`: 
 experts (top {text['top_k_experts']}), self-conditioning; hidden {text['hidden_size']}, vocabulary
 {text['vocab_size']}, sliding window {text['sliding_window']}, canvas {config['canvas_length']} tokens as released)
 trained from scratch by `scripts/train_demo.py` on one task: fill JSON records from sentences about one to six
-people (one record, or a list of them; answers of 40-240 tokens).
+people (one record, or a list of them; answers of 40-250 tokens).
 
     Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi.
     {{"name": "Maya", "age": 34, "city": "Oslo", "job": "pilot", "languages": ["Greek", "Hindi"]}}
 
-It knows nothing else. It is the embedded default of `mlx_dgemma` so that every command runs offline, and the
-target the bundled drafter was distilled from.
+It knows nothing else. It becomes the embedded default of `mlx_dgemma` (`mlx_dgemma/default_model`, with a drafter
+distilled for it) once its held-out exact match reaches 90%.
 
 - Curriculum: {stage1}.
 - Stage 2: {result.step} steps of {STAGE2['batch_size']} examples (from {n_train} distinct), AdamW, cosine
