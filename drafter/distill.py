@@ -55,6 +55,14 @@ class Samples:
         tmp.replace(path)
 
     @classmethod
+    def stack(cls, features: Sequence[mx.array], canvases: Sequence[mx.array], prompts: int) -> Samples:
+        """Samples from each one's context features [T_i, F] and canvas [C]."""
+        lengths = np.array([f.shape[0] for f in features], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        return cls(mx.concatenate(list(features), axis=0), starts, lengths, mx.stack(list(canvases)).astype(mx.int32),
+                   prompts)
+
+    @classmethod
     def load(cls, path: Path) -> Samples:
         arrays, metadata = mx.load(str(path), return_metadata=True)
         return cls(arrays["features"], np.array(arrays["starts"]), np.array(arrays["lengths"]),
@@ -104,7 +112,7 @@ def collect(
     """Generate the target's answers to ``prompts`` and keep a sample per committed canvas."""
     cfg = sampler_config(model)
     eos = sorted(eos_ids(model, tokenizer))
-    features, lengths, canvases = [], [], []
+    features, canvases = [], []
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         cache = model.make_cache()
@@ -116,13 +124,10 @@ def collect(
                 context = mx.concatenate(cache.features, axis=1)[0, -context_window:].astype(mx.float16)
                 mx.eval(context)
                 features.append(context)
-                lengths.append(context.shape[0])
                 canvases.append(event.argmax[0])
         if progress is not None:
             progress(i + 1, len(prompts), len(canvases), time.perf_counter() - start)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    return Samples(mx.concatenate(features, axis=0), starts, np.array(lengths, dtype=np.int64),
-                   mx.stack(canvases).astype(mx.int32), len(prompts))
+    return Samples.stack(features, canvases, len(prompts))
 
 
 def collect_from_data(
@@ -137,7 +142,7 @@ def collect_from_data(
     """A sample per answer canvas of every record in ``path`` (prompt/completion or messages JSONL), teacher-forced."""
     C, fill = model.args.canvas_length, tokenizer.eos_token_id
     examples = load_jsonl(path, tokenizer, eos_ids(model, tokenizer))
-    features, lengths, canvases = [], [], []
+    features, canvases = [], []
     start = time.perf_counter()
     for i, ex in enumerate(examples):
         count = min(num_canvases(len(ex.answer), C), -(-max_tokens // C))
@@ -150,11 +155,8 @@ def collect_from_data(
             context = encoded[: len(ex.prompt) + k * C][-context_window:].astype(mx.float16)
             mx.eval(context)
             features.append(context)
-            lengths.append(context.shape[0])
             canvas = ex.answer[k * C : (k + 1) * C]
             canvases.append(mx.array(canvas + [fill] * (C - len(canvas)), dtype=mx.int32))
         if progress is not None:
             progress(i + 1, len(examples), len(canvases), time.perf_counter() - start)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    return Samples(mx.concatenate(features, axis=0), starts, np.array(lengths, dtype=np.int64),
-                   mx.stack(canvases), len(examples))
+    return Samples.stack(features, canvases, len(examples))

@@ -82,7 +82,7 @@ def run_setting(model, tokenizer, items, label: str, seed: int, fast, drafter: s
 
     eos = sorted(eos_ids(model, tokenizer))
     cfg, C = sampler_config(model), model.args.canvas_length
-    max_tokens = demo_task.max_tokens(demo_task.is_long(C))  # as eval_demo
+    max_tokens = demo_task.max_tokens(C)  # as eval_demo
     run = Run(label, EvalResult(label, len(items), 0, 0, 0, 0, 0.0), canvas=C)
     proposer = make_proposer(drafter, model)
     for i, item in enumerate(items):

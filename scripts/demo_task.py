@@ -121,9 +121,9 @@ def is_long(canvas_length: int) -> bool:
     return canvas_length == LONG_CANVAS_LENGTH
 
 
-def max_tokens(long: bool = False) -> int:
-    """The generation length that holds every answer of the task."""
-    return LONG_MAX_TOKENS if long else MAX_TOKENS
+def max_tokens(canvas_length: int) -> int:
+    """The generation length that holds every answer of the task a model with this canvas was trained for."""
+    return LONG_MAX_TOKENS if is_long(canvas_length) else MAX_TOKENS
 
 
 def split(name: str, n: int, long: bool = False) -> list[Item]:

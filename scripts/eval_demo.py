@@ -69,10 +69,10 @@ def evaluate(model, tokenizer, items: list[demo_task.Item], label: str, seed: in
     from mlx_dgemma import Done, stream_generate
 
     result = EvalResult(label, len(items), 0, 0, 0, 0, 0.0)
+    length = demo_task.max_tokens(model.args.canvas_length)
     for i, item in enumerate(items):
         start = time.perf_counter()
         done = None
-        length = demo_task.max_tokens(demo_task.is_long(model.args.canvas_length))
         for event in stream_generate(model, tokenizer, item.prompt, max_tokens=length, drafts=False, seed=seed + i,
                                      **generation):
             done = event

@@ -98,7 +98,7 @@ def write_weights(model, skeleton: Path, out: Path) -> None:
 def exact_match(model, tokenizer, items: list[demo_task.Item], steps: int = 16) -> float:
     from mlx_dgemma import generate
 
-    length = demo_task.max_tokens(demo_task.is_long(model.args.canvas_length))
+    length = demo_task.max_tokens(model.args.canvas_length)
     hits = sum(generate(model, tokenizer, it.prompt, max_tokens=length, max_denoising_steps=steps, seed=i).strip()
                == it.answer for i, it in enumerate(items))
     return hits / len(items)

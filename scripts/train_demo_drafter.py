@@ -37,11 +37,12 @@ def main() -> int:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     prompts = args.work / "prompts.jsonl"
-    long = demo_task.is_long(json.loads((DEFAULT_MODEL / "config.json").read_text())["canvas_length"])
+    canvas = json.loads((DEFAULT_MODEL / "config.json").read_text())["canvas_length"]
+    long = demo_task.is_long(canvas)
     prompts.write_text("".join(item.to_jsonl() + "\n" for item in demo_task.split("train", args.prompts, long)))
     argv = ["--data", str(prompts), "--out", str(DEFAULT_MODEL / "drafter"), "--work", str(args.work),
             "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--layers", str(args.layers),
-            "--dtype", "float32", "--max-tokens", str(demo_task.max_tokens(long))]
+            "--dtype", "float32", "--max-tokens", str(demo_task.max_tokens(canvas))]
     return train.main(argv + ["--from-data"] * args.from_data + ["--resume"] * args.resume)
 
 
