@@ -273,10 +273,16 @@ def time_generation(side: str, generate, cfg: dict) -> dict:
             "passes": passes, "load_before": load, "load_after": os.getloadavg()[0]}
 
 
+def repeat_seconds(fn, reps: int) -> list[float]:
+    """Seconds of ``reps`` calls of ``fn``, after one untimed warm-up call (``fn`` must finish its work: wrap
+    MLX code in ``mx.eval``). The one timing loop of the benchmark scripts."""
+    fn()
+    return [timed(fn)[0] for _ in range(reps)]
+
+
 def repeat_time(name: str, fn, reps: int) -> dict:
     """``{name}_s``: the median of ``reps`` timed calls after one warm-up; ``{name}_times``: all of them."""
-    fn()
-    times = [timed(fn)[0] for _ in range(reps)]
+    times = repeat_seconds(fn, reps)
     return {f"{name}_s": statistics.median(times), f"{name}_times": times}
 
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench import repeat_seconds
 
 from mlx_dgemma.config import ModelArgs
 from mlx_dgemma.distributed import launched_group
@@ -146,13 +147,7 @@ def expert_times(size: str, folder: Path, reps: int) -> dict:
         return mx.concatenate(outs, axis=0)
 
     def timed(fn):
-        mx.eval(fn())
-        ts = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            mx.eval(fn())
-            ts.append(time.perf_counter() - start)
-        return statistics.median(ts)
+        return statistics.median(repeat_seconds(lambda: mx.eval(fn()), reps))
 
     local = int((np.array(idx) < e // 2).sum())
     return {"experts_whole_s": timed(lambda: full(x, idx, weights)),

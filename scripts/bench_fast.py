@@ -148,13 +148,7 @@ def tenth_costs(folder: Path, reps: int, k: int) -> dict:
     cfg = SamplerConfig(max_denoising_steps=16)
 
     def clock(fn) -> float:
-        mx.eval(fn())
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            mx.eval(fn())
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return statistics.median(bench.repeat_seconds(lambda: mx.eval(fn()), reps))
 
     def state(sc, B=1):
         z = canvas

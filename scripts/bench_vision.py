@@ -20,14 +20,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench import TENTH_TEXT, TINY_TEXT  # noqa: E402
+from bench import TENTH_TEXT, TINY_TEXT, repeat_seconds  # noqa: E402
 
 MAKE = ROOT / "tests" / "reference" / "make_vision_fixture.py"
 # A reduced Gemma 4 vision tower (the released one is ~27 layers of width 1152): 4 layers of width 384.
@@ -53,13 +52,7 @@ def image() -> np.ndarray:
 
 
 def median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(repeat_seconds(fn, reps))
 
 
 def run_ours(hf: Path, budget: int, reps: int) -> dict:
