@@ -11,11 +11,11 @@ sees the closing brackets while it fills the names), values copied from the prom
 prompt lookup and a drafter can exploit).
 
 * The record task (``make_item``, ``split(name, n)``): one person, answers of ~40 tokens, two 24-token canvases.
-  The embedded default model's task.
+  The task of the previous default model (``tests/fixtures/demo24``, stage 1 of ``train_demo.py``).
 * The long task (``make_long_item``, ``split(name, n, long=True)``): one to six people; one person gets one record
-  (the README's example), several a JSON list in the order of the sentences. Answers of 40 to 250 tokens that end
-  inside one 256-token canvas, the released canvas length, leaving the EOS tail a real answer leaves. The task of
-  the long-answer demo model (``train_demo.py``'s stage 2), which is still in training.
+  (the README's example), several a JSON list in the order of the sentences. Answers of 32 to 251 tokens that end
+  inside the first or the second 128-token canvas, leaving the EOS tail a real answer leaves. The task of the
+  embedded default model (``train_demo.py``'s stage 2; why 128 and not the released 256: see there).
 
 ``is_long(canvas_length)`` says which task a model was trained for. Seeded and deterministic: ``split("train" |
 "valid" | "test", n, long)`` always returns the same items, and the three splits of a task never share a prompt
@@ -36,7 +36,7 @@ AGES = range(18, 80)
 
 INSTRUCTIONS = ["Fill the record:", "Extract the person as JSON:", "JSON record for this text:"]
 PLURAL_INSTRUCTIONS = ["Fill the records:", "Extract the people as JSON:", "JSON records for this text:"]
-PEOPLE = range(1, 7)  # the long task: answers of ~40 (one) to ~250 tokens (six), all within one canvas
+PEOPLE = range(1, 7)  # the long task: answers of ~40 (one) to ~250 tokens (six)
 # {a_job} is the job with its article ("a pilot", "an editor").
 TEMPLATES = [
     "{name} is a {age}-year-old {job} from {city} who speaks {langs}.",
@@ -52,8 +52,8 @@ TEMPLATES = [
 ]
 SPLIT_SEEDS = {"train": 1, "valid": 2, "test": 3}
 CANVAS_LENGTH, MAX_TOKENS = 24, 96  # the record task: answers of two canvases
-LONG_CANVAS_LENGTH = 256  # the long task: the released model's canvas
-LONG_MAX_TOKENS = LONG_CANVAS_LENGTH  # every answer (at most ~250 tokens with its end of turn) ends in the first canvas
+LONG_CANVAS_LENGTH = 128  # the long task: half the released canvas (see train_demo.py for why)
+LONG_MAX_TOKENS = 2 * LONG_CANVAS_LENGTH  # every answer (at most ~250 tokens with its end of turn) ends by the second canvas
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Train the long-answer demo model from scratch (``models/long-demo-wip/`` until it is good enough to ship).
+"""Train the long-answer demo model from scratch (``models/long-demo-wip/``: the embedded default once it is good enough).
 
     python scripts/train_demo.py [--out DIR] [--work DIR] [--init MODEL] [--iters N] [--resume]
 
@@ -9,17 +9,26 @@ A two-stage curriculum:
    task's text, the Gemma-style chat template (``make_default_model.py`` builds these with the reference,
    ``transformers``), well-conditioned random weights.
 2. Stage 1 (``--stage1-iters``, 400): ``demo_task``'s record task (one person), 24-token canvases: the model
-   learns the record's grammar and to copy values, cheaply. The embedded default (``mlx_dgemma/default_model``)
-   is this stage's model (written by this script before stage 2 existed: ``git show 1286f58:scripts/train_demo.py``).
-   ``--init MODEL`` skips it and starts from such a model (the embedded default, or a stage 2 to train further).
-3. Stage 2 (``--iters``): ``demo_task``'s long task (one to six people, answers of 40-250 tokens) at the
-   released canvas length, 256, with a sliding window longer than the canvas (as the released model's 1024).
-   Both stages are ``mlx_dgemma.train`` (the block-diffusion objective, full training, router included), seeded
-   data, the held-out test set never trained on.
+   learns the record's grammar and to copy values, cheaply. The previous embedded default
+   (``tests/fixtures/demo24``) is this stage's model. ``--init MODEL`` skips it and starts stage 2 from such a
+   model (or from a stage 2 model, to train it further).
+3. Stage 2 (``--iters``): ``demo_task``'s long task (one to six people, answers of 32-251 tokens) at 128-token
+   canvases, with a sliding window longer than the canvas (as the released model's 1024 over 256). Both stages are
+   ``mlx_dgemma.train`` (the block-diffusion objective, full training, router included, batches grouped by
+   length), seeded data, the held-out test set never trained on.
 4. The trained weights written back in the released HF layout (bf16), with the tokenizer, configs and a model card;
-   the output folder is replaced atomically once everything is written.
+   the output folder is replaced atomically once everything is written (without a drafter:
+   ``train_demo_drafter.py --model DIR`` distils one for it).
 
-Stage 2 checkpoints go to ``--work`` every 50 steps; ``--resume`` continues an interrupted stage 2 at the same step.
+Why 128 and not the released 256: at 256 every answer is one canvas decoded in parallel, and 400 steps of stage 2
+(90 minutes here) left the model exact on none of 20 held-out several-person answers (24% of their records right,
+validation loss 0.55): a 130-token answer denoised at once needs per-token accuracy near 99.9%. At 128 a long answer
+is two canvases, the second conditioned on the first, committed one; the step is cheaper too. Answers still end
+mid-canvas with an EOS tail, and a canvas still takes many passes, which is what fast decoding and the drafter are
+measured on.
+
+Stage 2 checkpoints go to ``--work`` every 50 steps; ``--resume`` continues an interrupted stage 2 at the same step
+(with a smaller ``--iters`` than the run had, it writes the model from the last checkpoint without training).
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ VOCAB_SIZE = 1024
 TEXT = {"vocab_size": VOCAB_SIZE, "sliding_window": 64, "max_position_embeddings": 1024}
 STAGE1 = {"batch_size": 32, "learning_rate": 2e-3, "warmup": 50, "weight_decay": 0.01}
 STAGE1_CANVAS = 24
-# Stage 2: the released canvas, and a window longer than it (the released model: 1024 over 256-token canvases),
+# Stage 2: 128-token canvases (see the docstring), and a window longer than them (the released model: 1024 over 256),
 # so that a canvas sees the whole of a six-person prompt through every layer, not through the full layer alone.
 STAGE2_CONFIG = {"canvas_length": demo_task.LONG_CANVAS_LENGTH, "sliding_window": 512}
 STAGE2 = {"batch_size": 16, "learning_rate": 1e-3, "warmup": 20, "weight_decay": 0.01}
@@ -130,7 +139,7 @@ def train(folder: Path, items, valid_items, work: Path, iters: int, hyper: dict,
           f"{np.mean([len(e.prompt) for e in train_set]):.1f} tokens", flush=True)
     prepare_full(model, train_router=True)
     cfg = TrainConfig(iters=iters, lr_schedule="cosine", val_every=100, val_batches=8, save_every=50,
-                      report_every=10, seed=0, **hyper)
+                      report_every=10, seed=0, group_by_length=True, **hyper)
     trainer = Trainer(model, train_set, valid, work, cfg, adapter_config("full", None, len(model.layers)),
                       fill_id=tokenizer.eos_token_id, progress=Progress(cfg.iters, sys.stdout, cfg.report_every))
     if resume:
@@ -190,7 +199,7 @@ def main() -> int:
     model, tokenizer, trainer, result = train(
         stage2, demo_task.split("train", args.train_size, long=True), demo_task.split("valid", VALID_SIZE, long=True),
         args.work / "checkpoint", args.iters, STAGE2, args.resume)
-    train_seconds = sum(s.seconds for s in result.steps)
+    train_seconds = trainer.seconds  # a resumed run's earlier steps included
     # What ships is bf16: round the weights to it. On a CPU the rounded weights are evaluated in fp32 (bf16
     # matmuls are ~10x slower there); a Mac runs them in bf16.
     model.set_dtype(mx.bfloat16)
@@ -225,15 +234,16 @@ def write_card(folder: Path, history, val_history, seconds: float, result, accur
 A small DiffusionGemma (the architecture of `google/diffusiongemma-26B-A4B-it`: {text['num_hidden_layers']} layers,
 5 sliding + 1 full attention, k=v full layer with proportional RoPE, dense MLP + {text['num_experts']} routed
 experts (top {text['top_k_experts']}), self-conditioning; hidden {text['hidden_size']}, vocabulary
-{text['vocab_size']}, sliding window {text['sliding_window']}, canvas {config['canvas_length']} tokens as released)
+{text['vocab_size']}, sliding window {text['sliding_window']}, canvas {config['canvas_length']} tokens; the released
+model's is 256, see `train_demo.py`)
 trained from scratch by `scripts/train_demo.py` on one task: fill JSON records from sentences about one to six
-people (one record, or a list of them; answers of 40-250 tokens).
+people (one record, or a list of them; answers of 32-251 tokens, one or two canvases).
 
     Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi.
     {{"name": "Maya", "age": 34, "city": "Oslo", "job": "pilot", "languages": ["Greek", "Hindi"]}}
 
-It knows nothing else. It becomes the embedded default of `mlx_dgemma` (`mlx_dgemma/default_model`, with a drafter
-distilled for it) once its held-out exact match reaches 90%.
+It knows nothing else. It becomes the embedded default of `mlx_dgemma` (`mlx_dgemma/default_model`) once its
+held-out exact match reaches 90%; `scripts/train_demo_drafter.py --model DIR --from-data` distils its drafter.
 
 - Curriculum: {stage1}.
 - Stage 2: {result.step} steps of {STAGE2['batch_size']} examples (from {n_train} distinct), AdamW, cosine

@@ -1,7 +1,7 @@
 """Distil the bundled drafter for the embedded demo model (``mlx_dgemma/default_model/drafter/``).
 
-    python scripts/train_demo_drafter.py [--prompts 5000] [--iters 3000] [--batch-size 32] [--layers 3] [--from-data]
-                                         [--resume]
+    python scripts/train_demo_drafter.py [--model DIR] [--prompts 5000] [--iters 3000] [--batch-size 32] [--layers 3]
+                                         [--from-data] [--resume]
 
 The prompts come from the training split of the demo model's task (``demo_task.py``): the held-out test set stays
 unseen by the drafter too. The work is ``mlx_dgemma.drafter.train``'s: the demo model answers every prompt, then the
@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="the demo model to distil for; the drafter goes to its drafter/ (default: the embedded one)")
     parser.add_argument("--prompts", type=int, default=5000, help="training prompts the target answers")
     parser.add_argument("--iters", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32, help="canvases per step")
@@ -37,10 +39,11 @@ def main() -> int:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     prompts = args.work / "prompts.jsonl"
-    canvas = json.loads((DEFAULT_MODEL / "config.json").read_text())["canvas_length"]
+    canvas = json.loads((args.model / "config.json").read_text())["canvas_length"]
     long = demo_task.is_long(canvas)
     prompts.write_text("".join(item.to_jsonl() + "\n" for item in demo_task.split("train", args.prompts, long)))
-    argv = ["--data", str(prompts), "--out", str(DEFAULT_MODEL / "drafter"), "--work", str(args.work),
+    argv = ["--model", str(args.model), "--data", str(prompts), "--out", str(args.model / "drafter"),
+            "--work", str(args.work),
             "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--layers", str(args.layers),
             "--dtype", "float32", "--max-tokens", str(demo_task.max_tokens(canvas))]
     return train.main(argv + ["--from-data"] * args.from_data + ["--resume"] * args.resume)

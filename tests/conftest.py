@@ -18,6 +18,10 @@ import pytest
 import mlx_dgemma  # noqa: F401 (before any test module imports mlx.core: on Linux it preloads OpenBLAS)
 
 ROOT = Path(__file__).resolve().parent
+# The embedded default before the long-answer model (mlx_dgemma/default_model), with its drafter: the record task
+# on 24-token canvases, whose answers span two canvases (streaming, stop sequences and disconnects across canvases,
+# the drafter switching off); its small canvas keeps the tests that only need a model quick.
+DEMO24 = ROOT / "fixtures" / "demo24"
 # Demo-task prompts (the embedded model's task) that the drafter and fast-mode tests share.
 DEMO_PROMPTS = [
     "Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi.",

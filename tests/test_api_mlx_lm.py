@@ -14,13 +14,14 @@ from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_promp
 from mlx_dgemma import Commit, Done, Draft, GenerationError, generate, load, stream_generate
 from mlx_dgemma.generate import DEMO_PROMPT
 from mlx_dgemma.generation import encode_prompt
+from tests.conftest import DEMO24
 
 OPTS = {"max_tokens": 64, "drafter": "none"}  # the demo prompt's answer spans two canvases
 
 
 @pytest.fixture(scope="module")
 def demo():
-    return load()
+    return load(DEMO24)
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,12 @@ import mlx_dgemma.generation as generation
 from mlx_dgemma import load
 from mlx_dgemma._cli import AR_ONLY_FLAGS
 from mlx_dgemma.generate import UNSUPPORTED_FLAGS, main
+from tests.conftest import DEMO24
 
 
 @pytest.fixture(scope="module")
 def demo():
-    return load()
+    return load(DEMO24)
 
 
 @pytest.fixture

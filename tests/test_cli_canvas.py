@@ -14,6 +14,7 @@ import pytest
 
 from mlx_dgemma import load, stream_generate
 from mlx_dgemma.generate import DEMO_PROMPT
+from tests.conftest import DEMO24
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 
@@ -39,10 +40,10 @@ def screen_after(command: list[str], width: int, height: int, tmp_path) -> str:
 
 @pytest.mark.parametrize(("width", "height"), [(100, 30), (37, 5)])
 def test_committed_text_stays_on_screen_across_canvases(tmp_path, width, height):
-    model, tokenizer = load()
+    model, tokenizer = load(DEMO24)
     done = list(stream_generate(model, tokenizer, DEMO_PROMPT, seed=0, drafter="none"))[-1]
     assert done.stats.canvases >= 2  # the answer spans canvases: the first must survive the second's drafts
-    command = [sys.executable, "-m", "mlx_dgemma.generate", "--seed", "0", "--drafter", "none", "--show-canvas"]
+    command = [sys.executable, "-m", "mlx_dgemma.generate", "--model", str(DEMO24), "--seed", "0", "--drafter", "none", "--show-canvas"]
     screen = screen_after(command, width, height, tmp_path)
     lines = [line.rstrip() for line in screen.splitlines() if line.strip()]
     assert lines == [done.answer]  # the whole answer, once, and no draft left behind

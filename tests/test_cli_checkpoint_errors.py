@@ -7,15 +7,16 @@ import shutil
 
 import pytest
 
-from mlx_dgemma import DEFAULT_MODEL, CheckpointError, load
+from mlx_dgemma import CheckpointError, load
 from mlx_dgemma.config import ModelArgs
 from mlx_dgemma.generate import main
+from tests.conftest import DEMO24
 
 
 @pytest.fixture
 def folder(tmp_path):
     out = tmp_path / "model"
-    shutil.copytree(DEFAULT_MODEL, out, ignore=shutil.ignore_patterns("drafter"))
+    shutil.copytree(DEMO24, out, ignore=shutil.ignore_patterns("drafter"))
     return out
 
 

@@ -5,18 +5,22 @@ line."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 import mlx.core as mx
 import pytest
 
-from mlx_dgemma import DEFAULT_MODEL, load
+from mlx_dgemma import load
 from mlx_dgemma.config import ModelArgs
 from mlx_dgemma.constrain import ConstraintError
 from mlx_dgemma.errors import GenerationError
 from mlx_dgemma.generation import Commit, Done, stream_generate
 from mlx_dgemma.loader import load_tokenizer, read_config
 from mlx_dgemma.model import Model
+from tests.conftest import DEMO24
+
+RECORD_SCHEMA = Path(__file__).resolve().parent.parent / "scripts" / "record_schema.json"  # the record task's
 
 FAST = {"max_denoising_steps": 3, "drafter": "none"}
 
@@ -42,10 +46,10 @@ SCHEMAS = {
 def random_model():
     """The demo model's architecture and tokenizer with random weights: unconstrained output is noise."""
     mx.random.seed(7)
-    args = ModelArgs.from_config(read_config(DEFAULT_MODEL), source="random")
+    args = ModelArgs.from_config(read_config(DEMO24), source="random")
     model = Model(args, {"eos_token_id": [1, 5], "pad_token_id": 0})
     model.eval()
-    return model, load_tokenizer(DEFAULT_MODEL)
+    return model, load_tokenizer(DEMO24)
 
 
 class Answer:
@@ -112,8 +116,8 @@ def test_infill_keeps_every_fixed_token(random_model):
 
 
 def test_demo_model_record_schema():
-    model, tokenizer = load()
-    schema = json.loads((DEFAULT_MODEL.parent.parent / "scripts" / "record_schema.json").read_text())
+    model, tokenizer = load(DEMO24)
+    schema = json.loads(RECORD_SCHEMA.read_text())
     prompt = "Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi."
     done = Answer(list(stream_generate(model, tokenizer, prompt, 64, seed=0, max_denoising_steps=8,
                                        json_schema=schema)))
@@ -153,7 +157,7 @@ def test_server_response_format_through_the_openai_client():
 
     from mlx_dgemma.server import BackgroundServer, create_app
 
-    schema = json.loads((DEFAULT_MODEL.parent.parent / "scripts" / "record_schema.json").read_text())
+    schema = json.loads(RECORD_SCHEMA.read_text())
     prompt = [{"role": "user", "content": "Fill the record: Leo (41) works as a baker in Lima and speaks Hindi."}]
     with BackgroundServer(create_app(max_concurrency=2)) as srv:
         client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=120)
@@ -171,7 +175,7 @@ def test_server_response_format_through_the_openai_client():
 def test_cli_json_schema_and_its_errors(tmp_path, capsys):
     from mlx_dgemma.generate import main
 
-    schema = DEFAULT_MODEL.parent.parent / "scripts" / "record_schema.json"
+    schema = RECORD_SCHEMA
     args = ["--steps", "8", "--seed", "0", "-m", "64", "--drafter", "none"]
     assert main([*args, "--json-schema", str(schema)]) == 0
     jsonschema.validate(json.loads(capsys.readouterr().out), json.loads(schema.read_text()))
@@ -188,7 +192,7 @@ def test_projection_keeps_allowed_tokens_and_replaces_the_rest():
 
     from mlx_dgemma.constrain import GrammarConstraint, grammar_of, ll_tokenizer
 
-    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    tokenizer = load_tokenizer(DEMO24)
     llt = ll_tokenizer(tokenizer, [1, 5], 1024)
     schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"],
               "additionalProperties": False}

@@ -22,8 +22,9 @@ from mlx.utils import tree_flatten
 
 from mlx_dgemma.distributed import DistributedError
 from mlx_dgemma.generation import generate
-from mlx_dgemma.loader import DEFAULT_MODEL, load_model, load_tokenizer
+from mlx_dgemma.loader import load_model, load_tokenizer
 from mlx_dgemma.shard import plan, weight_bytes
+from tests.conftest import DEMO24
 from tests.distributed_ranks import PROMPT, logits
 from tests.layouts import write_mlx_community
 
@@ -44,25 +45,25 @@ def launch(*args: str, n: int = 2, timeout: float = LAUNCH_TIMEOUT) -> subproces
 
 def quantized_copy(out: Path) -> Path:
     """The embedded model as a 4-bit (group 32) mlx-community folder, with its tokenizer."""
-    write_mlx_community(DEFAULT_MODEL, out, bits=4, group_size=32)
+    write_mlx_community(DEMO24, out, bits=4, group_size=32)
     for name in TOKENIZER_FILES:
-        shutil.copy(DEFAULT_MODEL / name, out / name)
+        shutil.copy(DEMO24 / name, out / name)
     return out
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
-    folders = {"default": DEFAULT_MODEL, "q4": quantized_copy(tmp / "q4")}
+    folders = {"default": DEMO24, "q4": quantized_copy(tmp / "q4")}
     for r in range(2):  # the same model, but rank 1's generation config differs: a different checkpoint
-        shutil.copytree(DEFAULT_MODEL, tmp / f"mismatch{r}")
+        shutil.copytree(DEMO24, tmp / f"mismatch{r}")
     config = json.loads((tmp / "mismatch1" / "generation_config.json").read_text())
     (tmp / "mismatch1" / "generation_config.json").write_text(json.dumps({**config, "max_new_tokens": 7}))
     out = tmp / "out"
     out.mkdir()
     result = launch("--models", *(f"{k}={v}" for k, v in folders.items()), "--out", str(out),
-                    "--mismatch", str(tmp / "mismatch{rank}"), "--server", str(DEFAULT_MODEL),
-                    "--cli", str(DEFAULT_MODEL))
+                    "--mismatch", str(tmp / "mismatch{rank}"), "--server", str(DEMO24),
+                    "--cli", str(DEMO24))
     # mlx.launch exits 0 even when a rank fails: the ranks' files are the evidence.
     assert all((out / f"rank{r}.npz").is_file() for r in range(2)), (result.stdout + result.stderr)[-3000:]
     return folders, [dict(np.load(out / f"rank{r}.npz")) for r in range(2)], result
@@ -139,7 +140,7 @@ def test_ranks_with_different_models_refuse_in_one_line(ranks):
 
 
 def test_more_ranks_than_the_model_splits_into(tmp_path):
-    model = load_model(DEFAULT_MODEL)  # 2 key/value heads in its sliding layers
+    model = load_model(DEMO24)  # 2 key/value heads in its sliding layers
     with pytest.raises(DistributedError, match=r"cannot split this model over 3 ranks: .* 1, 2 ranks"):
         plan(model, 3, 0)
     quantized = load_model(quantized_copy(tmp_path / "q4"))

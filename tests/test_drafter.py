@@ -21,14 +21,14 @@ from mlx_dgemma.drafter import (
 from mlx_dgemma.drafter import train as drafter_train
 from mlx_dgemma.sampler import SamplerConfig, entropy, process_logits
 from mlx_dgemma.verify import Proposal, VerifyConfig
-from tests.conftest import DEMO_PROMPTS
+from tests.conftest import DEMO24, DEMO_PROMPTS
 
 PROMPTS = DEMO_PROMPTS
 
 
 @pytest.fixture(scope="module")
 def demo():
-    return load(dtype=mx.float32)
+    return load(DEMO24, dtype=mx.float32)
 
 
 def run(model, tokenizer, prompt, drafter, seed=0, **kw) -> Done:
@@ -211,7 +211,7 @@ def test_drafter_train_cli_distils_resumes_and_records_its_target(demo, tmp_path
     assert json.loads((out / "config.json").read_text())["training"]["steps"] == 8
     proposer = make_proposer(out, model)
     assert isinstance(proposer, DrafterProposer)
-    assert run(model, load()[1], PROMPTS[0], proposer).stats.drafted_canvases >= 1
+    assert run(model, load(DEMO24)[1], PROMPTS[0], proposer).stats.drafted_canvases >= 1
 
     # A drafter refuses a target of another shape, in one line.
     config["target"]["config_hash"] = "0" * 16
@@ -295,8 +295,8 @@ def test_default_target_layers_spread_over_the_target():
 
 
 def test_a_conversion_carries_the_models_drafter(tmp_path):
-    from mlx_dgemma import DEFAULT_MODEL, load_model
+    from mlx_dgemma import load_model
     from mlx_dgemma.convert import convert
 
-    out = convert(DEFAULT_MODEL, tmp_path / "q4", quantize=True, progress=False).path
+    out = convert(DEMO24, tmp_path / "q4", quantize=True, progress=False).path
     assert isinstance(make_proposer("auto", load_model(out)), DrafterProposer)

@@ -27,14 +27,14 @@ from mlx_dgemma.generation import encode_prompt
 from mlx_dgemma.loop import CommitEvent, generate_tokens, prefill
 from mlx_dgemma.memory import MemoryWarning, wired_limit
 from mlx_dgemma.sampler import SamplerConfig, init_history
-from tests.conftest import DEMO_PROMPTS
+from tests.conftest import DEMO24, DEMO_PROMPTS
 
 PROMPTS = DEMO_PROMPTS
 
 
 @pytest.fixture(scope="module")
 def demo():
-    return load(dtype=mx.float32)
+    return load(DEMO24, dtype=mx.float32)
 
 
 def answer(model, tokenizer, prompt, seed=0, **kw) -> Done:

@@ -19,10 +19,11 @@ import httpx
 import openai
 import pytest
 
-from mlx_dgemma import DEFAULT_MODEL, Commit, generate, load
+from mlx_dgemma import Commit, generate, load
 from mlx_dgemma.server import BackgroundServer, create_app, main
 from mlx_dgemma.server.protocol import APIError, ChatRequest, schedule, seed_of
 from mlx_dgemma.server.worker import StopScanner
+from tests.conftest import DEMO24
 
 FAST = {"max_denoising_steps": 3}
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -31,7 +32,7 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 @pytest.fixture(scope="module")
 def reference():
     """The model and tokenizer in this process, to compute what the server should answer."""
-    return load()
+    return load(DEMO24)
 
 
 @pytest.fixture(scope="module")
@@ -471,7 +472,7 @@ def test_tools_need_a_template_that_takes_them(server):
 def test_agent_finds_a_64k_context_and_chats_in_turns(tmp_path):
     """A model whose config says 131072 positions, and whose template renders tool definitions."""
     folder = tmp_path / "long-context"
-    shutil.copytree(DEFAULT_MODEL, folder)
+    shutil.copytree(DEMO24, folder)
     config = json.loads((folder / "config.json").read_text())
     config["text_config"]["max_position_embeddings"] = 131072
     (folder / "config.json").write_text(json.dumps(config))

@@ -13,9 +13,10 @@ import pytest
 from test_server import FAST, HELLO
 
 import mlx_dgemma.server.worker as worker_module
-from mlx_dgemma import DEFAULT_MODEL, Commit
+from mlx_dgemma import Commit
 from mlx_dgemma.server import BackgroundServer, create_app
 from mlx_dgemma.server.output import OutputParser
+from tests.conftest import DEMO24
 
 # A Gemma-4-style template (the demo model's own does not render tools): tool declarations, the model's calls
 # as <|tool_call>call:name{key:<|"|>value<|"|>}<tool_call|>, results as <|tool_response>response:name{...}.
@@ -77,7 +78,7 @@ class Canned:
 @pytest.fixture(scope="module")
 def gemma4_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tools") / "gemma4-style"
-    shutil.copytree(DEFAULT_MODEL, folder)
+    shutil.copytree(DEMO24, folder)
     (folder / "chat_template.jinja").write_text(GEMMA4_TEMPLATE)
     with BackgroundServer(create_app(str(folder))) as srv:
         yield srv

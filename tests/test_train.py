@@ -17,7 +17,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-from mlx_dgemma import DEFAULT_MODEL, load, load_model, load_tokenizer
+from mlx_dgemma import load, load_model, load_tokenizer
 from mlx_dgemma.generation import encode_prompt, eos_ids
 from mlx_dgemma.train import (
     Example,
@@ -36,27 +36,30 @@ from mlx_dgemma.train.checkpoint import current
 from mlx_dgemma.train.cli import main
 from mlx_dgemma.train.lora import LoRASwitchLinear, adapter_config, stored_dtype
 from mlx_dgemma.train.objective import (
+    Noise,
     denoise_self_conditioned,
     make_batch,
     sample_noise,
+    split_batch,
     training_loss,
 )
 from mlx_dgemma.train.trainer import Progress, StepLog
+from tests.conftest import DEMO24
 
-ARGS = load_model(DEFAULT_MODEL).args
+ARGS = load_model(DEMO24).args
 C, VOCAB, WINDOW, BOS = ARGS.canvas_length, ARGS.vocab_size, ARGS.sliding_window, ARGS.bos_token_id
-EOS_FILL = load_tokenizer(DEFAULT_MODEL).eos_token_id
-FIRST_PLAIN_ID = max(load_tokenizer(DEFAULT_MODEL)._tokenizer.all_special_ids) + 1
+EOS_FILL = load_tokenizer(DEMO24).eos_token_id
+FIRST_PLAIN_ID = max(load_tokenizer(DEMO24)._tokenizer.all_special_ids) + 1
 ALL_TARGETS = ("attn", "mlp", "experts", "self_conditioning")
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(DEFAULT_MODEL)
+    return load_tokenizer(DEMO24)
 
 
 def fresh_model():
-    return load_model(DEFAULT_MODEL, mx.float32)
+    return load_model(DEMO24, mx.float32)
 
 
 def lora_model(seed: int = 0, targets=("attn", "mlp")):
@@ -153,6 +156,43 @@ def test_objective_equals_the_inference_path_computed_by_hand():
     assert total.item() == pytest.approx(want_diffusion + 0.5 * want_encoder, rel=1e-4)
 
 
+def test_a_batch_split_by_canvas_has_the_loss_of_one_layout():
+    """``split_batch`` lays rows of different canvases out apart (less padding); the loss must not change."""
+    model = fresh_model()
+    rng = np.random.default_rng(5)
+    examples = [Example([BOS, *random_ids(rng, n)], random_ids(rng, m)) for n, m in ((30, 2 * C + 3), (9, C // 2),
+                                                                                     (17, C + 5), (40, C))]
+    canvases = [2, 0, 1, 0]
+    one = make_batch(examples, canvases, C, ARGS.pad_token_id, EOS_FILL)
+    noise = sample_noise(np.array(one.targets), VOCAB, rng, ObjectiveConfig())
+    noise.self_condition = np.array([True, False, True, True])
+    parts = split_batch(examples, canvases, C, ARGS.pad_token_id, EOS_FILL)
+    rows = [[1, 3], [2], [0]]  # rows of ``one`` in each part: canvas 0, 1, 2
+    noises = [Noise(noise.canvas[mx.array(r)], noise.t[r], noise.self_condition[r]) for r in rows]
+    assert [p.size for p in parts] == [2, 1, 1]
+    assert sum(p.tokens.size for p in parts) < 0.7 * one.tokens.size  # the padding saved
+    for weight, mask in ((0.5, False), (1.0, True)):
+        want = [x.item() for x in training_loss(model, one, noise, weight, mask)]
+        got = [x.item() for x in training_loss(model, parts, noises, weight, mask)]
+        assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_group_by_length_batches_similar_examples_and_covers_each_epoch(tokenizer, tmp_path):
+    examples = sort_examples(tokenizer, 12, tmp_path)
+    trainer = make_trainer(lora_model(), examples, tmp_path / "out", batch_size=3, group_by_length=True)
+    lengths = [len(e.prompt) + len(e.answer) for e in examples]
+    batches = []
+    for step in range(8):  # two epochs of four batches
+        parts, _ = trainer.micro_batch(step, 0)
+        batches.append(sorted(int(n) for b in parts for n in b.valid.sum(axis=1)))  # prompt + answer, each row
+    first, second = (sorted(n for b in epoch for n in b) for epoch in (batches[:4], batches[4:]))
+    assert first == sorted(lengths) == second  # every example once an epoch
+    ordered = sorted(lengths)
+    assert sorted(batches[:4]) == [ordered[i : i + 3] for i in range(0, 12, 3)]  # neighbours in length
+    assert batches[:4] != batches[4:]  # the batches' order is reshuffled each epoch
+    assert trainer.micro_batch(5, 0)[0][0].tokens.tolist() == trainer.micro_batch(5, 0)[0][0].tokens.tolist()
+
+
 def test_decoder_loss_reaches_the_encoder_through_the_cache():
     """The encoder's own layer scalars only act through the cache: the diffusion loss alone must move them."""
     model = fresh_model()
@@ -241,7 +281,7 @@ def test_fused_adapters_reproduce_adapter_outputs(tokenizer, tmp_path):
     model.eval()
     with_adapters = canvas_logits(model)
     reloaded = canvas_logits(load_adapters(fresh_model(), out))
-    fused_model, _ = load(save_fused(model, DEFAULT_MODEL, tmp_path / "fused"), mx.float32)
+    fused_model, _ = load(save_fused(model, DEMO24, tmp_path / "fused"), mx.float32)
     fused = canvas_logits(fused_model)
     plain = canvas_logits(fresh_model())
     scale = np.abs(with_adapters).max()  # float32 reassociation (W + BA)x vs Wx + B(Ax): compare at this scale
@@ -261,6 +301,7 @@ def test_resumed_run_continues_at_the_same_step_with_the_same_losses(tokenizer, 
     assert first.step == 2 and (current(out) / "optimizer.safetensors").is_file()
     resumed_trainer = make_trainer(lora_model(seed=99), examples, out, **settings)  # init is overwritten
     assert resumed_trainer.resume() == 2
+    assert resumed_trainer.seconds == pytest.approx(sum(s.seconds for s in first.steps))  # time so far, kept
     resumed = resumed_trainer.run()
 
     assert [s.step for s in resumed.steps] == [3, 4]
@@ -295,7 +336,7 @@ def test_lora_on_a_quantized_base_trains(tokenizer, tmp_path):
     # Fusing into a quantized base would round every layer again; --dequantize keeps the adapter model's outputs.
     model.eval()
     with_adapters = canvas_logits(model)
-    fused, _ = load(save_fused(model, DEFAULT_MODEL, tmp_path / "fused", dequantize=True), mx.float32)
+    fused, _ = load(save_fused(model, DEMO24, tmp_path / "fused", dequantize=True), mx.float32)
     assert not any(isinstance(m, nn.QuantizedLinear) for _, m in fused.named_modules())
     assert np.abs(canvas_logits(fused) - with_adapters).max() < 1e-5 * np.abs(with_adapters).max()
 
@@ -344,7 +385,7 @@ def test_cli_trains_with_plain_progress_lines_and_fuses(tmp_path, capsys):
     assert json.loads((out / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
     assert json.loads((current(out) / "trainer_state.json").read_text())["step"] == 2
     load(fused)  # a plain model folder, in the base's dtype
-    assert stored_dtype(fused) == stored_dtype(DEFAULT_MODEL) == mx.bfloat16
+    assert stored_dtype(fused) == stored_dtype(DEMO24) == mx.bfloat16
 
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "x"}'])
     assert main(["--data", str(bad), "--out", str(tmp_path / "x"), "--iters", "1"]) == 2

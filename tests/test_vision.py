@@ -20,7 +20,7 @@ import pytest
 from mlx_dgemma import GenerationError, load_model
 from mlx_dgemma.image_processing import expand_image_tokens, process_images
 from mlx_dgemma.vision import prefill_with_images
-from tests.conftest import BASE_TEXT, ROOT, reference_env
+from tests.conftest import BASE_TEXT, DEMO24, ROOT, reference_env
 from tests.test_model_parity import FP32_TOL, rel_err
 
 MAKE = ROOT / "reference" / "make_vision_fixture.py"
@@ -223,7 +223,7 @@ def test_generate_with_images_on_the_demo_model():
     """The embedded demo model carries a (tiny, untrained) vision tower: images go through the whole path."""
     from mlx_dgemma import generate, load
 
-    model, tokenizer = load()
+    model, tokenizer = load(DEMO24)
     image = np.full((32, 40, 3), 128, np.uint8)
     text = generate(model, tokenizer, "Describe the image.", max_tokens=8, images=[image], drafter="none")
     parts = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe."}]}]
@@ -236,12 +236,12 @@ def test_images_for_a_text_only_checkpoint_is_one_line(tmp_path):
     """A checkpoint without the tower (a --drop-vision conversion) refuses images in one line."""
     import shutil
 
-    from mlx_dgemma import DEFAULT_MODEL, generate, load
+    from mlx_dgemma import generate, load
     from mlx_dgemma.vision import VISION_PREFIXES
 
     folder = tmp_path / "text-only"
-    shutil.copytree(DEFAULT_MODEL, folder, ignore=shutil.ignore_patterns("drafter", "model.safetensors"))
-    weights = mx.load(str(DEFAULT_MODEL / "model.safetensors"))
+    shutil.copytree(DEMO24, folder, ignore=shutil.ignore_patterns("drafter", "model.safetensors"))
+    weights = mx.load(str(DEMO24 / "model.safetensors"))
     mx.save_safetensors(str(folder / "model.safetensors"),
                         {k: v for k, v in weights.items() if not k.startswith(VISION_PREFIXES)})
     model, tokenizer = load(folder)
@@ -354,7 +354,7 @@ def test_quantized_embedder_of_a_community_folder_loads(vision_factory, tmp_path
 def test_more_image_tokens_than_the_context_is_one_line():
     from mlx_dgemma import generate, load
 
-    model, tokenizer = load()
+    model, tokenizer = load(DEMO24)
     images = [np.full((32, 40, 3), 9 * i, np.uint8) for i in range(6)]  # 6 x 252 soft tokens > 1024 positions
     with pytest.raises(GenerationError, match=r"for images\), over the 1024-token context"):
         generate(model, tokenizer, "Describe them.", max_tokens=8, images=images)

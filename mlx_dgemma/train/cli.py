@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off; default 1)")
     loop.add_argument("--grad-checkpoint", action="store_true",
                       help="recompute activations in the backward pass: less memory, slower steps")
+    loop.add_argument("--group-by-length", action="store_true",
+                      help="batch examples of similar length (mlx-lm's order): less padding, faster steps")
     loop.add_argument("--val-every", "--steps-per-eval", type=int, default=50,
                       help="validate every N steps (0: only at the end)")
     loop.add_argument("--val-batches", type=int, default=8, help="validation batches (-1: all; default 8)")
@@ -245,7 +247,7 @@ def _train_config(args: argparse.Namespace):
         save_every=args.save_every, report_every=args.report_every, seed=args.seed,
         objective=ObjectiveConfig(eps=args.eps, self_conditioning_p=args.self_conditioning_p,
                                   encoder_loss_weight=args.encoder_loss_weight, mask_prompt=args.mask_prompt),
-        grad_checkpoint=args.grad_checkpoint,
+        grad_checkpoint=args.grad_checkpoint, group_by_length=args.group_by_length,
     )
 
 

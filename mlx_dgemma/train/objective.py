@@ -128,6 +128,22 @@ def make_batch(
     return Batch(mx.array(tokens), valid, prefix, mx.array(targets), list(canvas_index), answer)
 
 
+def split_batch(
+    examples: Sequence[Example], canvas_index: Sequence[int], canvas_length: int, pad_id: int, fill_id: int
+) -> list[Batch]:
+    """``make_batch`` once per distinct canvas index: the same rows, laid out in fewer columns.
+
+    One layout aligns every row's prefix; rows whose canvases differ then pad each other (a row training its
+    second canvas has a prefix a canvas longer, a row training its first has a tail a canvas longer): about half
+    the encoder's positions are padding on two-canvas answers. Apart, each part pads only to its own rows.
+    """
+    parts = []
+    for k in sorted(set(canvas_index)):
+        rows = [i for i, c in enumerate(canvas_index) if c == k]
+        parts.append(make_batch([examples[i] for i in rows], [k] * len(rows), canvas_length, pad_id, fill_id))
+    return parts
+
+
 def sample_noise(targets: np.ndarray, vocab_size: int, rng: np.random.Generator, cfg: ObjectiveConfig) -> Noise:
     """Corrupt each row at its own level ``t ~ U(eps, 1)`` with uniform random tokens; draw self-conditioning."""
     B, C = targets.shape
@@ -204,17 +220,25 @@ def encoder_loss(
 ) -> mx.array:
     """Mean next-token cross-entropy of the encoder over every pair of real tokens (whose next token is in
     ``targets``, when given: the answer, for ``mask_prompt``)."""
+    total, count = _encoder_sum(model, hidden, tokens, valid, targets)
+    return total / max(count, 1)
+
+
+def _encoder_sum(
+    model: Model, hidden: mx.array, tokens: mx.array, valid: np.ndarray, targets: np.ndarray | None = None
+) -> tuple[mx.array, int]:
+    """``encoder_loss``'s sum and the number of pairs it is over."""
     ce = nn.losses.cross_entropy(model.logits(hidden[:, :-1]), tokens[:, 1:])
     pairs = valid[:, :-1] & valid[:, 1:]
     if targets is not None:
         pairs = pairs & targets[:, 1:]
     if pairs.all():
-        return ce.mean()
-    return (ce * mx.array(pairs)).sum() / max(int(pairs.sum()), 1)
+        return ce.sum(), int(pairs.size)
+    return (ce * mx.array(pairs)).sum(), int(pairs.sum())
 
 
-def diffusion_loss(model: Model, cache: DiffusionCache, batch: Batch, noise: Noise) -> mx.array:
-    """Mean cross-entropy of the decoder's logits against the clean canvas, over every canvas position."""
+def _diffusion_sum(model: Model, cache: DiffusionCache, batch: Batch, noise: Noise) -> mx.array:
+    """Summed cross-entropy of the decoder's logits against the clean canvas, over every canvas position."""
     total = mx.array(0.0)
     for with_sc in (False, True):
         picked = np.flatnonzero(noise.self_condition == with_sc)
@@ -227,26 +251,40 @@ def diffusion_loss(model: Model, cache: DiffusionCache, batch: Batch, noise: Noi
         targets = batch.targets if index is None else batch.targets[index]
         logits = denoise_self_conditioned(model, canvas, view) if with_sc else model.denoise(canvas, view)
         total = total + nn.losses.cross_entropy(logits, targets).sum()
-    return total / batch.targets.size
+    return total
 
 
 def training_loss(
-    model: Model, batch: Batch, noise: Noise, encoder_loss_weight: float = 1.0, mask_prompt: bool = False
+    model: Model,
+    batch: Batch | Sequence[Batch],
+    noise: Noise | Sequence[Noise],
+    encoder_loss_weight: float = 1.0,
+    mask_prompt: bool = False,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """``(total, diffusion, encoder)`` losses of one micro-batch; differentiable in the model's trainable weights.
 
+    A micro-batch may come in parts (``split_batch``: one layout per canvas index), each with its noise; the
+    losses are then the means over all the parts' positions and token pairs, as if they were one batch.
     ``mask_prompt``: the encoder's next-token loss covers the answer's tokens only, not the prompt's.
 
     The cache is built inside, so gradients flow from the decoder's loss through the cached keys/values into the
     encoder pass.
     """
-    cache = keep_all_cache(model)
-    valid = None if batch.valid.all() else mx.array(batch.valid)
-    hidden = model.encode(batch.tokens, cache, valid)
-    diffusion = diffusion_loss(model, cache, batch, noise)
+    parts = [(batch, noise)] if isinstance(batch, Batch) else list(zip(batch, noise, strict=True))
+    if mask_prompt and any(b.answer is None for b, _ in parts):
+        raise ValueError("mask_prompt needs a batch from make_batch (it marks the answer tokens)")
+    diffusion, encoder, positions, pairs = mx.array(0.0), mx.array(0.0), 0, 0
+    for b, n in parts:
+        cache = keep_all_cache(model)
+        valid = None if b.valid.all() else mx.array(b.valid)
+        hidden = model.encode(b.tokens, cache, valid)
+        diffusion = diffusion + _diffusion_sum(model, cache, b, n)
+        positions += b.targets.size
+        if encoder_loss_weight != 0:
+            total, count = _encoder_sum(model, hidden, b.tokens, b.valid, b.answer if mask_prompt else None)
+            encoder, pairs = encoder + total, pairs + count
+    diffusion = diffusion / positions
     if encoder_loss_weight == 0:
         return diffusion, diffusion, mx.array(0.0)
-    if mask_prompt and batch.answer is None:
-        raise ValueError("mask_prompt needs a batch from make_batch (it marks the answer tokens)")
-    encoder = encoder_loss(model, hidden, batch.tokens, batch.valid, batch.answer if mask_prompt else None)
+    encoder = encoder / max(pairs, 1)
     return diffusion + encoder_loss_weight * encoder, diffusion, encoder

@@ -37,7 +37,15 @@ from .data import Example
 from .errors import TrainError
 from .grad_checkpoint import checkpoint_layers
 from .lora import ADAPTER_FILE, CONFIG_FILE, trainable_weights
-from .objective import Batch, Noise, ObjectiveConfig, choose_canvases, make_batch, sample_noise, training_loss
+from .objective import (
+    Batch,
+    Noise,
+    ObjectiveConfig,
+    choose_canvases,
+    sample_noise,
+    split_batch,
+    training_loss,
+)
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -65,6 +73,9 @@ class TrainConfig:
     seed: int = 0
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     grad_checkpoint: bool = False  # recompute each layer's activations in the backward pass (less memory)
+    # Batches of examples of similar length (mlx-lm's order: sorted, cut into batches, batches shuffled each
+    # epoch): less padding, faster steps; the same examples share a batch every epoch.
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -200,28 +211,40 @@ class Trainer:
         self.saved_step: int | None = None  # the step of the last checkpoint written or resumed
         self.history: list[tuple[int, float]] = []
         self.val_history: list[tuple[int, float]] = []
+        self.seconds = 0.0  # spent in training steps, resumed runs' included
         if cfg.grad_checkpoint:
             checkpoint_layers(model)
+        if cfg.group_by_length:
+            if len(self.train_set) < cfg.batch_size:
+                raise TrainError(f"group-by-length needs at least one full batch: {len(self.train_set)} examples, "
+                                 f"batch size {cfg.batch_size}")
+            lengths = [len(e.prompt) + len(e.answer) for e in self.train_set]
+            self._by_length = np.argsort(lengths, kind="stable")
         self._loss_and_grad = nn.value_and_grad(model, self._loss)
 
     # -- one step ----------------------------------------------------------------------------------------------
 
-    def _loss(self, batch: Batch, noise: Noise) -> tuple[mx.array, mx.array, mx.array]:
+    def _loss(self, batch: list[Batch], noise: list[Noise]) -> tuple[mx.array, mx.array, mx.array]:
         objective = self.cfg.objective
         return training_loss(self.model, batch, noise, objective.encoder_loss_weight, objective.mask_prompt)
 
-    def micro_batch(self, step: int, micro: int) -> tuple[Batch, Noise]:
-        """The examples, canvases and noise of micro-batch ``micro`` of step ``step`` (deterministic)."""
+    def micro_batch(self, step: int, micro: int) -> tuple[list[Batch], list[Noise]]:
+        """The examples, canvases and noise of micro-batch ``micro`` of step ``step`` (deterministic), in parts."""
         cfg = self.cfg
-        first = (step * cfg.grad_accum + micro) * cfg.batch_size
-        examples = [self.train_set[i] for i in example_indices(len(self.train_set), cfg.seed, first, cfg.batch_size)]
-        return self._prepare(examples, np.random.default_rng([cfg.seed, step, micro]))
+        number = step * cfg.grad_accum + micro
+        if cfg.group_by_length:
+            batches = len(self._by_length) // cfg.batch_size
+            b = int(_epoch_order(batches, cfg.seed, number // batches)[number % batches])
+            indices = self._by_length[b * cfg.batch_size : (b + 1) * cfg.batch_size].tolist()
+        else:
+            indices = example_indices(len(self.train_set), cfg.seed, number * cfg.batch_size, cfg.batch_size)
+        return self._prepare([self.train_set[i] for i in indices], np.random.default_rng([cfg.seed, step, micro]))
 
-    def _prepare(self, examples: Sequence[Example], rng: np.random.Generator) -> tuple[Batch, Noise]:
+    def _prepare(self, examples: Sequence[Example], rng: np.random.Generator) -> tuple[list[Batch], list[Noise]]:
         args = self.model.args
-        batch = make_batch(examples, choose_canvases(examples, args.canvas_length, rng), args.canvas_length,
-                           args.pad_token_id, self.fill_id)
-        return batch, sample_noise(np.array(batch.targets), args.vocab_size, rng, self.cfg.objective)
+        canvases = choose_canvases(examples, args.canvas_length, rng)
+        parts = split_batch(examples, canvases, args.canvas_length, args.pad_token_id, self.fill_id)
+        return parts, [sample_noise(np.array(b.targets), args.vocab_size, rng, self.cfg.objective) for b in parts]
 
     def train_step(self, step: int) -> StepLog:
         """Accumulate the gradients of ``grad_accum`` micro-batches, clip, and take one optimizer step."""
@@ -235,7 +258,7 @@ class Trainer:
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(grads, losses)
             sums += [float(x.item()) for x in losses]
-            tokens += batch.num_tokens
+            tokens += sum(b.num_tokens for b in batch)
         grads = tree_map(lambda g: g / cfg.grad_accum, grads)
         if cfg.grad_clip:
             grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
@@ -310,6 +333,7 @@ class Trainer:
         log = self.train_step(self.step)
         self.step = log.step
         self.history.append((log.step, log.loss))
+        self.seconds += log.seconds
         if self.progress:
             self.progress.update(log)
         return log
@@ -324,7 +348,7 @@ class Trainer:
         """What must not change between a run and its resumption for the data order to stay the same."""
         c = self.cfg
         return {"seed": c.seed, "batch_size": c.batch_size, "grad_accum": c.grad_accum,
-                "train_examples": len(self.train_set)}
+                "train_examples": len(self.train_set), "group_by_length": c.group_by_length}
 
     def save(self) -> None:
         """Write the checkpoint (adapters, optimizer state, trainer state) as one atomic unit; see ``checkpoint.py``.
@@ -339,7 +363,7 @@ class Trainer:
                              "learning rate")
         state = dict(tree_flatten(self.optimizer.state))
         trainer_state = {"step": self.step, **self._identity(), "config": _jsonable(asdict(self.cfg)),
-                         "history": self.history, "val_history": self.val_history}
+                         "history": self.history, "val_history": self.val_history, "seconds": self.seconds}
         folder = write_checkpoint(self.out, self.step, {
             ADAPTER_FILE: lambda p: mx.save_safetensors(str(p), weights),
             CONFIG_FILE: lambda p: p.write_text(json.dumps(self.adapter_config, indent=2) + "\n"),
@@ -360,12 +384,12 @@ class Trainer:
         if missing:
             raise TrainError(f"cannot resume {folder}: {missing[0]} is missing (an incomplete checkpoint); "
                              "start again without --resume")
-        state = json.loads((folder / STATE_FILE).read_text())
+        state = {"group_by_length": False, **json.loads((folder / STATE_FILE).read_text())}  # older checkpoints
         changed = [k for k, v in self._identity().items() if state.get(k) != v]
         if changed:
             k = changed[0]
             raise TrainError(f"cannot resume {self.out}: {k} was {state.get(k)}, now {self._identity()[k]}; "
-                             "resume with the same data, --seed, --batch-size and --grad-accum")
+                             "resume with the same data, --seed, --batch-size, --grad-accum and --group-by-length")
         weights = mx.load(str(folder / ADAPTER_FILE))
         if set(weights) != set(trainable_weights(self.model)):
             raise TrainError(f"cannot resume {self.out}: its adapters do not match this run's --lora/--full settings")
@@ -376,6 +400,7 @@ class Trainer:
             publish(folder, self.out, (ADAPTER_FILE, CONFIG_FILE))  # if a crash came between pointer and publish
         self.history = [tuple(h) for h in state.get("history", [])]
         self.val_history = [tuple(h) for h in state.get("val_history", [])]
+        self.seconds = float(state.get("seconds", 0.0))
         mx.eval(self.model.parameters(), self.optimizer.state)
         return self.step
 
