@@ -280,7 +280,7 @@ def projection(runs: list[Run], bandwidths=(400e9, 546e9), compute=30e12) -> str
               f"efficiency at which stock MLX reaches {STOCK_TOK_S} tok/s with the reference sampler at "
               f"~{STOCK_PASSES} passes per canvas (3/4 of the canvas kept). Two pass counts: as measured on the "
               f"demo, and at the released sampler's ~{STOCK_PASSES} passes per canvas for the reference, every "
-              "setting's passes scaled by the same factor (an extrapolation: the demo converges in ~3 passes).", "",
+              "setting's passes scaled by the same factor (an extrapolation from the demo's own pass counts).", "",
               "| pass counts | setting | passes / canvas | positions / pass | "
               + " | ".join(f"ms / canvas @ {b / 1e9:.0f}" for b in bandwidths)
               + " | tok/s roofline @ 400 | tok/s calibrated @ 400 | expert-floor ceiling tok/s @ 400 |",
