@@ -11,11 +11,13 @@ sees the closing brackets while it fills the names), values copied from the prom
 prompt lookup and a drafter can exploit).
 
 * The record task (``make_item``, ``split(name, n)``): one person, answers of ~40 tokens, two 24-token canvases.
-  The task of the previous default model (``tests/fixtures/demo24``, stage 1 of ``train_demo.py``).
+  The embedded default model's task (its files are also the tests' fixture ``tests/fixtures/demo24``; stage 1 of
+  ``train_demo.py``).
 * The long task (``make_long_item``, ``split(name, n, long=True)``): one to six people; one person gets one record
   (the README's example), several a JSON list in the order of the sentences. Answers of 32 to 251 tokens that end
   inside the first or the second 128-token canvas, leaving the EOS tail a real answer leaves. The task of the
-  embedded default model (``train_demo.py``'s stage 2; why 128 and not the released 256: see there).
+  long-answer demo model in training (``models/long-demo-wip``, ``train_demo.py``'s stage 2; why 128 and not the
+  released 256: see there).
 
 ``is_long(canvas_length)`` says which task a model was trained for. Seeded and deterministic: ``split("train" |
 "valid" | "test", n, long)`` always returns the same items, and the three splits of a task never share a prompt

@@ -9,8 +9,8 @@ A two-stage curriculum:
    task's text, the Gemma-style chat template (``make_default_model.py`` builds these with the reference,
    ``transformers``), well-conditioned random weights.
 2. Stage 1 (``--stage1-iters``, 400): ``demo_task``'s record task (one person), 24-token canvases: the model
-   learns the record's grammar and to copy values, cheaply. The previous embedded default
-   (``tests/fixtures/demo24``) is this stage's model. ``--init MODEL`` skips it and starts stage 2 from such a
+   learns the record's grammar and to copy values, cheaply. The embedded default (``mlx_dgemma/default_model``,
+   also the tests' ``tests/fixtures/demo24``) is this stage's model. ``--init MODEL`` skips it and starts stage 2 from such a
    model (or from a stage 2 model, to train it further).
 3. Stage 2 (``--iters``): ``demo_task``'s long task (one to six people, answers of 32-251 tokens) at 128-token
    canvases, with a sliding window longer than the canvas (as the released model's 1024 over 256). Both stages are
@@ -23,7 +23,7 @@ A two-stage curriculum:
 Why 128 and not the released 256: at 256 every answer is one canvas decoded in parallel, and 400 steps of stage 2
 (90 minutes here) left the model exact on none of 20 held-out several-person answers (24% of their records right,
 validation loss 0.55): a 130-token answer denoised at once needs per-token accuracy near 99.9%. At 128 a long answer
-is two canvases, the second conditioned on the first, committed one; the step is cheaper too. Answers still end
+is two canvases, the second conditioned on the committed first; the step is cheaper too. Answers still end
 mid-canvas with an EOS tail, and a canvas still takes many passes, which is what fast decoding and the drafter are
 measured on.
 

@@ -18,9 +18,9 @@ import pytest
 import mlx_dgemma  # noqa: F401 (before any test module imports mlx.core: on Linux it preloads OpenBLAS)
 
 ROOT = Path(__file__).resolve().parent
-# The embedded default before the long-answer model (mlx_dgemma/default_model), with its drafter: the record task
-# on 24-token canvases, whose answers span two canvases (streaming, stop sequences and disconnects across canvases,
-# the drafter switching off); its small canvas keeps the tests that only need a model quick.
+# The embedded default's files (mlx_dgemma/default_model, with its drafter) as a fixture, so that the default can
+# change without the tests: the record task on 24-token canvases, whose answers span two canvases (streaming, stop
+# sequences and disconnects across canvases, the drafter switching off); its small canvas keeps the tests quick.
 DEMO24 = ROOT / "fixtures" / "demo24"
 # Demo-task prompts (the embedded model's task) that the drafter and fast-mode tests share.
 DEMO_PROMPTS = [
