@@ -26,8 +26,11 @@ holes around them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -289,6 +292,13 @@ class GrammarConstraint(Constraint):
         after = m.deep_copy()
         return after.consume_token(token) and self.need(after, room) is not None
 
+    def fresh(self) -> GrammarConstraint:
+        """An independent copy in this one's state: the compiled grammar and its tables are shared (read-only),
+        the matcher is copied (llguidance's ``deep_copy``, microseconds)."""
+        twin = copy.copy(self)
+        twin.matcher = self.matcher.deep_copy()
+        return twin
+
     def commit(self, tokens: Sequence[int]) -> None:
         room = self.max_tokens - self.committed  # tokens past max_tokens are not part of the answer
         self.committed += len(tokens)
@@ -408,12 +418,36 @@ def make_constraint(
     if grammar is None:
         return None
     llt = ll_tokenizer(tokenizer, eos_ids, vocab_size)
-    c = GrammarConstraint(llt, grammar, eos_ids, pad_id, vocab_size, max_tokens, canvas_length)
+    c = _compiled(llt, grammar, eos_ids, pad_id, vocab_size, max_tokens, canvas_length)
     short = c.min_length
     if short is not None and short > max_tokens:  # unknown (None) is not an error: the search is greedy
         raise ConstraintError(f"max_tokens={max_tokens} is too small: the shortest answer this schema/grammar allows "
                               f"takes about {short} tokens; raise max_tokens")
     return c
+
+
+_COMPILED: OrderedDict[tuple, GrammarConstraint] = OrderedDict()
+_COMPILED_MAX = 32
+_COMPILED_LOCK = threading.Lock()  # the server's request thread checks a format while its worker generates
+
+
+def _compiled(llt: Any, grammar: str, eos_ids: list[int], pad_id: int, vocab: int, max_tokens: int,
+              canvas_length: int) -> GrammarConstraint:
+    """A fresh constraint for ``grammar``: compiled (and its shortest answer searched) once, then copied. The
+    server compiles a request's format to refuse a bad one before queueing it, and generation builds it again;
+    agents send the same schema with every request. The last ``_COMPILED_MAX`` grammars are kept."""
+    key = (llt, grammar, tuple(eos_ids), pad_id, vocab, max_tokens, canvas_length)
+    with _COMPILED_LOCK:
+        compiled = _COMPILED.get(key)
+        if compiled is not None:
+            _COMPILED.move_to_end(key)
+    if compiled is None:  # compiled outside the lock: a slow grammar does not hold up another request's
+        compiled = GrammarConstraint(llt, grammar, eos_ids, pad_id, vocab, max_tokens, canvas_length)
+        with _COMPILED_LOCK:
+            _COMPILED[key] = compiled
+            if len(_COMPILED) > _COMPILED_MAX:
+                _COMPILED.popitem(last=False)
+    return compiled.fresh()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The demo models' tasks: fill a JSON record from a sentence about a person, or records about one to six people.
+"""The demo models' tasks: fill a JSON record from a sentence about a person, or records about one to four people.
 
     user:  Fill the record: Meet Maya, 34, a pilot living in Oslo. She speaks Greek and Hindi.
     model: {"name": "Maya", "age": 34, "city": "Oslo", "job": "pilot", "languages": ["Greek", "Hindi"]}
@@ -13,9 +13,12 @@ prompt lookup and a drafter can exploit).
 * The record task (``make_item``, ``split(name, n)``): one person, answers of ~40 tokens, two 24-token canvases.
   The embedded default model's task (its files are also the tests' fixture ``tests/fixtures/demo24``; stage 1 of
   ``train_demo.py``).
-* The long task (``make_long_item``, ``split(name, n, long=True)``): one to six people; one person gets one record
-  (the README's example), several a JSON list in the order of the sentences. Answers of 32 to 251 tokens that end
-  inside the first or the second 128-token canvas, leaving the EOS tail a real answer leaves. The task of the
+* The long task (``make_long_item``, ``split(name, n, long=True)``): one to four people; one person gets one record
+  (the README's example), several a JSON list in the order of the sentences. Answers of 32 to 168 tokens that end
+  inside the first or the second 128-token canvas, leaving the EOS tail a real answer leaves. (The first version
+  asked for up to six people, answers of up to 251 tokens: after 1,000 steps of training, the model was exact on 17
+  of 19 held-out one- and two-person answers, 4 of 10 three- and four-person ones, and 0 of 11 five- and six-person
+  ones.) The task of the
   long-answer demo model in training (``models/long-demo-wip``, ``train_demo.py``'s stage 2; why 128 and not the
   released 256: see there).
 
@@ -38,7 +41,7 @@ AGES = range(18, 80)
 
 INSTRUCTIONS = ["Fill the record:", "Extract the person as JSON:", "JSON record for this text:"]
 PLURAL_INSTRUCTIONS = ["Fill the records:", "Extract the people as JSON:", "JSON records for this text:"]
-PEOPLE = range(1, 7)  # the long task: answers of ~40 (one) to ~250 tokens (six)
+PEOPLE = range(1, 5)  # the long task: answers of ~40 (one) to ~170 tokens (four)
 # {a_job} is the job with its article ("a pilot", "an editor").
 TEMPLATES = [
     "{name} is a {age}-year-old {job} from {city} who speaks {langs}.",
@@ -109,7 +112,7 @@ def make_item(rng: random.Random) -> Item:
 
 
 def make_long_item(rng: random.Random) -> Item:
-    """The long task: one to six people (distinct names), one sentence each; one record, or a list of them in order."""
+    """The long task: one to four people (distinct names), one sentence each; one record, or a list of them in order."""
     n = rng.choice(PEOPLE)
     if n == 1:
         return make_item(rng)

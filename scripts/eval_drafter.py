@@ -1,9 +1,11 @@
 """The drafter on the demo model's held-out set: no drafter vs prompt lookup vs the bundled drafter.
 
     python scripts/eval_drafter.py [--model PATH] [--drafter PATH] [--n 200] [--seed 0] [--json FILE]
+                                   [--confidence C ...] [--guard G ...]
 
 Settings: no drafter, prompt lookup, the drafter (default verification: a tenth of the draft re-noised) and the
-drafter without re-noising. Every setting answers the same held-out records with the same seeds (paired).
+drafter without re-noising; with ``--confidence``, the drafter drafting only positions it gives at least that
+probability; with ``--guard``, the drafter under that stricter verification guard. Every setting answers the same held-out records with the same seeds (paired).
 Reported per setting: exact match (95% Wilson interval), target decoder passes per canvas, tokens per forward,
 wall time per canvas; then the paired difference in exact match against no drafter (with its 95% interval), the
 drafter's time as a fraction of one target pass (both timed here, same process), and a projection for
@@ -86,12 +88,14 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=200, help="held-out records (default 200)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    parser.add_argument("--confidence", type=float, nargs="*", default=[], help="also: confident drafts only")
+    parser.add_argument("--guard", type=float, nargs="*", default=[], help="also: these verification guards")
     args = parser.parse_args()
 
     import mlx.core as mx
 
     from mlx_dgemma import load
-    from mlx_dgemma.drafter import make_proposer
+    from mlx_dgemma.drafter import DrafterProposer, make_proposer
 
     # This CPU multiplies bf16 ~10x slower than fp32: evaluate in fp32 there (a Mac runs the stored bf16).
     model, tokenizer = load(args.model, mx.float32 if mx.default_device() == mx.cpu else None)
@@ -99,10 +103,20 @@ def main() -> int:
     drafter = make_proposer(args.drafter, model)
     if drafter is None:
         raise SystemExit("error: no drafter for this model: give --drafter PATH")
+    from mlx_dgemma.errors import DGemmaError
     from mlx_dgemma.verify import VerifyConfig
 
     settings = {"no drafter": ("none", None), "prompt lookup": ("lookup", None), "drafter": (drafter, None),
                 "drafter, no re-noising": (drafter, VerifyConfig(renoise=0.0))}
+    if args.confidence and not isinstance(drafter, DrafterProposer):
+        raise SystemExit(f"error: --confidence needs a trained drafter (got {args.drafter!r})")
+    try:
+        for c in args.confidence:
+            settings[f"drafter, confidence {c:g}"] = (DrafterProposer(drafter.drafter, confidence=c), None)
+        for g in args.guard:
+            settings[f"drafter, guard {g:g}"] = (drafter, VerifyConfig(guard=g))
+    except DGemmaError as e:
+        raise SystemExit(f"error: {e}") from None
     results: dict[str, EvalResult] = {}
     hits: dict[str, list[bool]] = {}
     for label, (spec, verify) in settings.items():

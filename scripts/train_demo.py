@@ -12,7 +12,7 @@ A two-stage curriculum:
    learns the record's grammar and to copy values, cheaply. The embedded default (``mlx_dgemma/default_model``,
    also the tests' ``tests/fixtures/demo24``) is this stage's model. ``--init MODEL`` skips it and starts stage 2 from such a
    model (or from a stage 2 model, to train it further).
-3. Stage 2 (``--iters``): ``demo_task``'s long task (one to six people, answers of 32-251 tokens) at 128-token
+3. Stage 2 (``--iters``): ``demo_task``'s long task (one to four people, answers of 32-168 tokens) at 128-token
    canvases, with a sliding window longer than the canvas (as the released model's 1024 over 256). Both stages are
    ``mlx_dgemma.train`` (the block-diffusion objective, full training, router included, batches grouped by
    length), seeded data, the held-out test set never trained on.
@@ -54,9 +54,12 @@ TEXT = {"vocab_size": VOCAB_SIZE, "sliding_window": 64, "max_position_embeddings
 STAGE1 = {"batch_size": 32, "learning_rate": 2e-3, "warmup": 50, "weight_decay": 0.01}
 STAGE1_CANVAS = 24
 # Stage 2: 128-token canvases (see the docstring), and a window longer than them (the released model: 1024 over 256),
-# so that a canvas sees the whole of a six-person prompt through every layer, not through the full layer alone.
+# so that a canvas sees the whole of a four-person prompt through every layer, not through the full layer alone.
 STAGE2_CONFIG = {"canvas_length": demo_task.LONG_CANVAS_LENGTH, "sliding_window": 512}
 STAGE2 = {"batch_size": 16, "learning_rate": 1e-3, "warmup": 20, "weight_decay": 0.01}
+# The encoder's next-token loss on answers only: the prompts' random names and numbers cannot be predicted, and
+# their loss (~0.42 of the ~0.48 total at step 1000) only drowned the answer's.
+STAGE2_OBJECTIVE = {"mask_prompt": True}
 VALID_SIZE, TEST_SIZE = 256, 500
 
 
@@ -122,12 +125,14 @@ def set_config(folder: Path, values: dict) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def train(folder: Path, items, valid_items, work: Path, iters: int, hyper: dict, resume: bool = False):
+def train(folder: Path, items, valid_items, work: Path, iters: int, hyper: dict, resume: bool = False,
+          objective: dict | None = None):
     """Train the model in ``folder`` on ``items``; returns ``(model, tokenizer, trainer, result)``."""
     import mlx.core as mx
 
     from mlx_dgemma import load_model, load_tokenizer
     from mlx_dgemma.train.lora import adapter_config, prepare_full
+    from mlx_dgemma.train.objective import ObjectiveConfig
     from mlx_dgemma.train.trainer import Progress, TrainConfig, Trainer
 
     model, tokenizer = load_model(folder, mx.float32), load_tokenizer(folder)
@@ -139,7 +144,8 @@ def train(folder: Path, items, valid_items, work: Path, iters: int, hyper: dict,
           f"{np.mean([len(e.prompt) for e in train_set]):.1f} tokens", flush=True)
     prepare_full(model, train_router=True)
     cfg = TrainConfig(iters=iters, lr_schedule="cosine", val_every=100, val_batches=8, save_every=50,
-                      report_every=10, seed=0, group_by_length=True, **hyper)
+                      report_every=10, seed=0, group_by_length=True,
+                      objective=ObjectiveConfig(**(objective or {})), **hyper)
     trainer = Trainer(model, train_set, valid, work, cfg, adapter_config("full", None, len(model.layers)),
                       fill_id=tokenizer.eos_token_id, progress=Progress(cfg.iters, sys.stdout, cfg.report_every))
     if resume:
@@ -198,7 +204,7 @@ def main() -> int:
 
     model, tokenizer, trainer, result = train(
         stage2, demo_task.split("train", args.train_size, long=True), demo_task.split("valid", VALID_SIZE, long=True),
-        args.work / "checkpoint", args.iters, STAGE2, args.resume)
+        args.work / "checkpoint", args.iters, STAGE2, args.resume, STAGE2_OBJECTIVE)
     train_seconds = trainer.seconds  # a resumed run's earlier steps included
     # What ships is bf16: round the weights to it. On a CPU the rounded weights are evaluated in fp32 (bf16
     # matmuls are ~10x slower there); a Mac runs them in bf16.
@@ -236,8 +242,8 @@ A small DiffusionGemma (the architecture of `google/diffusiongemma-26B-A4B-it`: 
 experts (top {text['top_k_experts']}), self-conditioning; hidden {text['hidden_size']}, vocabulary
 {text['vocab_size']}, sliding window {text['sliding_window']}, canvas {config['canvas_length']} tokens; the released
 model's is 256, see `train_demo.py`)
-trained from scratch by `scripts/train_demo.py` on one task: fill JSON records from sentences about one to six
-people (one record, or a list of them; answers of 32-251 tokens, one or two canvases).
+trained from scratch by `scripts/train_demo.py` on one task: fill JSON records from sentences about one to four
+people (one record, or a list of them; answers of 32-168 tokens, one or two canvases).
 
     Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi.
     {{"name": "Maya", "age": 34, "city": "Oslo", "job": "pilot", "languages": ["Greek", "Hindi"]}}

@@ -210,6 +210,25 @@ def test_projection_keeps_allowed_tokens_and_replaces_the_rest():
     assert c.ended
 
 
+def test_a_grammar_compiles_once_and_each_constraint_has_its_own_state():
+    """The server compiles a request's format to check it and generation builds it again: the second build is
+    a copy of the first (same compiled tables), whose matcher advances on its own."""
+    from mlx_dgemma.constrain import make_constraint
+
+    tokenizer = load_tokenizer(DEMO24)
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"],
+              "additionalProperties": False}
+    build = [make_constraint(tokenizer, [1, 5], 0, 1024, 40, 24, json_schema=schema) for _ in range(2)]
+    a, b = build
+    assert a is not b and a.matcher is not b.matcher and a.order is b.order and a.min_length == b.min_length
+    a.commit([*tokenizer.encode('{"age": 34}', add_special_tokens=False), 5])
+    assert a.ended and not b.ended and not b.matcher.is_stopped()
+    c = make_constraint(tokenizer, [1, 5], 0, 1024, 40, 24, json_schema=schema)  # after a finished: untouched
+    assert not c.ended and c.committed == 0 and not c.matcher.is_stopped()
+    other = make_constraint(tokenizer, [1, 5], 0, 1024, 41, 24, json_schema=schema)  # another budget: its own
+    assert other.max_tokens == 41 and c.max_tokens == 40
+
+
 def test_constrained_step_feeds_projected_and_held_tokens_back():
     """The next decoder input carries every token the projection changed and every held token; the other
     positions keep the sampler's canvas (accepted samples and fresh noise)."""

@@ -193,6 +193,39 @@ def test_bundled_drafter_is_used_by_default_and_helps(demo):
     assert sum(d.stats.decoder_passes for d in drafted) < sum(p.stats.decoder_passes for p in plain)
 
 
+def test_a_confident_drafter_drafts_only_the_positions_it_is_sure_of(demo):
+    """``confidence=c`` keeps the drafter's tokens and drafts exactly the positions whose drafter probability
+    reaches ``c`` (the others start as noise); ``0`` drafts every position; a bad value is a one-line error."""
+    from mlx_dgemma.generation import encode_prompt
+    from mlx_dgemma.loop import prefill
+
+    model, tokenizer = demo
+    drafter = load_drafter(bundled_drafter(model), model)
+    cache = model.make_cache()
+    cache.capture = tuple(drafter.args.target_layers)
+    prefill(model, mx.array([encode_prompt(tokenizer, PROMPTS[0])], dtype=mx.int32), cache)
+
+    def propose(confidence: float) -> Proposal:
+        proposer = DrafterProposer(drafter, confidence=confidence)
+        proposer.begin([[]])
+        return proposer.propose(model, cache)
+
+    every = propose(0.0)
+    assert every.drafted.all().item()
+    context = drafter.fuse(mx.concatenate(cache.features, axis=1))
+    pad = mx.full(every.canvas.shape, model.args.pad_token_id, dtype=mx.int32)
+    probs = mx.softmax(model.logits(drafter(model.model.decoder.embed(pad), context, cache.valid)).astype(mx.float32),
+                       axis=-1)
+    sure = np.array(probs.max(axis=-1))
+    assert 0 < (sure >= 0.9).sum() < sure.size  # the threshold splits this canvas (else the test shows nothing)
+    for c in (0.5, 0.9, 0.99):
+        p = propose(c)
+        assert np.array_equal(np.array(p.canvas), np.array(every.canvas))
+        np.testing.assert_array_equal(np.array(p.drafted), sure >= c)
+    with pytest.raises(DrafterError, match="confidence"):
+        DrafterProposer(drafter, confidence=1.0)
+
+
 def test_drafter_train_cli_distils_resumes_and_records_its_target(demo, tmp_path, capsys):
     model, _ = demo
     prompts = tmp_path / "prompts.jsonl"
