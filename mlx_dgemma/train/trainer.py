@@ -214,6 +214,7 @@ class Trainer:
         self.seconds = 0.0  # spent in training steps, resumed runs' included
         if cfg.grad_checkpoint:
             checkpoint_layers(model)
+        self._by_length: np.ndarray | None = None  # example indices sorted by length, when batches are grouped
         if cfg.group_by_length:
             if len(self.train_set) < cfg.batch_size:
                 raise TrainError(f"group-by-length needs at least one full batch: {len(self.train_set)} examples, "
@@ -232,7 +233,7 @@ class Trainer:
         """The examples, canvases and noise of micro-batch ``micro`` of step ``step`` (deterministic), in parts."""
         cfg = self.cfg
         number = step * cfg.grad_accum + micro
-        if cfg.group_by_length:
+        if self._by_length is not None:
             batches = len(self._by_length) // cfg.batch_size
             b = int(_epoch_order(batches, cfg.seed, number // batches)[number % batches])
             indices = self._by_length[b * cfg.batch_size : (b + 1) * cfg.batch_size].tolist()
