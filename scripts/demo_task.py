@@ -18,9 +18,8 @@ prompt lookup and a drafter can exploit).
   inside the first or the second 128-token canvas, leaving the EOS tail a real answer leaves. (The first version
   asked for up to six people, answers of up to 251 tokens: after 1,000 steps of training, the model was exact on 17
   of 19 held-out one- and two-person answers, 4 of 10 three- and four-person ones, and 0 of 11 five- and six-person
-  ones.) The task of the
-  long-answer demo model in training (``models/long-demo-wip``, ``train_demo.py``'s stage 2; why 128 and not the
-  released 256: see there).
+  ones.) The task of the long-answer demo model in training (``models/long-demo-wip``, ``train_demo.py``'s stage
+  2; why 128 and not the released 256: see there).
 
 ``is_long(canvas_length)`` says which task a model was trained for. Seeded and deterministic: ``split("train" |
 "valid" | "test", n, long)`` always returns the same items, and the three splits of a task never share a prompt

@@ -5,7 +5,8 @@
 
 Settings: no drafter, prompt lookup, the drafter (default verification: a tenth of the draft re-noised) and the
 drafter without re-noising; with ``--confidence``, the drafter drafting only positions it gives at least that
-probability; with ``--guard``, the drafter under that stricter verification guard. Every setting answers the same held-out records with the same seeds (paired).
+probability; with ``--guard``, the drafter under that stricter verification guard. Every setting answers the same
+held-out records with the same seeds (paired).
 Reported per setting: exact match (95% Wilson interval), target decoder passes per canvas, tokens per forward,
 wall time per canvas; then the paired difference in exact match against no drafter (with its 95% interval), the
 drafter's time as a fraction of one target pass (both timed here, same process), and a projection for
