@@ -55,11 +55,13 @@ class DrafterProposer:
         tokens = mx.full((B, C), model.args.pad_token_id, dtype=mx.int32)
         for _ in range(self.passes):
             h = self.drafter(model.model.decoder.embed(tokens), self.context, valid)
-            logits = model.logits(h).astype(mx.float32)
+            logits = model.logits(h)
             tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
         if self.confidence == 0.0:
             return Proposal(tokens, mx.ones(tokens.shape, dtype=mx.bool_))
-        # p(argmax) = exp(max - logsumexp): one reduction more, no host read (the mask stays on the device).
+        # p(argmax) = exp(max - logsumexp): two reductions, no host read (the mask stays on the device). In fp32
+        # only here: the default path does not copy [C, V] logits (a 268 MB cast per proposal on the 26B model).
+        logits = logits.astype(mx.float32)
         sure = mx.max(logits, axis=-1) - mx.logsumexp(logits, axis=-1) >= math.log(self.confidence)
         return Proposal(tokens, sure)
 
