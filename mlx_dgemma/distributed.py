@@ -125,6 +125,20 @@ def broadcast_json(obj: Any, group: mx.distributed.Group) -> Any:
     return json.loads(bytes(payload.tolist()).decode())
 
 
+def broadcast_array(array: Any, group: mx.distributed.Group) -> Any:
+    """Rank 0's numpy ``array`` on every rank; the others pass anything (ignored).
+
+    Its shape and dtype travel as JSON, then the values in one ``all_sum`` (zeros everywhere but on rank 0,
+    exact as ``broadcast_json``'s bytes).
+    """
+    import numpy as np
+
+    head = broadcast_json({"shape": list(array.shape), "dtype": str(array.dtype)} if group.rank() == 0 else None,
+                          group)
+    mine = mx.array(array) if group.rank() == 0 else mx.zeros(head["shape"], dtype=getattr(mx, head["dtype"]))
+    return np.array(mx.distributed.all_sum(mine, group=group)).astype(head["dtype"], copy=False)
+
+
 def agree(flag: bool, group: mx.distributed.Group) -> bool:
     """Rank 0's ``flag`` on every rank (one tiny ``all_sum``)."""
     mine = mx.array([1 if flag and group.rank() == 0 else 0], dtype=mx.int32)

@@ -4,6 +4,9 @@ run it, and write what it computed to ``OUT/rank<r>.npz`` for the test to compar
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -17,6 +20,18 @@ from mlx_dgemma.loader import load_model, load_tokenizer
 from mlx_dgemma.shard import weight_bytes
 
 PROMPT = "Fill the record: Meet Maya, 34, a pilot living in Oslo."
+PIXELS: list[str] = []  # sha256 of each served image's pixel arrays, on this rank
+
+
+def image_request() -> dict:
+    """A chat request with one image (seeded noise as a PNG data: URL): the pixels must reach every rank."""
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(png, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is in the image?"}]
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 24, "seed": 3}
 
 
 def logits(model, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +77,7 @@ def main() -> int:
             results["mismatch"] = np.array(str(e))
     if args.server:
         results["server"] = np.array(json.dumps(serve(args.server, group.rank())))
+        results["pixels"] = np.array(json.dumps(PIXELS))
     np.savez(Path(args.out) / f"rank{group.rank()}.npz", **results)
     if args.cli:  # last: the CLI silences standard output on ranks other than 0
         from mlx_dgemma.generate import main as generate_main
@@ -71,12 +87,23 @@ def main() -> int:
 
 
 def serve(folder: str, rank: int) -> list[str]:
-    """Rank 0 serves two requests over HTTP and stops; the others follow until it does."""
+    """Rank 0 serves three requests over HTTP and stops; the others follow until it does. The last request has an
+    image; its answer is kept as ``"<status> <body>"``: sharded sums make an untrained vision tower's text differ
+    from one process's, so the test compares the pixels each rank read instead."""
     from mlx_dgemma.server import BackgroundServer, create_app
 
     app = create_app(folder)
+    worker, serve_plan = app.state.worker, app.state.worker._serve
+
+    def record_pixels(job):  # what this rank's generation reads: rank 0's processed image, or what reached it
+        if job.plan.image_prompt is not None:
+            arrays = job.plan.image_prompt.pixel_values, job.plan.image_prompt.image_position_ids
+            PIXELS.append(hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest())
+        serve_plan(job)
+
+    worker._serve = record_pixels
     if rank != 0:
-        app.state.worker.join()
+        worker.join()
         return []
     import httpx
 
@@ -92,6 +119,8 @@ def serve(folder: str, rank: int) -> list[str]:
                                        if c["choices"]))
             else:
                 answers.append(r.json()["choices"][0]["message"]["content"])
+        r = httpx.post(f"{server.url}/chat/completions", json=image_request(), timeout=120)
+        answers.append(f"{r.status_code} {r.text}")
     return answers
 
 

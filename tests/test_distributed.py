@@ -119,10 +119,18 @@ def test_each_rank_holds_its_share_of_the_weights(ranks, single, name):
 
 
 def test_server_on_two_ranks_answers_as_one_process(ranks, answers):
+    """Plain and streamed chat as one process; a request with an image is answered, and its processed pixels
+    reach rank 1 unchanged."""
     _, results, _ = ranks
     want = answers["default", "auto"]  # the server's default drafter is the model's own
-    assert json.loads(str(results[0]["server"])) == [want, want]
+    plain, streamed, image = json.loads(str(results[0]["server"]))
+    assert [plain, streamed] == [want, want]
+    status, body = image.split(" ", 1)
+    assert status == "200", body
+    assert json.loads(body)["choices"][0]["message"]["content"]
     assert json.loads(str(results[1]["server"])) == []
+    pixels = [json.loads(str(r["pixels"])) for r in results]
+    assert len(pixels[0]) == 1 and pixels[0] == pixels[1]
 
 
 def test_generate_cli_prints_on_rank_0_only(ranks, answers):

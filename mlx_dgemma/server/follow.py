@@ -12,14 +12,15 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
-from ..distributed import agree, broadcast_json, launched_group
-from ..errors import DGemmaError
+from ..distributed import agree, broadcast_array, broadcast_json, launched_group
+from ..multimodal import ImagePrompt
 from .protocol import Plan
 
 if TYPE_CHECKING:
     from .worker import Job, Worker
 
 log = logging.getLogger("mlx_dgemma.server")
+_PIXELS = ("pixel_values", "image_position_ids")  # ImagePrompt's arrays
 
 
 def announce(plan: Plan | None) -> None:
@@ -27,9 +28,19 @@ def announce(plan: Plan | None) -> None:
     group = launched_group()
     if group is None:
         return
-    if plan is not None and plan.image_prompt is not None:  # pixels do not travel as JSON
-        raise DGemmaError("images are not served on several ranks yet: run the server as one process for images")
-    broadcast_json(None if plan is None else dataclasses.asdict(plan), group)
+    if plan is None:
+        broadcast_json(None, group)
+        return
+    images = plan.image_prompt
+    data = dataclasses.asdict(dataclasses.replace(plan, image_prompt=None))
+    if images is not None:  # the arrays follow the JSON
+        data["image_prompt"] = {"ids": [int(i) for i in images.ids], "digests": list(images.digests),
+                                "soft_tokens": [int(n) for n in images.soft_tokens],
+                                "starts": [int(i) for i in images.starts]}
+    broadcast_json(data, group)
+    if images is not None:
+        for name in _PIXELS:
+            broadcast_array(getattr(images, name), group)
 
 
 def cancelled(job: Job) -> bool:
@@ -45,7 +56,10 @@ def follow(worker: Worker) -> None:
     group = launched_group()
     assert group is not None
     while (data := broadcast_json(None, group)) is not None:
-        plan = Plan(**{**data, "cache_points": tuple(data.get("cache_points", ()))})
+        images = data.pop("image_prompt", None)
+        if images is not None:
+            images = ImagePrompt(**images, **{name: broadcast_array(None, group) for name in _PIXELS})
+        plan = Plan(**{**data, "cache_points": tuple(data.get("cache_points", ())), "image_prompt": images})
         try:
             worker._serve(Job(plan, lambda event: None))
         except Exception:  # rank 0 meets the same error and answers it; keep following
