@@ -23,7 +23,8 @@ ablation can measure it alone:
 The per-step host round-trip stays one (the reference's ``done.all().item()`` becomes one read of
 ``[all done, positions still active]``, which also picks the next bucket). ``exact_agreement`` checks the
 approximations against the exact model: one exact pass over a committed canvas, and the fraction of positions
-whose exact argmax is the committed token.
+whose exact argmax is the committed token. Under a grammar or infill constraint, ``project`` projects each fast
+step as ``constrain.constrained_step`` projects the reference's.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import DiffusionCache
+from .constrain import Constraint
 from .errors import DGemmaError
 from .loop import CommitEvent, StepEvent
 from .model import Model
@@ -279,8 +282,44 @@ def fast_step(
     if fcfg.freeze:
         stop = stop | mx.all(frozen, axis=-1)
     finished = state.done | stop if adaptive else state.done
-    active = mx.max(mx.sum((~frozen & ~finished[:, None]).astype(mx.int32), axis=-1))
-    return StepResult(FastState(canvas, argmax, frozen, ent, history, finished, sc), active)
+    return StepResult(FastState(canvas, argmax, frozen, ent, history, finished, sc), live(frozen, finished))
+
+
+def live(frozen: mx.array, done: mx.array) -> mx.array:
+    """The most positions any unfinished row still has to denoise (int32 scalar): the next pass's size."""
+    return mx.max(mx.sum((~frozen & ~done[:, None]).astype(mx.int32), axis=-1))
+
+
+def project(state: FastState, raw: mx.array, positions: mx.array, constraint: Constraint, offset: int) -> FastState:
+    """A fast step's argmax projected onto ``constraint`` (batch of one row), as ``constrain.constrained_step``
+    projects the reference's.
+
+    A position's logits row is this pass's when the pass computed it, else its last processed logits kept for
+    self-conditioning (top-k: a token outside them ranks below all of them). Every position the projection
+    changes, and every held position whose canvas token differs, is written into the canvas and unfrozen, so the
+    next sparse pass recomputes it and the model denoises the rest around it.
+    """
+    argmax, canvas = np.asarray(state.argmax[0]), np.asarray(state.canvas[0])
+    computed = {int(p): j for j, p in enumerate(np.asarray(positions[0]).tolist())}
+
+    def row(i: int) -> np.ndarray:
+        if i in computed:
+            return np.asarray(raw[0, computed[i]], dtype=np.float32)
+        if len(state.sc) == 1:
+            return np.asarray(state.sc[0][0, i], dtype=np.float32)
+        full = np.full(raw.shape[-1], -1e30, dtype=np.float32)  # finite: an allowed token still ranks
+        full[np.asarray(state.sc[1][0, i])] = np.asarray(state.sc[0][0, i], dtype=np.float32)
+        return full
+
+    projected = constraint.project(offset, argmax, row).astype(np.int32)
+    write = projected != argmax
+    for i in constraint.fixed(offset, len(projected)):
+        write[i] |= canvas[i] != projected[i]
+    if not write.any():
+        return state
+    changed, tokens = mx.array(write)[None], mx.array(projected)[None]
+    return state._replace(argmax=tokens, canvas=mx.where(changed, tokens, state.canvas),
+                          frozen=state.frozen & ~changed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,7 +364,11 @@ class FastDenoiser:
         adaptive_stopping: bool = True,
         step_fn: Any = None,  # the reference's sampler step: not used here
         history: mx.array | None = None,
+        constraint: Constraint | None = None,
+        offset: int = 0,
     ) -> Iterator[StepEvent | CommitEvent]:
+        """As ``loop.denoise_canvas``; with ``constraint`` (its canvas at answer position ``offset``) every step's
+        argmax is projected onto it (``project``: one more host read a step, as in the reference's loop)."""
         fcfg = self.config
         B, C, V = cache[0].keys.shape[0], model.args.canvas_length, model.args.vocab_size
         init_key, key = mx.random.split(key)
@@ -356,17 +399,19 @@ class FastDenoiser:
                 raw, stores = forward(model, tokens, cache, soft, positions, stores, C)
             else:
                 raw, _ = forward(model, tokens, cache, soft)
-            live = (~state.done).astype(mx.int32)
-            passes = passes + live
+            passes = passes + (~state.done).astype(mx.int32)
             result = step(raw, positions, state, mx.array(n, dtype=mx.int32), step_key)
-            state = result.state
-            mx.eval(state, passes, result.active, *(stores or []))
+            state, live_now = result.state, result.active
+            mx.eval(state, passes, live_now, *(stores or []))
+            if constraint is not None:
+                state = project(state, raw, positions, constraint, offset)  # the one more host read
+                live_now = live(state.frozen, state.done)
             self.passes += 1
             self.sizes[size] = self.sizes.get(size, 0) + 1
             self.positions += size * B  # the pass computes every row, finished ones too
             yield StepEvent(canvas_index, n, state.argmax, state.done)
             first = False
-            finished, active = (state.done.all().astype(mx.int32), result.active)
+            finished, active = (state.done.all().astype(mx.int32), live_now)
             finished, active = mx.stack([finished, active]).tolist()  # the one host round-trip per step
             if adaptive_stopping and finished:
                 break

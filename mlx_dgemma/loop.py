@@ -17,7 +17,6 @@ import mlx.core as mx
 
 from .cache import DiffusionCache
 from .constrain import Constraint, constrained_step, start_canvas
-from .errors import GenerationError
 from .model import Model
 from .sampler import SamplerConfig, StepOutput, denoise_step, finalize_canvas, init_history, initial_canvas
 from .verify import DraftSession, Proposal, VerifyConfig, agreement, draft_start
@@ -178,12 +177,10 @@ def generate_tokens(
     truncates to ``max_tokens``: canvases are always denoised whole, since the model was trained on them.
     With ``drafts``, each canvas starts from its proposer's draft while the session keeps it on (``verify.py``);
     the commit rule stays the target's. ``denoiser`` replaces ``denoise_canvas`` (same arguments and events):
-    fast mode passes a ``fast.FastDenoiser``; without it this is the reference's loop. With ``constraint`` (``constrain.py``; batch of one row), every step's
-    argmax is projected onto it and its held positions are written into each canvas.
+    fast mode passes a ``fast.FastDenoiser``; without it this is the reference's loop. With ``constraint``
+    (``constrain.py``; batch of one row), every step's argmax is projected onto it and its held positions are
+    written into each canvas (a ``denoiser`` gets the constraint and projects its own step).
     """
-    if denoiser is not None and constraint is not None:  # a denoiser runs its own step, not the projecting one
-        raise GenerationError("fast decoding does not combine with response_format, json_schema or infill yet "
-                              "(its sparse passes skip the step that enforces them): leave fast off")
     denoise = denoiser or denoise_canvas
     a = model.args
     key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
@@ -197,10 +194,12 @@ def generate_tokens(
             given = start_canvas(constraint, index * a.canvas_length, given, mx.random.split(canvas_key, 3)[2],
                                  finished.shape[0], a.canvas_length, a.vocab_size)
             fn = constrained_step(step_fn, constraint, index * a.canvas_length)
+            if denoiser is not None:  # it runs its own step: it projects that one (fast.project)
+                denoise = partial(denoiser, constraint=constraint, offset=index * a.canvas_length)
         proposal = drafts.propose(model, cache) if drafts is not None and given is None else None
         if proposal is not None:
             events = denoise_drafted(model, cache, cfg, canvas_key, index, proposal, drafts.config,
-                                     adaptive_stopping, fn, denoiser)
+                                     adaptive_stopping, fn, denoise)
         else:
             events = denoise(model, cache, cfg, canvas_key, index, given, adaptive_stopping, fn)
         for event in events:

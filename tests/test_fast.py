@@ -3,6 +3,7 @@ its approximations are checked against the exact model, and its pieces equal the
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import mlx.core as mx
@@ -256,8 +257,45 @@ def test_server_default_and_per_request_fast(monkeypatch):
     import httpx
 
     with BackgroundServer(create_app(fast=True)) as srv:
-        for extra in ({}, {"fast": False}, {"fast": True}):
-            body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 8, "seed": 0,
+        for extra in ({}, {"fast": False}, {"fast": True}, {"response_format": {"type": "json_object"}}):
+            body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 24, "seed": 0,
                     "max_denoising_steps": 3, **extra}
-            assert httpx.post(f"{srv.url}/chat/completions", json=body, timeout=60).status_code == 200
-    assert seen == [True, False, True]
+            r = httpx.post(f"{srv.url}/chat/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+    assert seen == [True, False, True, True]  # a constrained request too: fast mode projects its own step
+    assert isinstance(json.loads(r.json()["choices"][0]["message"]["content"]), dict)
+
+
+def test_projection_unfreezes_what_it_changes_and_ranks_frozen_rows_by_their_top_k():
+    """``fast.project``: a position the constraint changes is written into the canvas and unfrozen (the next
+    sparse pass recomputes it); a frozen position this pass did not compute is ranked by its kept top-k, with
+    every other token below them; a held position is written when the canvas differs."""
+    from mlx_dgemma.constrain import Constraint
+    from mlx_dgemma.fast import FastState, project
+
+    seen = {}
+
+    class Stub(Constraint):
+        def fixed(self, offset, length):
+            return {3: 8}
+
+        def project(self, offset, argmax, row):
+            seen.update({i: row(i) for i in (0, 2)})
+            out = argmax.copy()
+            out[2], out[3] = int(np.argmax(row(2))), 8
+            return out
+
+    C, V = 4, 16
+    state = FastState(mx.array([[5, 6, 7, 4]]), mx.array([[5, 6, 7, 8]]), mx.array([[True, False, True, True]]),
+                      mx.zeros((1, C)),
+                      init_history(SamplerConfig(), 1, C), mx.array([False]),
+                      (mx.array([[[0.0, 0.0], [0.0, 0.0], [3.0, 1.0], [0.0, 0.0]]]),
+                       mx.array([[[0, 1], [0, 1], [9, 7], [0, 1]]], dtype=mx.int32)))
+    raw = mx.arange(2 * V, dtype=mx.float32).reshape(1, 2, V)
+    positions = mx.array([[1, 0]], dtype=mx.int32)  # position 0 computed (row 1 of raw), 2 and 3 not
+    out = project(state, raw, positions, Stub(), 0)
+    assert np.array_equal(seen[0], np.arange(V, 2 * V))
+    assert seen[2][9] == 3.0 and seen[2][7] == 1.0 and seen[2][0] == -1e30
+    assert np.array(out.argmax).tolist() == [[5, 6, 9, 8]]
+    assert np.array(out.canvas).tolist() == [[5, 6, 9, 8]]
+    assert np.array(out.frozen).tolist() == [[True, False, False, False]]  # 0 unchanged: still frozen

@@ -346,8 +346,7 @@ class Worker:
         deadline = None if self.request_timeout is None else _clock() + self.request_timeout
         events = stream_generate(self.model, self.tokenizer, None, job.plan.max_tokens, prompt_ids=ids, cache=cache,
                                  seed=job.plan.seed, drafts=True, drafter=self.proposer or "none",
-                                 fast=(self.fast and job.plan.response_format is None) if job.plan.fast is None
-                                 else job.plan.fast,
+                                 fast=self.fast if job.plan.fast is None else job.plan.fast,
                                  response_format=job.plan.response_format,
                                  **job.plan.sampler)
         finished = False
