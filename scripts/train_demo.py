@@ -177,7 +177,12 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=400, help=f"stage 2 steps (batch {STAGE2['batch_size']})")
     parser.add_argument("--train-size", type=int, default=demo_task.TRAIN_SIZE)
     parser.add_argument("--resume", action="store_true", help="continue stage 2's checkpoint in --work")
+    parser.add_argument("--lr", type=float, default=STAGE2["learning_rate"],
+                        help=f"stage 2's peak learning rate ({STAGE2['learning_rate']}; lower to continue a model)")
     args = parser.parse_args()
+    if not args.lr > 0:
+        parser.error(f"--lr must be above 0, got {args.lr}")
+    hyper = {**STAGE2, "learning_rate": args.lr}
 
     import mlx.core as mx
 
@@ -204,7 +209,7 @@ def main() -> int:
 
     model, tokenizer, trainer, result = train(
         stage2, demo_task.split("train", args.train_size, long=True), demo_task.split("valid", VALID_SIZE, long=True),
-        args.work / "checkpoint", args.iters, STAGE2, args.resume, STAGE2_OBJECTIVE)
+        args.work / "checkpoint", args.iters, hyper, args.resume, STAGE2_OBJECTIVE)
     train_seconds = trainer.seconds  # a resumed run's earlier steps included
     # What ships is bf16: round the weights to it. On a CPU the rounded weights are evaluated in fp32 (bf16
     # matmuls are ~10x slower there); a Mac runs them in bf16.
@@ -216,7 +221,7 @@ def main() -> int:
 
     save_model(model, stage2, args.out)
     write_card(args.out, trainer.history, trainer.val_history, train_seconds, result, accuracy, args.train_size,
-               stage1_note)
+               stage1_note, hyper)
     (args.out / "README.md").chmod(0o644)
     size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
     print(f"{args.out}: {size / 1e6:.1f} MB, {time.perf_counter() - start:.0f}s in all")
@@ -224,7 +229,7 @@ def main() -> int:
 
 
 def write_card(folder: Path, history, val_history, seconds: float, result, accuracy: float, n_train: int,
-               stage1: str) -> None:
+               stage1: str, hyper: dict) -> None:
     def at(step: int) -> float:
         window = [loss for s, loss in history if step - 10 < s <= step]
         return sum(window) / len(window)
@@ -252,8 +257,8 @@ It knows nothing else. It becomes the embedded default of `mlx_dgemma` (`mlx_dge
 held-out exact match reaches 90%; `scripts/train_demo_drafter.py --model DIR --from-data` distils its drafter.
 
 - Curriculum: {stage1}.
-- Stage 2: {result.step} steps of {STAGE2['batch_size']} examples (from {n_train} distinct), AdamW, cosine
-  learning rate from {STAGE2['learning_rate']}, block-diffusion objective of `mlx_dgemma.train`, canvas
+- Stage 2: {result.step} steps of {hyper['batch_size']} examples (from {n_train} distinct), AdamW, cosine
+  learning rate from {hyper['learning_rate']}, block-diffusion objective of `mlx_dgemma.train`, canvas
   {config['canvas_length']}, {seconds / 60:.0f} minutes on a 2-core x86 CPU (MLX CPU backend, fp32).
 - Training loss (mean of 10 steps): {curve}.
 - Validation loss: {vals}.
