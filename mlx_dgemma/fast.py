@@ -67,7 +67,7 @@ class FastConfig:
     sparse: bool = True  # needs freeze
     sparse_sc: bool = True  # needs topk
     eos_cut: bool = True  # needs freeze
-    buckets: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)  # decoder input sizes, as fractions of the canvas
+    buckets: tuple[float, ...] = (0.125, 0.25, 0.5, 0.75, 1.0)  # decoder input sizes, fractions of the canvas
     refresh: int = 0  # with sparse: a full pass every this many steps refreshes the stale K/V (0: never)
     check: bool = False  # one exact pass per committed canvas: FastDenoiser.exact (costs a pass per canvas)
 
