@@ -53,6 +53,7 @@ from .sampler import (
     log_softmax,
     temperature,
 )
+from .verify import Proposal, agreeing
 
 _FROZEN_ENTROPY = 1e9  # frozen positions sort after every live one in the acceptance rule (finite: no inf - inf)
 
@@ -366,9 +367,11 @@ class FastDenoiser:
         history: mx.array | None = None,
         constraint: Constraint | None = None,
         offset: int = 0,
+        blind: Proposal | None = None,
     ) -> Iterator[StepEvent | CommitEvent]:
-        """As ``loop.denoise_canvas``; with ``constraint`` (its canvas at answer position ``offset``) every step's
-        argmax is projected onto it (``project``: one more host read a step, as in the reference's loop)."""
+        """As ``loop.denoise_canvas`` (``blind`` too); with ``constraint`` (its canvas at answer position ``offset``)
+        every step's argmax is projected onto it (``project``: one more host read a step, as in the reference's
+        loop)."""
         fcfg = self.config
         B, C, V = cache[0].keys.shape[0], model.args.canvas_length, model.args.vocab_size
         init_key, key = mx.random.split(key)
@@ -406,6 +409,8 @@ class FastDenoiser:
             if constraint is not None:
                 state = project(state, raw, positions, constraint, offset)  # the one more host read
                 live_now = live(state.frozen, state.done)
+            if blind is not None and first:
+                state = state._replace(canvas=agreeing(state.argmax, state.canvas, blind))
             self.passes += 1
             self.sizes[size] = self.sizes.get(size, 0) + 1
             self.positions += size * B  # the pass computes every row, finished ones too

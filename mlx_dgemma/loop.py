@@ -19,7 +19,7 @@ from .cache import DiffusionCache
 from .constrain import Constraint, constrained_step, start_canvas
 from .model import Model
 from .sampler import SamplerConfig, StepOutput, denoise_step, finalize_canvas, init_history, initial_canvas
-from .verify import DraftSession, Proposal, VerifyConfig, agreement, draft_start
+from .verify import DraftSession, Proposal, VerifyConfig, agreeing, agreement, draft_start
 
 PREFILL_CHUNK = 2048  # encoder positions per call: bounds the activations of a long prompt
 
@@ -88,11 +88,13 @@ def denoise_canvas(
     adaptive_stopping: bool = True,
     step_fn: Callable[..., StepOutput] | None = None,
     history: mx.array | None = None,
+    blind: Proposal | None = None,
 ) -> Iterator[StepEvent | CommitEvent]:
     """Denoise one canvas against ``cache``; yields a ``StepEvent`` per step, then the argmax as a commit.
 
     ``start`` replaces the uniform random starting canvas (the reference's ``decoder_input_ids``), and
     ``history`` the empty argmax history of the stability test (a drafted canvas seeds it: ``verify.py``).
+    ``blind``: a draft the first pass does not see; its tokens that equal that pass's argmax join the next input.
     The commit event carries the raw argmax; ``generate_tokens`` finalizes it (EOS, pad).
     """
     batch = cache[0].keys.shape[0]
@@ -111,6 +113,8 @@ def denoise_canvas(
         logits = model.denoise(canvas, cache, sc_logits)
         out = step_fn(logits, canvas, argmax, sc_logits, done, history, step, step_key)
         canvas, argmax, sc_logits, history = out.canvas, out.argmax, out.logits, out.history
+        if blind is not None and step == cfg.max_denoising_steps:  # after the first pass only
+            canvas = agreeing(argmax, canvas, blind)
         done = out.done if adaptive_stopping else done
         mx.eval(canvas, argmax, sc_logits, history, done, passes)
         yield StepEvent(canvas_index, step, argmax, done)
@@ -140,6 +144,12 @@ def denoise_drafted(
     (fast mode: ``fast.FastDenoiser``).
     """
     denoise = denoiser or denoise_canvas
+    if vcfg.blind:  # the plain path's key: the first pass is the reference's, over noise
+        _, history = draft_start(proposal, key, model.args.vocab_size, 1.0, cfg)
+        for event in denoise(model, cache, cfg, key, canvas_index, None, adaptive_stopping, step_fn, history,
+                             blind=proposal):
+            yield replace(event, drafted=True) if isinstance(event, CommitEvent) else event
+        return
     start_key, draft_key = mx.random.split(mx.random.split(key, 3)[2])  # apart from the plain path's keys
     start, history = draft_start(proposal, start_key, model.args.vocab_size, vcfg.renoise, cfg)
     events = denoise(model, cache, cfg, draft_key, canvas_index, start, adaptive_stopping, step_fn, history)

@@ -13,6 +13,12 @@ denoises from that guess instead of from uniform noise (``loop.denoise_drafted``
    again from noise exactly as without a draft.
 4. A session whose drafted canvases keep getting rejected switches its proposer off (``DraftSession``).
 
+``blind`` verification (``VerifyConfig(blind=True)``) never shows the target the draft: its first pass runs over
+noise, exactly the reference's first pass, and a drafted token enters the next decoder input only where it equals
+that pass's argmax (the stability history is still seeded with the draft). The target, trained on canvases whose
+un-noised tokens are always right, tends to keep a plausible token it is shown; blind, a wrong draft can only cost
+what it fails to save, never change what the target would pick from noise. No restart is needed.
+
 What is committed is always the target's argmax, under the target's commit rule (or at the step limit): a draft
 can save passes, never lower the bar.
 """
@@ -43,6 +49,7 @@ class VerifyConfig:
     guard: float = 0.5  # first-pass agreement below this: restart the canvas from noise
     min_success: float = 0.3  # a session whose drafts succeed less often than this ...
     patience: int = 4  # ... after this many drafted canvases turns its proposer off
+    blind: bool = False  # the first pass runs over noise; agreeing drafted tokens join the next input (above)
 
     def __post_init__(self) -> None:
         for name in ("renoise", "guard", "min_success"):
@@ -85,6 +92,12 @@ def draft_start(
     history = init_history(cfg, B, C)
     history = mx.where(proposal.drafted[None], proposal.canvas.astype(mx.int32)[None], history)
     return canvas, history
+
+
+def agreeing(argmax: mx.array, canvas: mx.array, proposal: Proposal) -> mx.array:
+    """``canvas`` with the drafted tokens that equal ``argmax`` written in (blind verification's next input)."""
+    agree = proposal.drafted & (argmax == proposal.canvas)
+    return mx.where(agree, proposal.canvas.astype(canvas.dtype), canvas)
 
 
 def agreement(argmax: mx.array, proposal: Proposal) -> float:

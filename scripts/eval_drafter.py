@@ -1,11 +1,12 @@
 """The drafter on the demo model's held-out set: no drafter vs prompt lookup vs the bundled drafter.
 
     python scripts/eval_drafter.py [--model PATH] [--drafter PATH] [--n 200] [--seed 0] [--json FILE]
-                                   [--confidence C ...] [--guard G ...]
+                                   [--confidence C ...] [--guard G ...] [--blind]
 
 Settings: no drafter, prompt lookup, the drafter (default verification: a tenth of the draft re-noised) and the
 drafter without re-noising; with ``--confidence``, the drafter drafting only positions it gives at least that
-probability; with ``--guard``, the drafter under that stricter verification guard. Every setting answers the same
+probability; with ``--guard``, the drafter under that stricter verification guard; with ``--blind``, blind
+verification (``VerifyConfig(blind=True)``: the target's first pass never sees the draft). Every setting answers the same
 held-out records with the same seeds (paired).
 Reported per setting: exact match (95% Wilson interval), target decoder passes per canvas, tokens per forward,
 wall time per canvas; then the paired difference in exact match against no drafter (with its 95% interval), the
@@ -91,6 +92,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     parser.add_argument("--confidence", type=float, nargs="*", default=[], help="also: confident drafts only")
     parser.add_argument("--guard", type=float, nargs="*", default=[], help="also: these verification guards")
+    parser.add_argument("--blind", action="store_true", help="also: blind verification")
     args = parser.parse_args()
 
     import mlx.core as mx
@@ -116,6 +118,8 @@ def main() -> int:
             settings[f"drafter, confidence {c:g}"] = (DrafterProposer(drafter.drafter, confidence=c), None)
         for g in args.guard:
             settings[f"drafter, guard {g:g}"] = (drafter, VerifyConfig(guard=g))
+        if args.blind:
+            settings["drafter, blind"] = (drafter, VerifyConfig(blind=True))
     except DGemmaError as e:
         raise SystemExit(f"error: {e}") from None
     results: dict[str, EvalResult] = {}

@@ -154,6 +154,26 @@ def test_a_draft_the_target_agrees_with_commits_after_one_pass(demo):
         assert renoised.answer == plain.answer and renoised.stats.decoder_passes <= plain.stats.decoder_passes
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_blind_verification_never_shows_the_target_the_draft(demo, fast):
+    """Blind: the first pass is the reference's, over noise. A draft wrong everywhere then changes nothing (same
+    answer, same passes as without a drafter); the target's own answer as the draft commits that answer in fewer
+    passes, since the tokens the first pass already agrees with join the next input."""
+    model, tokenizer = demo
+    blind = VerifyConfig(blind=True)
+    saved = 0
+    for prompt in PROMPTS:
+        plain = run(model, tokenizer, prompt, "none", fast=fast)
+        answers = _committed_argmax(model, tokenizer, prompt)
+        wrong = run(model, tokenizer, prompt, FixedProposer(answers, shift=1), verify=blind, fast=fast)
+        assert wrong.answer == plain.answer and wrong.stats.decoder_passes == plain.stats.decoder_passes
+        assert wrong.stats.drafted_canvases == plain.stats.canvases and wrong.stats.restarted_canvases == 0
+        right = run(model, tokenizer, prompt, FixedProposer(answers), verify=blind, fast=fast)
+        assert right.answer == plain.answer and right.stats.decoder_passes <= plain.stats.decoder_passes
+        saved += plain.stats.decoder_passes - right.stats.decoder_passes
+    assert saved > 0
+
+
 def test_prompt_lookup_proposes_what_followed_the_last_ngram():
     lookup = LookupProposer(max_ngram=3, min_ngram=2)
     ids = [5, 6, 7, 8, 9, 10, 1, 2, 6, 7]
