@@ -16,8 +16,9 @@ denoises from that guess instead of from uniform noise (``loop.denoise_drafted``
 ``blind`` verification (``VerifyConfig(blind=True)``) never shows the target the draft: its first pass runs over
 noise, exactly the reference's first pass, and a drafted token enters the next decoder input only where it equals
 that pass's argmax (the stability history is still seeded with the draft). The target, trained on canvases whose
-un-noised tokens are always right, tends to keep a plausible token it is shown; blind, a wrong draft can only cost
-what it fails to save, never change what the target would pick from noise. No restart is needed.
+un-noised tokens are always right, tends to keep a plausible token it is shown; blind, a draft wrong everywhere
+changes nothing, and no restart is needed. A partly right draft still steers: every agreeing position is accepted
+after the first pass, sure or not (``scripts/eval_drafter.py --blind`` measures what that costs).
 
 What is committed is always the target's argmax, under the target's commit rule (or at the step limit): a draft
 can save passes, never lower the bar.
