@@ -19,7 +19,7 @@ from .cache import DiffusionCache
 from .constrain import Constraint, constrained_step, start_canvas
 from .model import Model
 from .sampler import SamplerConfig, StepOutput, denoise_step, finalize_canvas, init_history, initial_canvas
-from .verify import DraftSession, Proposal, VerifyConfig, agreeing, agreement, draft_start
+from .verify import DraftSession, Proposal, VerifyConfig, agreeing, agreement, draft_start, seeded_history
 
 PREFILL_CHUNK = 2048  # encoder positions per call: bounds the activations of a long prompt
 
@@ -145,7 +145,7 @@ def denoise_drafted(
     """
     denoise = denoiser or denoise_canvas
     if vcfg.blind:  # the plain path's key: the first pass is the reference's, over noise
-        _, history = draft_start(proposal, key, model.args.vocab_size, 1.0, cfg)
+        history = seeded_history(proposal, cfg)
         for event in denoise(model, cache, cfg, key, canvas_index, None, adaptive_stopping, step_fn, history,
                              blind=proposal):
             yield replace(event, drafted=True) if isinstance(event, CommitEvent) else event

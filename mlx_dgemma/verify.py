@@ -90,9 +90,13 @@ def draft_start(
     B, C = proposal.canvas.shape
     keep = proposal.drafted & (mx.random.uniform(shape=(B, C), key=pick_key) >= renoise)
     canvas = mx.where(keep, proposal.canvas, initial_canvas(noise_key, B, C, vocab)).astype(mx.int32)
-    history = init_history(cfg, B, C)
-    history = mx.where(proposal.drafted[None], proposal.canvas.astype(mx.int32)[None], history)
-    return canvas, history
+    return canvas, seeded_history(proposal, cfg)
+
+
+def seeded_history(proposal: Proposal, cfg: SamplerConfig) -> mx.array:
+    """The stability test's argmax history with the draft as the previous argmax at its drafted positions."""
+    history = init_history(cfg, *proposal.canvas.shape)
+    return mx.where(proposal.drafted[None], proposal.canvas.astype(mx.int32)[None], history)
 
 
 def agreeing(argmax: mx.array, canvas: mx.array, proposal: Proposal) -> mx.array:
