@@ -252,7 +252,7 @@ def test_drafter_train_cli_distils_resumes_and_records_its_target(demo, tmp_path
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
     out = tmp_path / "drafter"
     argv = ["--data", str(prompts), "--out", str(out), "--iters", "4", "--save-every", "2", "--batch-size", "2",
-            "--dtype", "float32", "--max-tokens", "48"]
+            "--dtype", "float32", "--max-tokens", "48", "--model", str(DEMO24)]
     assert drafter_train.main(argv) == 0
     printed = capsys.readouterr().out  # piped: plain lines, no bars
     assert "\r" not in printed and "step 4/4  loss" in printed and "distillation: " in printed
@@ -310,7 +310,7 @@ def test_distillation_from_data_is_the_teacher_forced_answers(demo, tmp_path, ca
 
     out = tmp_path / "drafter"
     assert drafter_train.main(["--data", str(records), "--out", str(out), "--from-data",
-                               "--iters", "2", "--batch-size", "2", "--dtype", "float32"]) == 0
+                               "--iters", "2", "--batch-size", "2", "--dtype", "float32", "--model", str(DEMO24)]) == 0
     assert "distillation: 4 canvases from 2 records" in capsys.readouterr().out
     assert isinstance(make_proposer(out, model), DrafterProposer)
 

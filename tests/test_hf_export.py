@@ -1,5 +1,5 @@
 """A model written in the original HF layout (``mlx_dgemma.hf_export``) loads in transformers with our logits:
-the embedded model as it is, after a LoRA fine-tune fused into it, and dequantized from a 4-bit folder."""
+the 24-token demo model as it is, after a LoRA fine-tune fused into it, and dequantized from a 4-bit folder."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_dgemma.errors import CheckpointError
 from mlx_dgemma.hf_export import export_hf
-from mlx_dgemma.loader import DEFAULT_MODEL, load_model
+from mlx_dgemma.loader import load_model
 from mlx_dgemma.train import LoRAConfig, apply_lora, fuse_lora
-from tests.conftest import reference_env
+from tests.conftest import DEMO24, reference_env
 from tests.test_distributed import quantized_copy
 
 ROOT = Path(__file__).resolve().parent
@@ -51,7 +51,7 @@ def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf_export")
     folders, want = [], {}
     for kind in KINDS:
-        base = quantized_copy(tmp / "q4") if kind == "dequantized_q4" else DEFAULT_MODEL
+        base = quantized_copy(tmp / "q4") if kind == "dequantized_q4" else DEMO24
         model = load_model(base, mx.float32)
         if kind == "fused_lora":
             model = fine_tuned(model)
@@ -77,7 +77,7 @@ def test_hf_export_loads_in_transformers_with_our_logits(exported, kind):
 def test_plain_export_is_the_original_checkpoint(exported):
     """Exporting the embedded model unchanged gives back its own tensors, names included."""
     folder, want, _ = exported["plain"]
-    original = mx.load(str(DEFAULT_MODEL / "model.safetensors"))
+    original = mx.load(str(DEMO24 / "model.safetensors"))
     written = mx.load(str(folder / "model.safetensors"))
     assert set(written) == set(original)
     assert all(mx.allclose(written[k], original[k].astype(mx.float32)).item() for k in original)
@@ -86,7 +86,7 @@ def test_plain_export_is_the_original_checkpoint(exported):
 
 def test_export_refuses_to_overwrite_the_base():
     with pytest.raises(CheckpointError, match="base model's folder"):
-        export_hf(load_model(DEFAULT_MODEL), DEFAULT_MODEL, DEFAULT_MODEL)
+        export_hf(load_model(DEMO24), DEMO24, DEMO24)
 
 
 def test_train_fuse_hf_layout_writes_what_export_hf_writes(tmp_path):
@@ -96,7 +96,7 @@ def test_train_fuse_hf_layout_writes_what_export_hf_writes(tmp_path):
 
     from mlx_dgemma.train.cli import main
 
-    model = load_model(DEFAULT_MODEL, mx.float32)
+    model = load_model(DEMO24, mx.float32)
     apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
     params = [(f"{path}.lora_b", mx.random.normal(m["lora_b"].shape, key=mx.random.key(i)) * 0.05)
               for i, (path, m) in enumerate(model.named_modules()) if "lora_b" in m]
@@ -106,8 +106,8 @@ def test_train_fuse_hf_layout_writes_what_export_hf_writes(tmp_path):
     mx.save_safetensors(str(adapters / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
     (adapters / "adapter_config.json").write_text(json.dumps(
         {"fine_tune_type": "lora", "lora_parameters": {"rank": 4, "alpha": 8.0}}))
-    want = export_hf(fuse_lora(model, dequantize=True), DEFAULT_MODEL, tmp_path / "api", dtype=mx.float32)
-    assert main(["--model", str(DEFAULT_MODEL), "--out", str(adapters), "--fuse", "--hf-layout",
+    want = export_hf(fuse_lora(model, dequantize=True), DEMO24, tmp_path / "api", dtype=mx.float32)
+    assert main(["--model", str(DEMO24), "--out", str(adapters), "--fuse", "--hf-layout",
                  "--fused-dtype", "float32", "--fused-out", str(tmp_path / "cli")]) == 0
     a, b = mx.load(str(want / "model.safetensors")), mx.load(str(tmp_path / "cli" / "model.safetensors"))
     assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]).item() for k in a)

@@ -37,7 +37,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def server():
-    with BackgroundServer(create_app(max_concurrency=8)) as srv:
+    with BackgroundServer(create_app(str(DEMO24), max_concurrency=8)) as srv:
         yield srv
 
 
@@ -120,14 +120,14 @@ def test_models_reports_the_native_context(server, reference):
     model, _ = reference
     card = httpx.get(f"{server.url}/models").json()["data"][0]
     native = model.args.max_position_embeddings
-    assert card["id"] == "default"
+    assert card["id"] == DEMO24.name  # a folder's name (the embedded default's is "default")
     assert card["context_length"] == card["max_model_len"] == native
     assert health(server)["status"] == "ok"
 
 
 def test_lowered_context_length_is_reported_and_enforced(reference):
     _, tokenizer = reference
-    with BackgroundServer(create_app(context_length=300)) as srv:
+    with BackgroundServer(create_app(str(DEMO24), context_length=300)) as srv:
         card = httpx.get(f"{srv.url}/models").json()["data"][0]
         assert card["context_length"] == card["max_model_len"] == 300
         prompt = "count " * 400
@@ -330,7 +330,7 @@ def test_a_client_gone_before_a_plain_answer_is_cancelled(server, monkeypatch):
 
 
 def test_busy_server_answers_429(monkeypatch):
-    with BackgroundServer(create_app(max_concurrency=1)) as srv:
+    with BackgroundServer(create_app(str(DEMO24), max_concurrency=1)) as srv:
         hold = Hold(monkeypatch)
         c = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0)
         stream = c.chat.completions.create(model="default", messages=HELLO, stream=True, max_tokens=40,
@@ -505,5 +505,5 @@ def test_bad_adapter_path_is_a_one_line_startup_error(tmp_path):
     from mlx_dgemma import DGemmaError
 
     with pytest.raises(DGemmaError) as info:
-        create_app(adapter_path=tmp_path / "missing")
+        create_app(str(DEMO24), adapter_path=tmp_path / "missing")
     assert "no adapters" in str(info.value) and "\n" not in str(info.value)

@@ -24,11 +24,12 @@ from test_server import FAST, HELLO, Hold, base, health
 import mlx_dgemma.server.worker as worker_module
 from mlx_dgemma.server import BackgroundServer, create_app, main
 from mlx_dgemma.server.net import FloodLog
+from tests.conftest import DEMO24
 
 
 @pytest.fixture(scope="module")
 def server():
-    with BackgroundServer(create_app(max_concurrency=2, max_body_bytes=64 * 1024)) as srv:
+    with BackgroundServer(create_app(str(DEMO24), max_concurrency=2, max_body_bytes=64 * 1024)) as srv:
         yield srv
 
 
@@ -140,7 +141,7 @@ def test_a_value_infinite_in_float32_is_400(server, field):
 def test_request_timeout_cuts_the_answer_with_a_reason(monkeypatch):
     ticks = iter(range(10**6))
     monkeypatch.setattr(worker_module, "_clock", lambda: float(next(ticks)))  # one "second" per look
-    with BackgroundServer(create_app(request_timeout=2.5)) as srv:
+    with BackgroundServer(create_app(str(DEMO24), request_timeout=2.5)) as srv:
         body = {"messages": HELLO, "max_tokens": 40, "max_denoising_steps": 8, "seed": 1}
         r = post(srv, body)
         assert r.status_code == 200
@@ -155,7 +156,7 @@ def test_request_timeout_cuts_the_answer_with_a_reason(monkeypatch):
 
 
 def test_shutdown_stops_the_running_request_at_its_next_step(monkeypatch):
-    srv = BackgroundServer(create_app()).start()
+    srv = BackgroundServer(create_app(str(DEMO24))).start()
     hold = Hold(monkeypatch)
     lines: list[str] = []
 
@@ -182,7 +183,7 @@ def test_shutdown_stops_the_running_request_at_its_next_step(monkeypatch):
 
 
 def test_idle_connections_are_capped_and_timed_out():
-    with BackgroundServer(create_app(), max_connections=4, header_timeout=0.5) as srv:
+    with BackgroundServer(create_app(str(DEMO24)), max_connections=4, header_timeout=0.5) as srv:
         idle = [socket.create_connection((srv.host, srv.port)) for _ in range(4)]
         idle[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers never finished: a slowloris
         extra = socket.create_connection((srv.host, srv.port))
@@ -235,7 +236,7 @@ def test_a_queued_client_that_leaves_frees_its_slot(server, monkeypatch):
 
 
 def test_a_finished_request_frees_its_slot_before_its_answer(monkeypatch):
-    with BackgroundServer(create_app(max_concurrency=1)) as srv:
+    with BackgroundServer(create_app(str(DEMO24), max_concurrency=1)) as srv:
         worker = srv.app.state.worker
         after, release = threading.Event(), threading.Event()
         real = worker.prompt_cache.keep
@@ -343,7 +344,7 @@ def test_worker_joins_its_thread_on_a_load_error(tmp_path):
 
 
 def test_cors_preflight_is_answered():
-    with BackgroundServer(create_app(allowed_origins=["http://localhost:3000"])) as srv:
+    with BackgroundServer(create_app(str(DEMO24), allowed_origins=["http://localhost:3000"])) as srv:
         r = httpx.options(f"{srv.url}/chat/completions", headers={
             "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "content-type,authorization"})

@@ -144,7 +144,7 @@ def test_without_tools_a_call_stays_text(agent, monkeypatch):
 
 @pytest.fixture(scope="module")
 def demo_server():
-    with BackgroundServer(create_app()) as srv:
+    with BackgroundServer(create_app(str(DEMO24))) as srv:
         yield srv
 
 
