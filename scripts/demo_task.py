@@ -11,15 +11,15 @@ sees the closing brackets while it fills the names), values copied from the prom
 prompt lookup and a drafter can exploit).
 
 * The record task (``make_item``, ``split(name, n)``): one person, answers of ~40 tokens, two 24-token canvases.
-  The embedded default model's task (its files are also the tests' fixture ``tests/fixtures/demo24``; stage 1 of
+  The task of the first embedded default, now the tests' fixture ``tests/fixtures/demo24`` (stage 1 of
   ``train_demo.py``).
 * The long task (``make_long_item``, ``split(name, n, long=True)``): one to four people; one person gets one record
   (the README's example), several a JSON list in the order of the sentences. Answers of 32 to 168 tokens that end
   inside the first or the second 128-token canvas, leaving the EOS tail a real answer leaves. (The first version
   asked for up to six people, answers of up to 251 tokens: after 1,000 steps of training, the model was exact on 17
   of 19 held-out one- and two-person answers, 4 of 10 three- and four-person ones, and 0 of 11 five- and six-person
-  ones.) The task of the long-answer demo model in training (``models/long-demo-wip``, ``train_demo.py``'s stage
-  2; why 128 and not the released 256: see there).
+  ones.) The task of the embedded default model (``mlx_dgemma/default_model``, ``train_demo.py``'s stage 2;
+  why 128 and not the released 256: see there).
 
 ``is_long(canvas_length)`` says which task a model was trained for. Seeded and deterministic: ``split("train" |
 "valid" | "test", n, long)`` always returns the same items, and the three splits of a task never share a prompt

@@ -1,4 +1,4 @@
-"""Train the long-answer demo model from scratch (``models/long-demo-wip/``: the embedded default once it is good enough).
+"""Train the embedded default model from scratch (``mlx_dgemma/default_model/``: the long-answer demo model).
 
     python scripts/train_demo.py [--out DIR] [--work DIR] [--init MODEL] [--iters N] [--resume]
 
@@ -9,16 +9,16 @@ A two-stage curriculum:
    task's text, the Gemma-style chat template (``make_default_model.py`` builds these with the reference,
    ``transformers``), well-conditioned random weights.
 2. Stage 1 (``--stage1-iters``, 400): ``demo_task``'s record task (one person), 24-token canvases: the model
-   learns the record's grammar and to copy values, cheaply. The embedded default (``mlx_dgemma/default_model``,
-   also the tests' ``tests/fixtures/demo24``) is this stage's model. ``--init MODEL`` skips it and starts stage 2 from such a
+   learns the record's grammar and to copy values, cheaply. The tests' ``tests/fixtures/demo24`` (the embedded
+   default before the long model) is this stage's model. ``--init MODEL`` skips it and starts stage 2 from such a
    model (or from a stage 2 model, to train it further).
 3. Stage 2 (``--iters``): ``demo_task``'s long task (one to four people, answers of 32-168 tokens) at 128-token
    canvases, with a sliding window longer than the canvas (as the released model's 1024 over 256). Both stages are
    ``mlx_dgemma.train`` (the block-diffusion objective, full training, router included, batches grouped by
    length), seeded data, the held-out test set never trained on.
-4. The trained weights written back in the released HF layout (bf16), with the tokenizer, configs and a model card;
-   the output folder is replaced atomically once everything is written (without a drafter:
-   ``train_demo_drafter.py --model DIR`` distils one for it).
+4. The trained weights written back in the released HF layout (bf16), with the tokenizer, configs, the sampler
+   settings the model ships with (``GENERATION``) and a model card; the output folder is replaced atomically once
+   everything is written (without a drafter: ``train_demo_drafter.py --model DIR`` distils one for it).
 
 Why 128 and not the released 256: at 256 every answer is one canvas decoded in parallel, and 400 steps of stage 2
 (90 minutes here) left the model exact on none of 20 held-out several-person answers (24% of their records right,
@@ -46,7 +46,7 @@ import numpy as np
 import mlx_dgemma  # noqa: F401 (first: on Linux it loads a fast BLAS before mlx)
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "models" / "long-demo-wip"
+DEFAULT_OUT = ROOT / "mlx_dgemma" / "default_model"
 VOCAB_SIZE = 1024
 # The skeleton's sizes (make_default_model.TEXT: hidden 128, 6 layers, 8 experts, all multiples of 64 so that the
 # model quantizes with group size 64), with the task's vocabulary.
@@ -61,6 +61,12 @@ STAGE2 = {"batch_size": 16, "learning_rate": 1e-3, "warmup": 20, "weight_decay":
 # their loss (~0.42 of the ~0.48 total at step 1000) only drowned the answer's.
 STAGE2_OBJECTIVE = {"mask_prompt": True}
 VALID_SIZE, TEST_SIZE = 256, 500
+# The reference sampler's settings this model ships with (generation_config.json), chosen on the validation split
+# (first 60 records, eval_demo's evaluate): with the released model's (temperature 0.8 -> 0.4, entropy bound 0.1) it
+# accepts ~27 tokens a pass and commits misaligned ones ("bakerbaker", a dropped quote): 73% at 4.8 passes a
+# canvas. Hotter and stricter, it takes 13.9 passes, as the released model does on real tasks (12-16): 90%.
+# (Entropy bound 0.003 alone: 85% at 6.4; temperature 1.0 -> 0.6 alone: 87% at 6.2; 1.3 -> 0.8: 92% at 27.)
+GENERATION = {"t_max": 1.0, "t_min": 0.6, "max_denoising_steps": 96, "entropy_bound": 0.01}
 
 
 def build_skeleton(folder: Path) -> None:
@@ -107,13 +113,23 @@ def write_weights(model, skeleton: Path, out: Path) -> None:
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
 
 
-def exact_match(model, tokenizer, items: list[demo_task.Item], steps: int = 16) -> float:
+def exact_match(model, tokenizer, items: list[demo_task.Item]) -> float:
+    """Exact match with the sampler settings the model ships with (``GENERATION``), seed ``i`` for item ``i``."""
     from mlx_dgemma import generate
 
     length = demo_task.max_tokens(model.args.canvas_length)
-    hits = sum(generate(model, tokenizer, it.prompt, max_tokens=length, max_denoising_steps=steps, seed=i).strip()
+    hits = sum(generate(model, tokenizer, it.prompt, max_tokens=length, drafter="none", seed=i).strip()
                == it.answer for i, it in enumerate(items))
     return hits / len(items)
+
+
+def set_generation(folder: Path, values: dict) -> None:
+    """Write sampler ``values`` into ``folder``'s generation_config.json (``entropy_bound`` in its ``sampler_config``)."""
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text())
+    for key, value in values.items():
+        (config["sampler_config"] if key == "entropy_bound" else config)[key] = value
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def set_config(folder: Path, values: dict) -> None:
@@ -203,6 +219,7 @@ def main() -> int:
                            f"{STAGE1_CANVAS}-token canvases, {sum(s.seconds for s in result.steps) / 60:.0f} minutes")
         shutil.copytree(stage1, stage2)
         set_config(stage2, STAGE2_CONFIG)
+        set_generation(stage2, GENERATION)
         (args.work / "stage1.txt").write_text(stage1_note)
     stage1_note = (args.work / "stage1.txt").read_text()
     print(stage1_note, flush=True)
@@ -240,6 +257,7 @@ def write_card(folder: Path, history, val_history, seconds: float, result, accur
     vals = ", ".join(f"{s}: {v:.3f}" for s, v in val_history)
     config = json.loads((folder / "config.json").read_text())
     text = config["text_config"]
+    gen = json.loads((folder / "generation_config.json").read_text())
     card = f"""# mlx_dgemma demo model
 
 A small DiffusionGemma (the architecture of `google/diffusiongemma-26B-A4B-it`: {text['num_hidden_layers']} layers,
@@ -253,8 +271,11 @@ people (one record, or a list of them; answers of 32-168 tokens, one or two canv
     Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi.
     {{"name": "Maya", "age": 34, "city": "Oslo", "job": "pilot", "languages": ["Greek", "Hindi"]}}
 
-It knows nothing else. It becomes the embedded default of `mlx_dgemma` (`mlx_dgemma/default_model`) once its
-held-out exact match reaches 90%; `scripts/train_demo_drafter.py --model DIR --from-data` distils its drafter.
+It knows nothing else. It is the embedded default of `mlx_dgemma` (`mlx_dgemma/default_model`);
+`scripts/train_demo_drafter.py --from-data` distils its drafter. Its `generation_config.json` keeps the reference
+sampler and sets its temperature from {gen['t_max']} to {gen['t_min']}, an entropy bound of
+{gen['sampler_config']['entropy_bound']} and at most {gen['max_denoising_steps']} passes a canvas (the released
+model's: 0.8 to 0.4, 0.1 and 48; `train_demo.py`'s `GENERATION` says why).
 
 - Curriculum: {stage1}.
 - Stage 2: {result.step} steps of {hyper['batch_size']} examples (from {n_train} distinct), AdamW, cosine
@@ -262,7 +283,7 @@ held-out exact match reaches 90%; `scripts/train_demo_drafter.py --model DIR --f
   {config['canvas_length']}, {seconds / 60:.0f} minutes on a 2-core x86 CPU (MLX CPU backend, fp32).
 - Training loss (mean of 10 steps): {curve}.
 - Validation loss: {vals}.
-- Held-out exact match (first 100 test items, bf16 weights, 16 denoising steps): {accuracy:.0%}.
+- Held-out exact match (first 100 test items, bf16 weights, its sampler settings): {accuracy:.0%}.
   `python scripts/eval_demo.py` measures the whole held-out set.
 """
     (folder / "README.md").write_text(card)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import subprocess
@@ -25,6 +26,17 @@ def test_load_without_argument_is_the_embedded_model(default):
     model, tokenizer = default
     assert DEFAULT_MODEL.is_dir() and (DEFAULT_MODEL / "config.json").is_file()
     assert model.args.num_hidden_layers >= 2 and tokenizer.chat_template
+
+
+def test_the_default_answers_the_readme_example_with_its_own_sampler_settings(default):
+    """The README's first command: the long-answer demo model (128-token canvases) and the sampler settings its
+    generation_config.json ships, which are not the released model's (scripts/train_demo.py's GENERATION)."""
+    model, tokenizer = default
+    assert model.args.canvas_length == 128
+    assert (model.generation_config["t_max"], model.generation_config["sampler_config"]["entropy_bound"]) == (1.0, 0.01)
+    prompt = "Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi."
+    record = {"name": "Maya", "age": 34, "city": "Oslo", "job": "pilot", "languages": ["Greek", "Hindi"]}
+    assert json.loads(generate(model, tokenizer, prompt, max_tokens=256, seed=0)) == record
 
 
 def test_seeded_generation_is_reproducible(default):
