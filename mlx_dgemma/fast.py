@@ -194,6 +194,7 @@ class FastState(NamedTuple):
     canvas: mx.array  # int32: the decoder's input tokens
     argmax: mx.array  # int32: what would be committed now
     frozen: mx.array  # bool
+    kept: mx.array  # bool: the input token is one the sampler accepted (not noise, not a draft's token)
     entropy: mx.array  # float32: each position's last entropy
     history: mx.array  # int32 [S, B, C]: argmax history of the stopping test
     done: mx.array  # bool [B]
@@ -261,8 +262,10 @@ def fast_step(
     canvas = mx.where(accepted, sample, noise)
     if fcfg.freeze:
         # Frozen: accepted again with the model's argmax equal to the token it was given, whose keys/values
-        # (computed this pass) are then the ones a sparse pass keeps seeing.
-        newly = accepted & (state.canvas == argmax) & (ent < fcfg.freeze_entropy)
+        # (computed this pass) are then the ones a sparse pass keeps seeing. The token must be one the sampler
+        # accepted (``kept``): a drafted token the target merely echoes once is not frozen (fast + drafter lost
+        # 35 points of exact match on the long demo when it was).
+        newly = accepted & state.kept & (state.canvas == argmax) & (ent < fcfg.freeze_entropy)
         frozen = frozen | newly
         canvas = mx.where(frozen, mx.where(newly, argmax, state.canvas), canvas)
     if fcfg.eos_cut:
@@ -283,7 +286,8 @@ def fast_step(
     if fcfg.freeze:
         stop = stop | mx.all(frozen, axis=-1)
     finished = state.done | stop if adaptive else state.done
-    return StepResult(FastState(canvas, argmax, frozen, ent, history, finished, sc), live(frozen, finished))
+    kept = accepted | frozen
+    return StepResult(FastState(canvas, argmax, frozen, kept, ent, history, finished, sc), live(frozen, finished))
 
 
 def live(frozen: mx.array, done: mx.array) -> mx.array:
@@ -320,7 +324,7 @@ def project(state: FastState, raw: mx.array, positions: mx.array, constraint: Co
         return state
     changed, tokens = mx.array(write)[None], mx.array(projected)[None]
     return state._replace(argmax=tokens, canvas=mx.where(changed, tokens, state.canvas),
-                          frozen=state.frozen & ~changed)
+                          frozen=state.frozen & ~changed, kept=state.kept & ~changed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -379,7 +383,8 @@ class FastDenoiser:
         k = min(fcfg.topk, V)
         sc = ((mx.zeros((B, C, k)), mx.zeros((B, C, k), dtype=mx.int32)) if fcfg.sparse_sc
               else (mx.zeros((B, C, V)),))
-        state = FastState(canvas, canvas, mx.zeros((B, C), dtype=mx.bool_), mx.zeros((B, C)),
+        state = FastState(canvas, canvas, mx.zeros((B, C), dtype=mx.bool_), mx.zeros((B, C), dtype=mx.bool_),
+                          mx.zeros((B, C)),
                           history if history is not None else init_history(cfg, B, C),
                           mx.zeros((B,), dtype=mx.bool_), sc)
         sizes, step = fcfg.sizes(C), self.step_fn(model, cfg, adaptive_stopping)

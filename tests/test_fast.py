@@ -168,8 +168,8 @@ def test_topk_sampler_keeps_the_exact_argmax():
 
     def state(sc):
         z = mx.zeros((B, C), dtype=mx.int32)
-        return FastState(z, z, mx.zeros((B, C), dtype=mx.bool_), mx.zeros((B, C)), init_history(cfg, B, C),
-                         mx.zeros((B,), dtype=mx.bool_), sc)
+        no = mx.zeros((B, C), dtype=mx.bool_)
+        return FastState(z, z, no, no, mx.zeros((B, C)), init_history(cfg, B, C), mx.zeros((B,), dtype=mx.bool_), sc)
 
     args = dict(step=mx.array(8), key=mx.random.key(4), cfg=cfg, softcapping=30.0, eos=(1,), adaptive=True)
     exact = fast_step(raw, positions, state((mx.zeros((B, C, V)),)), fcfg=FastConfig.off(), **args)
@@ -179,6 +179,29 @@ def test_topk_sampler_keeps_the_exact_argmax():
     np.testing.assert_array_equal(np.array(top.state.argmax), np.array(exact.state.argmax))
     # Truncating to the top 8 can only drop probability mass: the entropy it sees is never (much) higher.
     assert bool(mx.all(top.state.entropy <= exact.state.entropy + 1e-4))
+
+
+def test_only_a_token_the_sampler_accepted_freezes_not_a_drafted_one():
+    """The model's argmax echoing its input with near-zero entropy freezes the position only if that input was
+    accepted by the sampler at an earlier step (kept), not if a drafter put it there."""
+    B, C, V = 1, 8, 64
+    cfg = SamplerConfig(max_denoising_steps=8)
+    tokens = mx.arange(3, 3 + C, dtype=mx.int32)[None]
+    raw = mx.where(mx.arange(V)[None, None] == tokens[..., None], 30.0, -30.0)  # sure of every input token
+    positions = mx.broadcast_to(mx.arange(C, dtype=mx.int32), (B, C))
+    args = dict(step=mx.array(8), key=mx.random.key(4), cfg=cfg, softcapping=30.0, eos=(1,), adaptive=True,
+                fcfg=FastConfig(topk=8, sparse_sc=True))
+    sc = (mx.zeros((B, C, 8)), mx.zeros((B, C, 8), dtype=mx.int32))
+
+    def step(kept: bool):
+        flags = mx.full((B, C), kept, dtype=mx.bool_)
+        state = FastState(tokens, tokens, mx.zeros((B, C), dtype=mx.bool_), flags, mx.zeros((B, C)),
+                          init_history(cfg, B, C), mx.zeros((B,), dtype=mx.bool_), sc)
+        return fast_step(raw, positions, state, **args).state
+
+    drafted, accepted = step(False), step(True)
+    assert bool(mx.all(accepted.frozen)) and not bool(mx.any(drafted.frozen))
+    assert bool(mx.any(drafted.kept))  # accepted this step: it may freeze at the next
 
 
 def test_exact_agreement_counts_the_kept_positions_only(base):
@@ -287,8 +310,8 @@ def test_projection_unfreezes_what_it_changes_and_ranks_frozen_rows_by_their_top
             return out
 
     C, V = 4, 16
-    state = FastState(mx.array([[5, 6, 7, 4]]), mx.array([[5, 6, 7, 8]]), mx.array([[True, False, True, True]]),
-                      mx.zeros((1, C)),
+    held = mx.array([[True, False, True, True]])
+    state = FastState(mx.array([[5, 6, 7, 4]]), mx.array([[5, 6, 7, 8]]), held, held, mx.zeros((1, C)),
                       init_history(SamplerConfig(), 1, C), mx.array([False]),
                       (mx.array([[[0.0, 0.0], [0.0, 0.0], [3.0, 1.0], [0.0, 0.0]]]),
                        mx.array([[[0, 1], [0, 1], [9, 7], [0, 1]]], dtype=mx.int32)))
@@ -300,3 +323,4 @@ def test_projection_unfreezes_what_it_changes_and_ranks_frozen_rows_by_their_top
     assert np.array(out.argmax).tolist() == [[5, 6, 9, 8]]
     assert np.array(out.canvas).tolist() == [[5, 6, 9, 8]]
     assert np.array(out.frozen).tolist() == [[True, False, False, False]]  # 0 unchanged: still frozen
+    assert np.array(out.kept).tolist() == [[True, False, False, False]]  # rewritten tokens were never accepted
