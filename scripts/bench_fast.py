@@ -1,6 +1,6 @@
 """Fast decoding against the reference sampler: quality, decoder work, wall time, and a 26B projection.
 
-    python scripts/bench_fast.py                      # everything (a few minutes on 2 cores)
+    python scripts/bench_fast.py                      # everything (100 + 60 records: about 15 minutes on 2 cores)
     python scripts/bench_fast.py --n 100 --ablation-n 60 --json fast.json
     python scripts/bench_fast.py --skip-tenth         # no tenth-scale checkpoint (it needs torch to build)
 
@@ -152,8 +152,8 @@ def tenth_costs(folder: Path, reps: int, k: int) -> dict:
 
     def state(sc, B=1):
         z = canvas
-        return FastState(z, z, mx.zeros((B, C), dtype=mx.bool_), mx.zeros((B, C)), init_history(cfg, B, C),
-                         mx.zeros((B,), dtype=mx.bool_), sc)
+        no = mx.zeros((B, C), dtype=mx.bool_)
+        return FastState(z, z, no, no, mx.zeros((B, C)), init_history(cfg, B, C), mx.zeros((B,), dtype=mx.bool_), sc)
 
     out: dict = {"spec": spec["text"], "canvas": C, "prompt": spec["prompt_len"], "k": k,
                  "openblas": bench.openblas_mapped(), "other_runnable": bench.other_runnable()}
