@@ -75,7 +75,7 @@ def test_hf_export_loads_in_transformers_with_our_logits(exported, kind):
 
 
 def test_plain_export_is_the_original_checkpoint(exported):
-    """Exporting the embedded model unchanged gives back its own tensors, names included."""
+    """Exporting a model unchanged gives back its own tensors, names included."""
     folder, want, _ = exported["plain"]
     original = mx.load(str(DEMO24 / "model.safetensors"))
     written = mx.load(str(folder / "model.safetensors"))
