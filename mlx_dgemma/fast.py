@@ -264,7 +264,8 @@ def fast_step(
         # Frozen: accepted again with the model's argmax equal to the token it was given, whose keys/values
         # (computed this pass) are then the ones a sparse pass keeps seeing. The token must be one the sampler
         # accepted (``kept``): a drafted token the target merely echoes once is not frozen (when it was, fast +
-        # drafter lost 35 points of exact match on the long demo; 27.5 since, for reasons not yet found).
+        # drafter lost 35 points of exact match on the long demo; it still loses 27.5, since a token sampled while
+        # the target reads the draft is anchored to it, and freezing keeps it: see the README).
         newly = accepted & state.kept & (state.canvas == argmax) & (ent < fcfg.freeze_entropy)
         frozen = frozen | newly
         canvas = mx.where(frozen, mx.where(newly, argmax, state.canvas), canvas)
