@@ -63,6 +63,16 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
+def drafting_confidence(folder: str | Path) -> float:
+    """The confidence the drafter in ``folder`` drafts at (``config.json``'s ``"propose": {"confidence": c}``,
+    chosen by measuring it with its target; 0.0, every position, when it records none)."""
+    value = read_config(folder).get("propose", {}).get("confidence", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise DrafterError(f"{Path(folder).expanduser() / CONFIG_FILE}: propose.confidence must be a number in [0, 1) "
+                           f"(got {value!r}): fix it, or remove it to draft every position")
+    return float(value)
+
+
 def matches(folder: str | Path, model: Any) -> bool:
     """Whether the drafter in ``folder`` was trained for ``model``'s shape."""
     return read_config(folder).get("target") == target_identity(model)

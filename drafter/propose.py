@@ -19,7 +19,7 @@ from mlx_dgemma.model import Model
 from mlx_dgemma.sampler import initial_canvas
 from mlx_dgemma.verify import Proposal, Proposer
 
-from .checkpoint import DrafterError, load_drafter, matches
+from .checkpoint import DrafterError, drafting_confidence, load_drafter, matches
 from .model import Drafter
 
 BUNDLED = "drafter"  # a model folder's own drafter lives in this subfolder (the embedded demo model has one)
@@ -149,10 +149,11 @@ def bundled_drafter(model: Model) -> Path | None:
 
 def make_proposer(spec: Any, model: Model) -> Proposer | None:
     """A proposer from ``--drafter``-style input: ``"auto"`` / ``None`` (the model folder's own drafter, else
-    none), ``"none"``, ``"lookup"``, ``"noise"``, a drafter folder, or a proposer object."""
+    none), ``"none"``, ``"lookup"``, ``"noise"``, a drafter folder (drafting at its recorded confidence), or a
+    proposer object."""
     if spec is None or spec == "auto":
         folder = bundled_drafter(model)
-        return DrafterProposer(load_drafter(folder, model)) if folder is not None else None
+        return from_folder(folder, model) if folder is not None else None
     if not isinstance(spec, (str, Path)):
         return spec
     named = {"none": lambda: None, "lookup": LookupProposer, "noise": NoiseProposer}
@@ -160,4 +161,9 @@ def make_proposer(spec: Any, model: Model) -> Proposer | None:
         return named[str(spec)]()
     if not Path(spec).expanduser().is_dir():
         raise DrafterError(f"drafter not found: {spec} (give a drafter folder, or auto, none or lookup)")
-    return DrafterProposer(load_drafter(spec, model))
+    return from_folder(spec, model)
+
+
+def from_folder(folder: str | Path, model: Model) -> DrafterProposer:
+    """The drafter in ``folder``, drafting at the confidence its folder records."""
+    return DrafterProposer(load_drafter(folder, model), confidence=drafting_confidence(folder))

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target weights' dtype (default: as stored; float32 is fastest on a CPU)")
     p.add_argument("--work", default=None, help="distillation data and checkpoints (default: <out>.work)")
     p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--confidence", type=float, default=0.0,
+                   help="record the probability from which the drafter drafts a position (default 0: every one; "
+                        "choose it by measuring, e.g. scripts/eval_drafter.py --confidence 0.9 --hold)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <out>.work/")
     return p
@@ -85,6 +88,8 @@ def check_args(args: argparse.Namespace) -> None:
                                ("--save-every", args.save_every, 0)):
         if value < least:
             raise DrafterError(f"{flag} must be at least {least} (got {value})")
+    if not 0.0 <= args.confidence < 1.0:
+        raise DrafterError(f"--confidence must be in [0, 1) (got {args.confidence})")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise DrafterError(f"--lr must be a positive number (got {args.lr})")
 
@@ -128,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and trainer.resume():
         print(f"resuming at step {trainer.step}")
     stats = trainer.run(args.save_every)
-    save_drafter(drafter, model, out, {"training": stats})
+    extra = {"propose": {"confidence": args.confidence}} if args.confidence else {}
+    save_drafter(drafter, model, out, {"training": stats, **extra})
     print(f"drafter for {model.source}: {out} ({stats['parameters']:,} parameters; held-out canvas accuracy "
           f"{stats['held_out_canvas_accuracy']:.1%}, token accuracy {stats['held_out_token_accuracy']:.1%})")
     return 0

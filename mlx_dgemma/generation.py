@@ -355,12 +355,13 @@ def stream_generate(
     cache = cache if cache is not None else model.make_cache()
     if cache.offset == 0:
         cache.capture = getattr(proposer, "capture", ())
-    session = DraftSession(proposer, [ids], verify) if proposer is not None else None
+    eos = eos_ids(model, tokenizer)
+    ends = sorted(eos | {model.args.pad_token_id or 0})
+    session = DraftSession(proposer, [ids], verify, ends) if proposer is not None else None
     if not ids or cache.offset > len(ids):
         raise GenerationError(f"prompt_ids has {len(ids)} tokens but the cache already holds {cache.offset}: "
                               "give a non-empty prompt that the cache is a prefix of")
     check_context(model, len(ids), max_tokens)
-    eos = eos_ids(model, tokenizer)
     constraint = make_constraint(tokenizer, sorted(eos), model.args.pad_token_id or 0,
                                  model.args.vocab_size, max_tokens, model.args.canvas_length, response_format,
                                  json_schema, infill)

@@ -89,12 +89,14 @@ def denoise_canvas(
     step_fn: Callable[..., StepOutput] | None = None,
     history: mx.array | None = None,
     blind: Proposal | None = None,
+    hold: Proposal | None = None,
 ) -> Iterator[StepEvent | CommitEvent]:
     """Denoise one canvas against ``cache``; yields a ``StepEvent`` per step, then the argmax as a commit.
 
     ``start`` replaces the uniform random starting canvas (the reference's ``decoder_input_ids``), and
     ``history`` the empty argmax history of the stability test (a drafted canvas seeds it: ``verify.py``).
     ``blind``: a draft the first pass does not see; its tokens that equal that pass's argmax join the next input.
+    ``hold``: a draft whose tokens that equal the argmax join the next input after every pass (``verify.py``).
     The commit event carries the raw argmax; ``generate_tokens`` finalizes it (EOS, pad).
     """
     batch = cache[0].keys.shape[0]
@@ -115,6 +117,8 @@ def denoise_canvas(
         canvas, argmax, sc_logits, history = out.canvas, out.argmax, out.logits, out.history
         if blind is not None and step == cfg.max_denoising_steps:  # after the first pass only
             canvas = agreeing(argmax, canvas, blind)
+        if hold is not None:
+            canvas = agreeing(argmax, canvas, hold)
         done = out.done if adaptive_stopping else done
         mx.eval(canvas, argmax, sc_logits, history, done, passes)
         yield StepEvent(canvas_index, step, argmax, done)
@@ -147,12 +151,13 @@ def denoise_drafted(
     if vcfg.blind:  # the plain path's key: the first pass is the reference's, over noise
         history = seeded_history(proposal, cfg)
         for event in denoise(model, cache, cfg, key, canvas_index, None, adaptive_stopping, step_fn, history,
-                             blind=proposal):
+                             blind=proposal, hold=proposal if vcfg.hold else None):
             yield replace(event, drafted=True) if isinstance(event, CommitEvent) else event
         return
     start_key, draft_key = mx.random.split(mx.random.split(key, 3)[2])  # apart from the plain path's keys
     start, history = draft_start(proposal, start_key, model.args.vocab_size, vcfg.renoise, cfg)
-    events = denoise(model, cache, cfg, draft_key, canvas_index, start, adaptive_stopping, step_fn, history)
+    events = denoise(model, cache, cfg, draft_key, canvas_index, start, adaptive_stopping, step_fn, history,
+                     hold=proposal if vcfg.hold else None)
     first = next(events)
     assert isinstance(first, StepEvent)
     yield first

@@ -1,12 +1,14 @@
 """The drafter on the demo model's held-out set: no drafter vs prompt lookup vs the bundled drafter.
 
     python scripts/eval_drafter.py [--model PATH] [--drafter PATH] [--n 200] [--seed 0] [--json FILE]
-                                   [--confidence C ...] [--guard G ...] [--blind]
+                                   [--confidence C ...] [--guard G ...] [--blind] [--hold] [--split valid]
 
 Settings: no drafter, prompt lookup, the drafter (default verification: a tenth of the draft re-noised) and the
 drafter without re-noising; with ``--confidence``, the drafter drafting only positions it gives at least that
 probability; with ``--guard``, the drafter under that stricter verification guard; with ``--blind``, blind
-verification (``VerifyConfig(blind=True)``: the target's first pass never sees the draft). Every setting answers the same
+verification (``VerifyConfig(blind=True)``: the target's first pass never sees the draft); with ``--hold``, held
+verification (``VerifyConfig(hold=True)``: agreeing drafted tokens stay in every pass's input), alone and with each
+``--confidence``. Every setting answers the same
 held-out records with the same seeds (paired).
 Reported per setting: exact match (95% Wilson interval), target decoder passes per canvas, tokens per forward,
 wall time per canvas; then the paired difference in exact match against no drafter (with its 95% interval), the
@@ -93,6 +95,9 @@ def main() -> int:
     parser.add_argument("--confidence", type=float, nargs="*", default=[], help="also: confident drafts only")
     parser.add_argument("--guard", type=float, nargs="*", default=[], help="also: these verification guards")
     parser.add_argument("--blind", action="store_true", help="also: blind verification")
+    parser.add_argument("--hold", action="store_true", help="also: held verification (with each --confidence too)")
+    parser.add_argument("--split", choices=["valid", "test"], default="test",
+                        help="records to answer (default test; choose settings on valid)")
     args = parser.parse_args()
 
     import mlx.core as mx
@@ -102,7 +107,7 @@ def main() -> int:
 
     # This CPU multiplies bf16 ~10x slower than fp32: evaluate in fp32 there (a Mac runs the stored bf16).
     model, tokenizer = load(args.model, mx.float32 if mx.default_device() == mx.cpu else None)
-    items = demo_task.split("test", args.n, demo_task.is_long(model.args.canvas_length))
+    items = demo_task.split(args.split, args.n, demo_task.is_long(model.args.canvas_length))
     drafter = make_proposer(args.drafter, model)
     if drafter is None:
         raise SystemExit("error: no drafter for this model: give --drafter PATH")
@@ -120,6 +125,11 @@ def main() -> int:
             settings[f"drafter, guard {g:g}"] = (drafter, VerifyConfig(guard=g))
         if args.blind:
             settings["drafter, blind"] = (drafter, VerifyConfig(blind=True))
+        if args.hold:
+            settings["drafter, held"] = (drafter, VerifyConfig(hold=True))
+            for c in args.confidence:
+                settings[f"drafter, confidence {c:g}, held"] = (DrafterProposer(drafter.drafter, confidence=c),
+                                                                VerifyConfig(hold=True))
     except DGemmaError as e:
         raise SystemExit(f"error: {e}") from None
     results: dict[str, EvalResult] = {}

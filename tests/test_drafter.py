@@ -20,7 +20,7 @@ from mlx_dgemma.drafter import (
 )
 from mlx_dgemma.drafter import train as drafter_train
 from mlx_dgemma.sampler import SamplerConfig, entropy, process_logits
-from mlx_dgemma.verify import Proposal, VerifyConfig
+from mlx_dgemma.verify import DraftSession, Proposal, VerifyConfig
 from tests.conftest import DEMO24, DEMO_PROMPTS
 
 PROMPTS = DEMO_PROMPTS
@@ -145,7 +145,7 @@ def test_a_draft_the_target_agrees_with_commits_after_one_pass(demo):
     for prompt in PROMPTS:
         plain = run(model, tokenizer, prompt, "none")
         answers = _committed_argmax(model, tokenizer, prompt)
-        exact = run(model, tokenizer, prompt, FixedProposer(answers), verify=VerifyConfig(renoise=0.0))
+        exact = run(model, tokenizer, prompt, FixedProposer(answers), verify=VerifyConfig(renoise=0.0, draft_ends=True))
         assert exact.answer == plain.answer
         assert exact.stats.decoder_passes == exact.stats.canvases < plain.stats.decoder_passes
         # Re-noised, the target must predict part of the canvas itself: it may take another pass, never more
@@ -328,6 +328,7 @@ def test_bad_prompt_lines_are_reported_with_their_number(tmp_path, capsys):
 @pytest.mark.parametrize(("flags", "words"), [
     (["--lr", "0"], "--lr must be a positive number"), (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--iters", "-2"], "--iters must be at least 0"), (["--layers", "0"], "--layers must be at least 1"),
+    (["--confidence", "1"], "--confidence must be in [0, 1)"),
 ])
 def test_drafter_train_numbers_out_of_range_are_one_line_errors(tmp_path, capsys, flags, words):
     prompts = tmp_path / "prompts.jsonl"
@@ -353,3 +354,57 @@ def test_a_conversion_carries_the_models_drafter(tmp_path):
 
     out = convert(DEMO24, tmp_path / "q4", quantize=True, progress=False).path
     assert isinstance(make_proposer("auto", load_model(out)), DrafterProposer)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_held_drafts_stay_in_the_input_and_commit_sooner(demo, fast):
+    """Hold: a drafted token the target agrees with stays in the next input instead of fresh noise. The target's
+    own answer as the draft then commits that answer in fewer passes than unheld; a draft wrong everywhere, held
+    only where the target happens to agree with it, still ends on the target's answer."""
+    model, tokenizer = demo
+    # Half the draft re-noised: the first pass cannot commit, and what it does not accept is held or re-noised.
+    held, unheld = VerifyConfig(renoise=0.5, guard=0.0), VerifyConfig(hold=False, renoise=0.5, guard=0.0)
+    saved = 0
+    for prompt in PROMPTS:
+        answers = _committed_argmax(model, tokenizer, prompt)
+        wrong = [run(model, tokenizer, prompt, FixedProposer(answers, shift=1), verify=v, fast=fast)
+                 for v in (held, unheld)]
+        assert wrong[0].answer == wrong[1].answer
+        right = [run(model, tokenizer, prompt, FixedProposer(answers), verify=v, fast=fast) for v in (held, unheld)]
+        assert right[0].answer == right[1].answer == run(model, tokenizer, prompt, "none", fast=fast).answer
+        assert right[0].stats.decoder_passes <= right[1].stats.decoder_passes
+        saved += right[1].stats.decoder_passes - right[0].stats.decoder_passes
+    assert saved > 0
+
+
+def test_drafted_end_tokens_start_as_noise(demo):
+    """A session drafts no end-of-sequence or pad token unless asked to (``VerifyConfig.draft_ends``)."""
+    model, _ = demo
+    a = model.args
+    canvas = mx.array([[7, a.eos_token_id[0], 9, a.pad_token_id] + [11] * (a.canvas_length - 4)], dtype=mx.int32)
+    proposer = FixedProposer([canvas])
+    session = DraftSession(proposer, [[1, 2]])
+    assert session.propose(model, None).drafted[0, :4].tolist() == [True, False, True, False]
+    session = DraftSession(proposer, [[1, 2]], VerifyConfig(draft_ends=True))
+    assert session.propose(model, None).drafted.all().item()
+
+
+def test_a_drafter_folder_drafts_at_the_confidence_it_records(demo, tmp_path):
+    """``"propose": {"confidence": c}`` in a drafter's config.json is what ``make_proposer`` drafts at (0 without
+    it); a bad value is a one-line error naming the file and the fix."""
+    import shutil
+
+    model, _ = demo
+    folder = tmp_path / "drafter"
+    shutil.copytree(bundled_drafter(model), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("propose", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert make_proposer(str(folder), model).confidence == 0.0
+    (folder / "config.json").write_text(json.dumps({**config, "propose": {"confidence": 0.9}}))
+    assert make_proposer(str(folder), model).confidence == 0.9
+    for bad in (1.5, "high", True):
+        (folder / "config.json").write_text(json.dumps({**config, "propose": {"confidence": bad}}))
+        with pytest.raises(DrafterError, match=r"propose.confidence must be a number in \[0, 1\)") as e:
+            make_proposer(str(folder), model)
+        assert "\n" not in str(e.value) and "config.json" in str(e.value)
