@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--confidence", type=float, default=0.0,
                    help="record the probability from which the drafter drafts a position (default 0: every one; "
-                        "choose it by measuring, e.g. scripts/eval_drafter.py --confidence 0.9 --hold)")
+                        "choose it by measuring, e.g. scripts/eval_drafter.py --split valid --confidence 0.9)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <out>.work/")
     return p

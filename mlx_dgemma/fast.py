@@ -377,9 +377,9 @@ class FastDenoiser:
         blind: Proposal | None = None,
         hold: Proposal | None = None,
     ) -> Iterator[StepEvent | CommitEvent]:
-        """As ``loop.denoise_canvas`` (``blind`` and ``hold`` too: a held token joins only a live position); with ``constraint`` (its canvas at answer position ``offset``)
-        every step's argmax is projected onto it (``project``: one more host read a step, as in the reference's
-        loop)."""
+        """As ``loop.denoise_canvas`` (``blind`` and ``hold`` too: a held token joins only a live position); with
+        ``constraint`` (its canvas at answer position ``offset``) every step's argmax is projected onto it
+        (``project``: one more host read a step, as in the reference's loop)."""
         fcfg = self.config
         B, C, V = cache[0].keys.shape[0], model.args.canvas_length, model.args.vocab_size
         init_key, key = mx.random.split(key)

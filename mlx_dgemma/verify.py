@@ -142,11 +142,13 @@ class DraftSession:
         proposer.begin(prompt_ids)
 
     def propose(self, model: Model, cache: DiffusionCache) -> Proposal | None:
-        """The proposer's draft of the next canvas, or None (switched off, or nothing to propose). Unless
-        ``VerifyConfig.draft_ends``, it drafts no end token (the model's end-of-sequence and pad tokens, and ``ends``): a drafted end fixes the answer's
-        length, and a target that trusts it fills a misjudged length with misaligned text (measured on the long
-        demo: fast + drafter lost 7.5 points more with drafted ends; with a perfect draft, 2.0 passes a canvas
-        instead of 2.2 with drafted ends)."""
+        """The proposer's draft of the next canvas, or None (switched off, or nothing to propose).
+
+        Unless ``VerifyConfig.draft_ends``, it drafts no end token (the model's end-of-sequence and pad tokens, and
+        ``ends``): a drafted end fixes the answer's length, and a target that trusts it fills a misjudged length
+        with misaligned text (measured on the long demo: fast + an earlier drafter lost 5 points more with drafted
+        ends; held perfect drafts took 2.0 passes a canvas, 2.2 with drafted ends).
+        """
         proposal = self.proposer.propose(model, cache) if self.active else None
         if proposal is None or self.config.draft_ends:
             return proposal

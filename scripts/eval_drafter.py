@@ -1,15 +1,15 @@
 """The drafter on the demo model's held-out set: no drafter vs prompt lookup vs the bundled drafter.
 
     python scripts/eval_drafter.py [--model PATH] [--drafter PATH] [--n 200] [--seed 0] [--json FILE]
-                                   [--confidence C ...] [--guard G ...] [--blind] [--hold] [--split valid]
+                                   [--confidence C ...] [--guard G ...] [--blind] [--unheld] [--split valid]
 
-Settings: no drafter, prompt lookup, the drafter (default verification: a tenth of the draft re-noised) and the
-drafter without re-noising; with ``--confidence``, the drafter drafting only positions it gives at least that
-probability; with ``--guard``, the drafter under that stricter verification guard; with ``--blind``, blind
-verification (``VerifyConfig(blind=True)``: the target's first pass never sees the draft); with ``--hold``, held
-verification (``VerifyConfig(hold=True)``: agreeing drafted tokens stay in every pass's input), alone and with each
-``--confidence``. Every setting answers the same
-held-out records with the same seeds (paired).
+Settings: no drafter, prompt lookup, the drafter (default verification: a tenth of the draft re-noised, agreeing
+drafted tokens held, at the confidence its folder records) and the drafter without re-noising; with
+``--confidence``, the drafter drafting only positions it gives at least that probability; with ``--guard``, the
+drafter under that stricter verification guard; with ``--blind``, blind verification (``VerifyConfig(blind=True)``:
+the target's first pass never sees the draft); with ``--unheld``, verification that re-noises every position the
+sampler does not accept (``VerifyConfig(hold=False)``), alone and with each ``--confidence``. Every setting answers
+the same held-out records with the same seeds (paired); choose settings on ``--split valid``, report on test.
 Reported per setting: exact match (95% Wilson interval), target decoder passes per canvas, tokens per forward,
 wall time per canvas; then the paired difference in exact match against no drafter (with its 95% interval), the
 drafter's time as a fraction of one target pass (both timed here, same process), and a projection for
@@ -95,7 +95,8 @@ def main() -> int:
     parser.add_argument("--confidence", type=float, nargs="*", default=[], help="also: confident drafts only")
     parser.add_argument("--guard", type=float, nargs="*", default=[], help="also: these verification guards")
     parser.add_argument("--blind", action="store_true", help="also: blind verification")
-    parser.add_argument("--hold", action="store_true", help="also: held verification (with each --confidence too)")
+    parser.add_argument("--unheld", action="store_true",
+                        help="also: unheld verification, VerifyConfig(hold=False) (with each --confidence too)")
     parser.add_argument("--split", choices=["valid", "test"], default="test",
                         help="records to answer (default test; choose settings on valid)")
     args = parser.parse_args()
@@ -125,11 +126,11 @@ def main() -> int:
             settings[f"drafter, guard {g:g}"] = (drafter, VerifyConfig(guard=g))
         if args.blind:
             settings["drafter, blind"] = (drafter, VerifyConfig(blind=True))
-        if args.hold:
-            settings["drafter, held"] = (drafter, VerifyConfig(hold=True))
+        if args.unheld:
+            settings["drafter, unheld"] = (drafter, VerifyConfig(hold=False))
             for c in args.confidence:
-                settings[f"drafter, confidence {c:g}, held"] = (DrafterProposer(drafter.drafter, confidence=c),
-                                                                VerifyConfig(hold=True))
+                settings[f"drafter, confidence {c:g}, unheld"] = (DrafterProposer(drafter.drafter, confidence=c),
+                                                                  VerifyConfig(hold=False))
     except DGemmaError as e:
         raise SystemExit(f"error: {e}") from None
     results: dict[str, EvalResult] = {}
