@@ -408,3 +408,17 @@ def test_a_drafter_folder_drafts_at_the_confidence_it_records(demo, tmp_path):
         with pytest.raises(DrafterError, match=r"propose.confidence must be a number in \[0, 1\)") as e:
             make_proposer(str(folder), model)
         assert "\n" not in str(e.value) and "config.json" in str(e.value)
+
+
+def test_fast_mode_freezes_held_drafted_tokens_after_the_first_pass(demo):
+    """``FastConfig.freeze_drafts``: a held draft's tokens count as accepted, so those the first pass reproduces
+    surely freeze at once and later passes compute fewer positions, for the same answer."""
+    from mlx_dgemma.fast import FastConfig
+
+    model, tokenizer = demo
+    for prompt in PROMPTS:
+        answers = _committed_argmax(model, tokenizer, prompt)
+        on, off = (run(model, tokenizer, prompt, FixedProposer(answers), fast=FastConfig(freeze_drafts=f),
+                       verify=VerifyConfig(renoise=0.5)) for f in (True, False))
+        assert on.answer == off.answer == run(model, tokenizer, prompt, "none").answer
+        assert on.stats.decoder_positions < off.stats.decoder_positions
