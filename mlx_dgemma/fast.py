@@ -51,6 +51,7 @@ from .sampler import (
     entropy_from_logprobs,
     init_history,
     initial_canvas,
+    is_one_of,
     is_stable_and_confident,
     log_softmax,
     temperature,
@@ -275,10 +276,7 @@ def fast_step(
         frozen = frozen | newly
         canvas = mx.where(frozen, mx.where(newly, argmax, state.canvas), canvas)
     if fcfg.eos_cut:
-        is_eos = mx.zeros(argmax.shape, dtype=mx.bool_)
-        for e in eos:
-            is_eos = is_eos | (argmax == e)
-        hit = (frozen & is_eos).astype(mx.int32)
+        hit = (frozen & is_one_of(argmax, eos)).astype(mx.int32)
         tail = (mx.cumsum(hit, axis=-1) - hit) > 0
         # The tail keeps its argmax (changing it would fail the stability test; the commit pads it anyway).
         frozen = frozen | tail
@@ -471,8 +469,6 @@ def exact_agreement(model: Model, cache: DiffusionCache, tokens: mx.array, eos_i
     tokens = tokens.astype(mx.int32)
     raw, _ = forward(model, tokens, cache, model.model.decoder.embed(tokens))
     same = (mx.argmax(raw, axis=-1) == tokens).astype(mx.float32)
-    hit = mx.zeros(tokens.shape, dtype=mx.int32)
-    for e in eos_ids:
-        hit = hit | (tokens == e).astype(mx.int32)
+    hit = is_one_of(tokens, eos_ids).astype(mx.int32)
     kept = ((mx.cumsum(hit, axis=-1) - hit) == 0).astype(mx.float32)
     return (same * kept).sum(axis=-1) / kept.sum(axis=-1)

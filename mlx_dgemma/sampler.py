@@ -26,7 +26,7 @@ Known, documented differences from the reference (both only matter at exact ties
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
 
@@ -311,6 +311,14 @@ def denoise_step(
 # After the denoising loop (_finalize_canvas)
 
 
+def is_one_of(tokens: mx.array, ids: Iterable[int]) -> mx.array:
+    """Bool mask of ``tokens`` equal to any of ``ids`` (all False for none)."""
+    hit = mx.zeros(tokens.shape, dtype=mx.bool_)
+    for token in ids:
+        hit = hit | (tokens == token)
+    return hit
+
+
 def finalize_canvas(
     canvas: mx.array,
     finished: mx.array,
@@ -327,19 +335,12 @@ def finalize_canvas(
     if isinstance(eos_ids, int):
         eos_ids = [eos_ids]
     eos_ids = list(eos_ids or [])
-
-    def is_eos_of(tokens: mx.array) -> mx.array:
-        hit = mx.zeros(tokens.shape, dtype=mx.bool_)
-        for e in eos_ids:
-            hit = hit | (tokens == e)
-        return hit
-
-    is_eos = is_eos_of(canvas)
+    is_eos = is_one_of(canvas, eos_ids)
     new_finished = finished | mx.any(is_eos, axis=-1)
     if pad_id is None:
         return canvas, new_finished
     canvas = mx.where(finished[:, None], mx.array(pad_id, dtype=canvas.dtype), canvas)
-    is_eos = is_eos_of(canvas)  # the reference looks for EOS after padding previously finished rows
+    is_eos = is_one_of(canvas, eos_ids)  # the reference looks for EOS after padding previously finished rows
     eos_count = mx.cumsum(is_eos.astype(mx.int32), axis=-1)
     pad_mask = (eos_count > 0) & ~((eos_count == 1) & is_eos)
     return mx.where(pad_mask, mx.array(pad_id, dtype=canvas.dtype), canvas), new_finished

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import mlx.core as mx
 
 from .errors import DGemmaError
-from .sampler import SamplerConfig, init_history, initial_canvas
+from .sampler import SamplerConfig, init_history, initial_canvas, is_one_of
 
 if TYPE_CHECKING:
     from .cache import DiffusionCache
@@ -117,10 +117,7 @@ def agreeing(argmax: mx.array, canvas: mx.array, proposal: Proposal) -> mx.array
 
 def without_ends(proposal: Proposal, ends: Iterable[int]) -> Proposal:
     """``proposal`` drafting none of its ``ends`` tokens (end of sequence, pad): those positions start as noise."""
-    end = mx.zeros(proposal.canvas.shape, dtype=mx.bool_)
-    for token in ends:
-        end = end | (proposal.canvas == token)
-    return Proposal(proposal.canvas, proposal.drafted & ~end)
+    return Proposal(proposal.canvas, proposal.drafted & ~is_one_of(proposal.canvas, ends))
 
 
 def agreement(argmax: mx.array, proposal: Proposal) -> float:
