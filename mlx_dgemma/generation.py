@@ -356,8 +356,7 @@ def stream_generate(
     if cache.offset == 0:
         cache.capture = getattr(proposer, "capture", ())
     eos = eos_ids(model, tokenizer)
-    ends = sorted(eos | {model.args.pad_token_id or 0})
-    session = DraftSession(proposer, [ids], verify, ends) if proposer is not None else None
+    session = DraftSession(proposer, [ids], verify, sorted(eos)) if proposer is not None else None
     if not ids or cache.offset > len(ids):
         raise GenerationError(f"prompt_ids has {len(ids)} tokens but the cache already holds {cache.offset}: "
                               "give a non-empty prompt that the cache is a prefix of")

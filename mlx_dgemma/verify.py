@@ -142,7 +142,7 @@ class DraftSession:
         """The proposer's draft of the next canvas, or None (switched off, or nothing to propose).
 
         Unless ``VerifyConfig.draft_ends``, it drafts no end token (the model's end-of-sequence and pad tokens, and
-        ``ends``): a drafted end fixes the answer's length, and a target that trusts it fills a misjudged length
+        ``ends``, the tokenizer's own end tokens): a drafted end fixes the answer's length, and a target that trusts it fills a misjudged length
         with misaligned text (measured on the long demo: fast + an earlier drafter lost 5 points more with drafted
         ends; held perfect drafts took 2.0 passes a canvas, 2.2 with drafted ends).
         """
