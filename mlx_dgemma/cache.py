@@ -124,3 +124,50 @@ class DiffusionCache(list):
         """Every array the cache holds, e.g. for ``mx.eval``."""
         arrays = [a for c in self for a in (c.keys, c.values) if a is not None]
         return arrays + ([self.valid] if self.valid is not None else []) + self.features
+
+
+class StaleKV:
+    """Fast decoding's canvas keys/values: per layer, those of every canvas position ``[B, H, C, D]`` from the
+    last pass that computed it. A sparse pass (``Model.denoise(positions=...)``) writes its own positions' in and
+    reads the others' as they were (Fast-dLLM's approximate cache). ``stores`` is ``None`` before the first pass."""
+
+    def __init__(self, canvas: int, stores: list[tuple[mx.array, mx.array] | None] | None = None):
+        self.canvas, self.stores = canvas, stores
+
+    def views(self, cache: DiffusionCache, positions: mx.array) -> list[CanvasKV]:
+        """One layer cache view per layer for a pass over canvas ``positions`` [B, S]."""
+        if self.stores is None:
+            self.stores = [None] * len(cache)
+        return [CanvasKV(c, self, i, positions) for i, c in enumerate(cache)]
+
+    def arrays(self) -> list[mx.array]:
+        """Every array held, e.g. for ``mx.eval``."""
+        return [a for kv in self.stores or [] if kv is not None for a in kv]
+
+
+class CanvasKV:
+    """A layer's cache as the decoder sees it during a sparse pass (duck-types ``FullKVCache.fetch``).
+
+    ``fetch`` writes this pass's positions into the layer's ``StaleKV`` store and returns the layer cache's keys
+    followed by every canvas position's. ``offset`` is each query token's absolute position (``model.rope_at``
+    reads it per token).
+    """
+
+    def __init__(self, cache: FullKVCache | WindowKVCache, stale: StaleKV, layer: int, positions: mx.array):
+        self.cache, self.stale, self.layer, self.positions = cache, stale, layer, positions
+
+    @property
+    def offset(self) -> mx.array:
+        return self.positions + self.cache.offset
+
+    def fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        store = self.stale.stores[self.layer]
+        if store is None:
+            B, C = keys.shape[0], self.stale.canvas
+            store = (mx.zeros((B, keys.shape[1], C, keys.shape[3]), keys.dtype),
+                     mx.zeros((B, values.shape[1], C, values.shape[3]), values.dtype))
+        idx = self.positions[:, None, :, None]
+        k = mx.put_along_axis(store[0], mx.broadcast_to(idx, keys.shape), keys, axis=2)
+        v = mx.put_along_axis(store[1], mx.broadcast_to(idx, values.shape), values, axis=2)
+        self.stale.stores[self.layer] = (k, v)
+        return self.cache.fetch(k, v)

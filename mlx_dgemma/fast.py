@@ -25,38 +25,42 @@ ablation can measure it alone:
 The per-step host round-trip stays one (the reference's ``done.all().item()`` becomes one read of
 ``[all done, positions still active]``, which also picks the next bucket). ``exact_agreement`` checks the
 approximations against the exact model: one exact pass over a committed canvas, and the fraction of positions
-whose exact argmax is the committed token. Under a grammar or infill constraint, ``project`` projects each fast
-step as ``constrain.constrained_step`` projects the reference's.
+whose exact argmax is the committed token.
+
+``FastDenoiser`` is fast mode's stepper of the one canvas loop (``decoding.canvas``): drafts, grammars and infill
+act on it through the same hooks as on the reference's (``decoding.hooks``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
-from .cache import DiffusionCache
-from .constrain import Constraint
+from .cache import DiffusionCache, StaleKV
+from .constrain import Constraint, project_canvas
+from .decoding.canvas import CanvasState, Row, Start, first_row, live
+from .decoding.hooks import logits_row, rewrite
 from .errors import DGemmaError
-from .loop import CommitEvent, StepEvent
 from .model import Model
+from .model import softcap as _softcap
 from .sampler import (
     SamplerConfig,
     accept_mask,
     entropy_from_logprobs,
-    init_history,
     initial_canvas,
     is_one_of,
     is_stable_and_confident,
     log_softmax,
     temperature,
 )
-from .verify import Proposal, agreeing
+
+FastState = CanvasState  # the canvas loop's state (fast mode uses every field of it)
 
 _FROZEN_ENTROPY = 1e9  # frozen positions sort after every live one in the acceptance rule (finite: no inf - inf)
 
@@ -108,34 +112,7 @@ class FastConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The decoder over some canvas positions, with the stale K/V of the others
-
-
-class CanvasKV:
-    """A layer's cache as the decoder sees it during a sparse pass (duck-types ``FullKVCache.fetch``).
-
-    Holds the keys/values of every canvas position ``[B, H, C, D]`` from the last pass that computed them;
-    ``fetch`` writes this pass's positions into it and returns the layer cache's keys followed by all of
-    them. ``offset`` is each query token's absolute position (``model.rope_at`` reads it per token).
-    """
-
-    def __init__(self, cache: Any, store: tuple[mx.array, mx.array] | None, positions: mx.array, canvas: int):
-        self.cache, self.store, self.positions, self.canvas = cache, store, positions, canvas
-
-    @property
-    def offset(self) -> mx.array:
-        return self.positions + self.cache.offset
-
-    def fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if self.store is None:
-            B, C = keys.shape[0], self.canvas
-            self.store = (mx.zeros((B, keys.shape[1], C, keys.shape[3]), keys.dtype),
-                          mx.zeros((B, values.shape[1], C, values.shape[3]), values.dtype))
-        idx = self.positions[:, None, :, None]
-        k = mx.put_along_axis(self.store[0], mx.broadcast_to(idx, keys.shape), keys, axis=2)
-        v = mx.put_along_axis(self.store[1], mx.broadcast_to(idx, values.shape), values, axis=2)
-        self.store = (k, v)
-        return self.cache.fetch(k, v)
+# A pass over some canvas positions (``Model.denoise(positions=..., stale=...)``) and its soft embedding
 
 
 def forward(
@@ -146,27 +123,14 @@ def forward(
     positions: mx.array | None = None,
     stores: list[tuple[mx.array, mx.array] | None] | None = None,
     canvas: int | None = None,
-) -> tuple[mx.array, list[tuple[mx.array, mx.array]] | None]:
-    """Raw float32 logits (before soft-capping) of the decoder over ``tokens`` [B, S].
-
-    ``soft`` is the self-conditioning soft embedding [B, S, H] (``None``: none, as on a first step). Without
-    ``positions`` the tokens are the whole canvas, as in ``Model.denoise``. With ``positions`` [B, S] (their
-    canvas positions) and ``stores`` (one per layer, ``None`` before the first pass) the other ``canvas``
-    positions are seen through their stored keys/values; the updated stores are returned.
-    """
-    decoder = model.model.decoder
-    B = tokens.shape[0]
-    C = canvas or tokens.shape[1]
-    h = decoder.self_conditioning(decoder.embed(tokens), soft)
-    masks = {kind: model._decoder_mask(cache, kind, B, C) for kind in ("sliding", "full")}
-    views = None
-    if positions is not None:
-        views = [CanvasKV(c, s, positions, C) for c, s in zip(cache, stores or [None] * len(cache))]
-    for i, layer in enumerate(decoder.layers):
-        mask = masks["sliding" if layer.self_attn.is_sliding else "full"]
-        h = layer(h, views[i] if views else cache[i], mask, write=False, layer_scalar=layer.layer_scalar)
-    raw = decoder.embed_tokens.as_linear(decoder.norm(h)).astype(mx.float32)
-    return raw, [v.store for v in views] if views else None
+) -> tuple[mx.array, list[tuple[mx.array, mx.array] | None] | None]:
+    """Raw float32 logits (before soft-capping) of ``Model.denoise`` over ``tokens`` [B, S] with soft embedding
+    ``soft``; with ``positions`` (their canvas positions) a sparse pass over the per-layer ``stores`` (``None``
+    before the first pass) of a ``canvas``-long canvas, whose updated stores are returned too."""
+    if positions is None:
+        return model.denoise(tokens, cache, soft=soft, capped=False), None
+    stale = StaleKV(canvas or tokens.shape[1], stores)
+    return model.denoise(tokens, cache, soft=soft, positions=positions, stale=stale, capped=False), stale.stores
 
 
 def dense_soft(model: Model, processed: mx.array) -> mx.array:
@@ -185,26 +149,12 @@ def sparse_soft(model: Model, values: mx.array, ids: mx.array) -> mx.array:
 
 
 def softcap(model: Model, raw: mx.array) -> mx.array:
-    """The final soft-cap, as ``Model.logits`` applies it (monotonic: the top-k of capped = capped top-k)."""
-    cap = model.args.final_logit_softcapping
-    return mx.tanh(raw / cap) * cap
+    """The final soft-cap, as ``Model.logits`` applies it (``model.softcap``)."""
+    return _softcap(raw, model.args.final_logit_softcapping)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # One fast sampler step (pure on arrays, compilable: one trace per bucket size)
-
-
-class FastState(NamedTuple):
-    """A canvas being denoised in fast mode; every array spans the whole canvas [B, C]."""
-
-    canvas: mx.array  # int32: the decoder's input tokens
-    argmax: mx.array  # int32: what would be committed now
-    frozen: mx.array  # bool
-    kept: mx.array  # bool: the input token is one the sampler accepted (or a held draft's: freeze_drafts)
-    entropy: mx.array  # float32: each position's last entropy
-    history: mx.array  # int32 [S, B, C]: argmax history of the stopping test
-    done: mx.array  # bool [B]
-    sc: tuple[mx.array, ...]  # self-conditioning input: (top-k values, top-k ids) [B, C, k], or (logits [B, C, V],)
 
 
 class StepResult(NamedTuple):
@@ -231,28 +181,7 @@ def fast_step(
     """
     sample_key, noise_key = mx.random.split(key)
     B, C = state.canvas.shape
-    vocab = raw.shape[-1]
-    t = temperature(step, cfg)
-
-    def cap(x: mx.array) -> mx.array:
-        return mx.tanh(x / softcapping) * softcapping
-
-    if fcfg.topk:
-        k = min(fcfg.topk, vocab)
-        ids = mx.argpartition(-raw, kth=k - 1, axis=-1)[..., :k]
-        processed = cap(mx.take_along_axis(raw, ids, axis=-1)) / t
-        logprobs = log_softmax(processed)
-        draw = mx.random.categorical(logprobs, axis=-1, key=sample_key)
-        sample = mx.take_along_axis(ids, draw[..., None], axis=-1).squeeze(-1).astype(mx.int32)
-        top = mx.take_along_axis(ids, mx.argmax(processed, axis=-1)[..., None], axis=-1).squeeze(-1)
-        new_sc = (processed, ids.astype(mx.int32)) if fcfg.sparse_sc else (cap(raw) / t,)
-    else:
-        processed = cap(raw) / t
-        logprobs = log_softmax(processed)
-        sample = mx.random.categorical(logprobs, axis=-1, key=sample_key).astype(mx.int32)
-        top = mx.argmax(processed, axis=-1)
-        new_sc = (processed,)
-    ent = entropy_from_logprobs(logprobs)
+    sample, top, ent, new_sc = _draw(raw, temperature(step, cfg), sample_key, fcfg, softcapping)
 
     def scatter(full: mx.array, part: mx.array) -> mx.array:
         idx = positions.reshape(*positions.shape, *([1] * (part.ndim - 2)))
@@ -264,8 +193,47 @@ def fast_step(
     sample = scatter(state.canvas, sample)
     ranked = mx.where(frozen, _FROZEN_ENTROPY, ent) if fcfg.freeze else ent
     accepted = accept_mask(ranked, cfg.entropy_bound) & ~frozen
-    noise = initial_canvas(noise_key, B, C, vocab)
+    noise = initial_canvas(noise_key, B, C, raw.shape[-1])
     canvas = mx.where(accepted, sample, noise)
+    frozen, canvas, ent = _freeze(state, accepted, argmax, canvas, ent, fcfg, eos)
+
+    done = state.done[:, None]
+    canvas = mx.where(done, state.canvas, canvas)
+    argmax = mx.where(done, state.argmax, argmax)
+    sc = tuple(mx.where(done[..., None], old, scatter(old, new)) for old, new in zip(state.sc, new_sc))
+    stop, history = is_stable_and_confident(argmax, state.history, ent, cfg)
+    if fcfg.freeze:
+        stop = stop | mx.all(frozen, axis=-1)
+    finished = state.done | stop if adaptive else state.done
+    kept = accepted | frozen
+    return StepResult(FastState(canvas, argmax, frozen, kept, ent, history, finished, sc), live(frozen, finished))
+
+
+def _draw(raw: mx.array, t: mx.array, key: mx.array, fcfg: FastConfig, softcapping: float
+          ) -> tuple[mx.array, mx.array, mx.array, tuple[mx.array, ...]]:
+    """The sampler's math on raw logits [B, S, V] at temperature ``t``: (sample, argmax, entropy, self-conditioning
+    input), over each position's top-k logits (``fcfg.topk``) or the whole vocabulary."""
+    cap = partial(_softcap, cap=softcapping)
+    if not fcfg.topk:
+        processed = cap(raw) / t
+        logprobs = log_softmax(processed)
+        sample = mx.random.categorical(logprobs, axis=-1, key=key).astype(mx.int32)
+        return sample, mx.argmax(processed, axis=-1), entropy_from_logprobs(logprobs), (processed,)
+    k = min(fcfg.topk, raw.shape[-1])
+    ids = mx.argpartition(-raw, kth=k - 1, axis=-1)[..., :k]
+    processed = cap(mx.take_along_axis(raw, ids, axis=-1)) / t
+    logprobs = log_softmax(processed)
+    draw = mx.random.categorical(logprobs, axis=-1, key=key)
+    sample = mx.take_along_axis(ids, draw[..., None], axis=-1).squeeze(-1).astype(mx.int32)
+    top = mx.take_along_axis(ids, mx.argmax(processed, axis=-1)[..., None], axis=-1).squeeze(-1)
+    new_sc = (processed, ids.astype(mx.int32)) if fcfg.sparse_sc else (cap(raw) / t,)
+    return sample, top, entropy_from_logprobs(logprobs), new_sc
+
+
+def _freeze(state: FastState, accepted: mx.array, argmax: mx.array, canvas: mx.array, ent: mx.array,
+            fcfg: FastConfig, eos: tuple[int, ...]) -> tuple[mx.array, mx.array, mx.array]:
+    """(frozen, canvas, entropy) after freezing this step's sure, echoed, accepted tokens and an EOS's tail."""
+    frozen = state.frozen
     if fcfg.freeze:
         # Frozen: accepted again with the model's argmax equal to the token it was given, whose keys/values
         # (computed this pass) are then the ones a sparse pass keeps seeing. The token must be one the sampler
@@ -281,63 +249,27 @@ def fast_step(
         # The tail keeps its argmax (changing it would fail the stability test; the commit pads it anyway).
         frozen = frozen | tail
         ent = mx.where(tail, 0.0, ent)
-
-    done = state.done[:, None]
-    canvas = mx.where(done, state.canvas, canvas)
-    argmax = mx.where(done, state.argmax, argmax)
-    sc = tuple(mx.where(done[..., None], old, scatter(old, new)) for old, new in zip(state.sc, new_sc))
-    stop, history = is_stable_and_confident(argmax, state.history, ent, cfg)
-    if fcfg.freeze:
-        stop = stop | mx.all(frozen, axis=-1)
-    finished = state.done | stop if adaptive else state.done
-    kept = accepted | frozen
-    return StepResult(FastState(canvas, argmax, frozen, kept, ent, history, finished, sc), live(frozen, finished))
-
-
-def live(frozen: mx.array, done: mx.array) -> mx.array:
-    """The most positions any unfinished row still has to denoise (int32 scalar): the next pass's size."""
-    return mx.max(mx.sum((~frozen & ~done[:, None]).astype(mx.int32), axis=-1))
+    return frozen, canvas, ent
 
 
 def project(state: FastState, raw: mx.array, positions: mx.array, constraint: Constraint, offset: int) -> FastState:
-    """A fast step's argmax projected onto ``constraint`` (batch of one row), as ``constrain.constrained_step``
-    projects the reference's.
-
-    A position's logits row is this pass's when the pass computed it, else its last processed logits kept for
-    self-conditioning (top-k: a token outside them ranks below all of them). Every position the projection
-    changes, and every held position whose canvas token differs, is written into the canvas and unfrozen, so the
-    next sparse pass recomputes it and the model denoises the rest around it.
-    """
-    argmax, canvas = np.asarray(state.argmax[0]), np.asarray(state.canvas[0])
-    computed = {int(p): j for j, p in enumerate(np.asarray(positions[0]).tolist())}
-
-    def row(i: int) -> np.ndarray:
-        if i in computed:
-            return np.asarray(raw[0, computed[i]], dtype=np.float32)
-        if len(state.sc) == 1:
-            return np.asarray(state.sc[0][0, i], dtype=np.float32)
-        full = np.full(raw.shape[-1], -1e30, dtype=np.float32)  # finite: an allowed token still ranks
-        full[np.asarray(state.sc[1][0, i])] = np.asarray(state.sc[0][0, i], dtype=np.float32)
-        return full
-
-    projected = constraint.project(offset, argmax, row).astype(np.int32)
-    write = projected != argmax
-    for i in constraint.fixed(offset, len(projected)):
-        write[i] |= canvas[i] != projected[i]
-    if not write.any():
-        return state
-    changed, tokens = mx.array(write)[None], mx.array(projected)[None]
-    return state._replace(argmax=tokens, canvas=mx.where(changed, tokens, state.canvas),
-                          frozen=state.frozen & ~changed, kept=state.kept & ~changed)
+    """A fast step's argmax projected onto ``constraint`` (batch of one row), as ``decoding.hooks.Constrained``
+    projects every step: ranked by this pass's ``raw`` logits at the ``positions`` it computed, else by the kept
+    top-k; every position the projection changes, and every held one whose canvas token differs, is written into
+    the canvas and unfrozen."""
+    argmax = np.asarray(state.argmax[0]).astype(np.int32)
+    projected, write = project_canvas(constraint, offset, argmax, np.asarray(state.canvas[0]),
+                                      logits_row(state, (raw, positions), raw.shape[-1]))
+    return rewrite(state, projected, write)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The canvas loop (same signature and events as loop.denoise_canvas)
+# Fast mode's stepper of the canvas loop
 
 
 @dataclass
 class FastDenoiser:
-    """``loop.denoise_canvas`` in fast mode, for ``loop.generate_tokens(..., denoiser=...)``.
+    """Fast mode's stepper for the canvas loop (``decoding.canvas``): ``loop.generate_tokens(..., denoiser=...)``.
 
     One per generation: it counts the decoder positions it computed and (with ``FastConfig.check``) records
     each committed canvas's exact-argmax agreement. ``compiled``: compile the step (``None``: on GPUs).
@@ -362,84 +294,48 @@ class FastDenoiser:
             self._steps[key] = mx.compile(fn) if compiled else fn
         return self._steps[key]
 
-    def __call__(
-        self,
-        model: Model,
-        cache: DiffusionCache,
-        cfg: SamplerConfig,
-        key: mx.array,
-        canvas_index: int = 0,
-        start: mx.array | None = None,
-        adaptive_stopping: bool = True,
-        step_fn: Any = None,  # the reference's sampler step: not used here
-        history: mx.array | None = None,
-        constraint: Constraint | None = None,
-        offset: int = 0,
-        blind: Proposal | None = None,
-        hold: Proposal | None = None,
-    ) -> Iterator[StepEvent | CommitEvent]:
-        """As ``loop.denoise_canvas`` (``blind`` and ``hold`` too: a held token joins only a live position); with
-        ``constraint`` (its canvas at answer position ``offset``) every step's argmax is projected onto it
-        (``project``: one more host read a step, as in the reference's loop)."""
-        fcfg = self.config
-        B, C, V = cache[0].keys.shape[0], model.args.canvas_length, model.args.vocab_size
-        init_key, key = mx.random.split(key)
-        canvas = (start if start is not None else initial_canvas(init_key, B, C, V)).astype(mx.int32)
+    def start(self, model: Model, cache: DiffusionCache, start: Start) -> Row:
+        """The row before its first pass; a held draft's starting tokens count as accepted with ``freeze_drafts``."""
+        fcfg, (B, C, V) = self.config, start.shape
         k = min(fcfg.topk, V)
         sc = ((mx.zeros((B, C, k)), mx.zeros((B, C, k), dtype=mx.int32)) if fcfg.sparse_sc
               else (mx.zeros((B, C, V)),))
-        kept = mx.zeros((B, C), dtype=mx.bool_)
-        if fcfg.freeze_drafts and hold is not None and start is not None:
-            kept = hold.drafted & (canvas == hold.canvas)  # a held draft's tokens the first pass reads
-        state = FastState(canvas, canvas, mx.zeros((B, C), dtype=mx.bool_), kept,
-                          mx.zeros((B, C)),
-                          history if history is not None else init_history(cfg, B, C),
-                          mx.zeros((B,), dtype=mx.bool_), sc)
-        sizes, step = fcfg.sizes(C), self.step_fn(model, cfg, adaptive_stopping)
-        stores: list | None = None
-        passes = mx.zeros((B,), dtype=mx.int32)
-        active, first = C, True
-        for n in range(cfg.max_denoising_steps, 0, -1):
-            key, step_key = mx.random.split(key)
-            full = not fcfg.sparse or first or (fcfg.refresh and (cfg.max_denoising_steps - n) % fcfg.refresh == 0)
-            size = C if full else next(s for s in sizes if s >= active)
-            if fcfg.sparse:
-                # Live positions first, in canvas order; the bucket's remaining slots are frozen ones.
-                order = mx.argsort(state.frozen.astype(mx.int32) * C + mx.arange(C), axis=-1)
-                positions = order[:, :size].astype(mx.int32)
-            else:
-                positions = mx.broadcast_to(mx.arange(C, dtype=mx.int32), (B, C))
-            tokens = mx.take_along_axis(state.canvas, positions, axis=1)
-            soft = None if first else self._soft(model, state.sc, positions)
-            if fcfg.sparse:
-                raw, stores = forward(model, tokens, cache, soft, positions, stores, C)
-            else:
-                raw, _ = forward(model, tokens, cache, soft)
-            passes = passes + (~state.done).astype(mx.int32)
-            result = step(raw, positions, state, mx.array(n, dtype=mx.int32), step_key)
-            state, live_now = result.state, result.active
-            mx.eval(state, passes, live_now, *(stores or []))
-            if constraint is not None:
-                state = project(state, raw, positions, constraint, offset)  # the one more host read
-                live_now = live(state.frozen, state.done)
-            if blind is not None and first:
-                state = state._replace(canvas=agreeing(state.argmax, state.canvas, blind))
-            if hold is not None:
-                held = agreeing(state.argmax, state.canvas, hold)
-                state = state._replace(canvas=mx.where(state.frozen, state.canvas, held))
-            self.passes += 1
-            self.sizes[size] = self.sizes.get(size, 0) + 1
-            self.positions += size * B  # the pass computes every row, finished ones too
-            yield StepEvent(canvas_index, n, state.argmax, state.done)
-            first = False
-            finished, active = (state.done.all().astype(mx.int32), live_now)
-            finished, active = mx.stack([finished, active]).tolist()  # the one host round-trip per step
-            if adaptive_stopping and finished:
-                break
-        if fcfg.check:
+        row = first_row(start, sc, start.kept if fcfg.freeze_drafts else None)
+        return replace(row, stale=StaleKV(C) if fcfg.sparse else None)
+
+    def step(self, model: Model, cache: DiffusionCache, row: Row, key: mx.array) -> Row:
+        """One pass over the live positions (all of them on a first or refresh pass), then the fast step."""
+        fcfg, s = self.config, row.state
+        positions = self._positions(row)
+        tokens = mx.take_along_axis(s.canvas, positions, axis=1)
+        soft = None if row.first else self._soft(model, s.sc, positions)
+        sparse = dict(positions=positions, stale=row.stale) if fcfg.sparse else {}
+        raw = model.denoise(tokens, cache, soft=soft, capped=False, **sparse)
+        passes = row.passes + (~s.done).astype(mx.int32)
+        step = self.step_fn(model, row.cfg, row.start.adaptive)
+        state = step(raw, positions, s, mx.array(row.step, dtype=mx.int32), key).state
+        size = positions.shape[1]
+        self.passes += 1
+        self.sizes[size] = self.sizes.get(size, 0) + 1
+        self.positions += size * s.canvas.shape[0]  # the pass computes every row, finished ones too
+        return replace(row, state=state, passes=passes, last=(raw, positions))
+
+    def finish(self, model: Model, cache: DiffusionCache, row: Row) -> None:
+        if self.config.check:
             eos = self.eos_ids or _as_list(model.args.eos_token_id)
-            self.exact.extend(exact_agreement(model, cache, state.argmax, eos).tolist())
-        yield CommitEvent(canvas_index, state.argmax, state.done, passes)
+            self.exact.extend(exact_agreement(model, cache, row.state.argmax, eos).tolist())
+
+    def _positions(self, row: Row) -> mx.array:
+        """The canvas positions [B, S] this pass computes: every one, or the live ones first (in canvas order)
+        padded with frozen ones up to the smallest bucket that holds them."""
+        fcfg, frozen, N = self.config, row.state.frozen, row.cfg.max_denoising_steps
+        B, C = frozen.shape
+        refresh = fcfg.refresh and (N - row.step) % fcfg.refresh == 0
+        if not fcfg.sparse:
+            return mx.broadcast_to(mx.arange(C, dtype=mx.int32), (B, C))
+        size = C if row.first or refresh else next(s for s in fcfg.sizes(C) if s >= row.live)
+        order = mx.argsort(frozen.astype(mx.int32) * C + mx.arange(C), axis=-1)
+        return order[:, :size].astype(mx.int32)
 
     @staticmethod
     def _soft(model: Model, sc: tuple[mx.array, ...], positions: mx.array) -> mx.array:
@@ -467,7 +363,7 @@ def exact_agreement(model: Model, cache: DiffusionCache, tokens: mx.array, eos_i
     rest become pad). 1.0: the kept canvas is a fixed point of the exact model.
     """
     tokens = tokens.astype(mx.int32)
-    raw, _ = forward(model, tokens, cache, model.model.decoder.embed(tokens))
+    raw = model.denoise(tokens, cache, soft=model.model.decoder.embed(tokens), capped=False)
     same = (mx.argmax(raw, axis=-1) == tokens).astype(mx.float32)
     hit = is_one_of(tokens, eos_ids).astype(mx.int32)
     kept = ((mx.cumsum(hit, axis=-1) - hit) == 0).astype(mx.float32)

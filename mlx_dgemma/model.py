@@ -19,7 +19,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from . import vision as V
-from .cache import DiffusionCache, FullKVCache, WindowKVCache
+from .cache import DiffusionCache, FullKVCache, StaleKV, WindowKVCache
 from .config import ModelArgs
 
 
@@ -141,9 +141,14 @@ def _switch(layer: nn.Module, x: mx.array, idx: mx.array, sorted_indices: bool) 
     return layer(x, idx, sorted_indices=sorted_indices)
 
 
+def softcap(logits: mx.array, cap: float) -> mx.array:
+    """The final soft-cap ``tanh(x / cap) * cap`` (monotonic: the top-k of capped logits is the capped top-k)."""
+    return mx.tanh(logits / cap) * cap
+
+
 def rope_at(rope: nn.Module, x: mx.array, offset: int | mx.array) -> mx.array:
     """RoPE on ``x`` [B, H, L, D] from position ``offset``, or at each token's own position when ``offset`` is an
-    int32 [B, L] array (fast decoding runs the decoder on scattered canvas positions: ``fast.CanvasKV``)."""
+    int32 [B, L] array (fast decoding runs the decoder on scattered canvas positions: ``cache.CanvasKV``)."""
     if not isinstance(offset, mx.array) or offset.ndim < 2:
         return rope(x, offset=offset)
     B, H, L, D = x.shape
@@ -390,25 +395,39 @@ class Model(nn.Module):
         return decoder.norm(h)
 
     def denoise(
-        self, canvas: mx.array, cache: DiffusionCache, self_conditioning_logits: mx.array | None = None
+        self,
+        canvas: mx.array,
+        cache: DiffusionCache,
+        self_conditioning_logits: mx.array | None = None,
+        *,
+        soft: mx.array | None = None,
+        positions: mx.array | None = None,
+        stale: StaleKV | None = None,
+        capped: bool = True,
     ) -> mx.array:
-        """Logits [B, C, V] (float32, soft-capped) for ``canvas`` [B, C], attending to the cache and the canvas.
+        """Logits [B, S, V] (float32, soft-capped) for ``canvas`` [B, S], attending to the cache and the canvas.
 
-        ``self_conditioning_logits`` are the previous step's processed logits (``None`` on the first step).
-        The cache is read, never written.
+        ``self_conditioning_logits`` are the previous step's processed logits (``None`` on the first step); or
+        pass their soft embedding [B, S, H] as ``soft`` (fast mode builds it from the top-k). The cache is read,
+        never written. ``capped=False``: the raw float32 logits, before the soft-cap.
+
+        Fast mode's sparse pass: ``canvas`` holds only the tokens at canvas ``positions`` [B, S]; the other
+        positions of the ``stale.canvas``-long canvas are seen through ``stale`` (their keys/values from the last
+        pass that computed them), and this pass's are written into it.
         """
         decoder = self.model.decoder
-        B, C = canvas.shape
-        h = decoder.embed(canvas)
-        soft = None
+        B = canvas.shape[0]
+        C = canvas.shape[1] if positions is None else stale.canvas
         if self_conditioning_logits is not None:
             soft = decoder.soft_embed(mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1))
-        h = decoder.self_conditioning(h, soft)
+        h = decoder.self_conditioning(decoder.embed(canvas), soft)
         masks = {kind: self._decoder_mask(cache, kind, B, C) for kind in ("sliding", "full")}
-        for layer, c in zip(decoder.layers, cache):
+        layer_caches = cache if positions is None else stale.views(cache, positions)
+        for layer, c in zip(decoder.layers, layer_caches):
             mask_l = masks["sliding" if layer.self_attn.is_sliding else "full"]
             h = layer(h, c, mask_l, write=False, layer_scalar=layer.layer_scalar)
-        return self.logits(decoder.norm(h))
+        raw = decoder.embed_tokens.as_linear(decoder.norm(h)).astype(mx.float32)
+        return softcap(raw, self.args.final_logit_softcapping) if capped else raw
 
     def get_image_features(self, pixel_values: mx.array, image_position_ids: mx.array) -> mx.array:
         """Soft tokens of the images, projected into the text model's width: [sum of soft tokens, hidden]."""
@@ -426,9 +445,8 @@ class Model(nn.Module):
 
     def logits(self, h: mx.array) -> mx.array:
         """Tied LM head in float32, soft-capped as the reference does."""
-        cap = self.args.final_logit_softcapping
-        logits = self.model.decoder.embed_tokens.as_linear(h).astype(mx.float32)
-        return mx.tanh(logits / cap) * cap
+        return softcap(self.model.decoder.embed_tokens.as_linear(h).astype(mx.float32),
+                       self.args.final_logit_softcapping)
 
     # -- masks -------------------------------------------------------------------------------------------
 

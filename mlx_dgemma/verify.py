@@ -1,7 +1,7 @@
 """Verifying drafted canvases with the target's own sampler: the settings, the seeded start, the session.
 
 A proposer (``mlx_dgemma.drafter``: the trained drafter, prompt lookup) guesses a whole canvas. The target then
-denoises from that guess instead of from uniform noise (``loop.denoise_drafted``):
+denoises from that guess instead of from uniform noise (the canvas loop's hooks: ``decoding.hooks``):
 
 1. A fraction ``renoise`` of the drafted positions is replaced by uniform noise, so the target must predict
    those itself rather than copy its input.

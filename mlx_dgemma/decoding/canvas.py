@@ -1,0 +1,187 @@
+"""The one canvas loop: a *stepper* runs each denoising step, *hooks* do the rest.
+
+A canvas is denoised by ``run_canvas``, whatever the decoding variant:
+
+* the stepper (``Stepper``) makes a ``Row`` from a ``Start`` and runs one step: a decoder pass and a sampler
+  step. ``steppers.ReferenceStepper`` is the reference's (``Model.denoise`` + ``sampler.denoise_step``);
+  ``fast.FastDenoiser`` is fast mode's (a sparse pass + the top-k step).
+* hooks (``Hook``, ``hooks.py``) shape how the canvas starts (``begin``: a drafted start, infill's fixed tokens)
+  and act after each step (``after_step``: blind verification, held drafts, grammar/infill projection, the
+  drafter's guard, which may hand the loop a fresh ``Start`` to restart from).
+
+Every variant shares one state, ``CanvasState``. The loop's state is per ``Row``: its step, sampler settings,
+random key, live positions and hooks, so that rows at different steps with different settings can later share a
+decoder pass (a ``Row`` holds the B rows of one request, denoised in lockstep).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple, Protocol
+
+import mlx.core as mx
+
+from ..cache import DiffusionCache, StaleKV
+from ..sampler import SamplerConfig, init_history, initial_canvas
+
+
+@dataclass
+class StepEvent:
+    """After each denoising step: the current argmax canvas (the draft a viewer shows)."""
+
+    canvas_index: int
+    step: int  # remaining steps, N..1, as the reference counts them
+    argmax: mx.array  # int32 [B, C]
+    done: mx.array  # bool [B]: rows whose canvas stopped denoising
+
+
+@dataclass
+class CommitEvent:
+    """A committed canvas: tokens after the first EOS are pad; ``finished`` rows have met an EOS."""
+
+    canvas_index: int
+    tokens: mx.array  # int32 [B, C]
+    finished: mx.array  # bool [B]
+    decoder_passes: mx.array  # int32 [B]: passes this canvas cost each row
+    argmax: mx.array | None = None  # int32 [B, C]: the raw committed argmax, before EOS/pad finalization
+    drafted: bool = False  # denoising started from a proposal (see verify.py)
+    restarted: bool = False  # ... which the target rejected: it started over from noise
+
+
+class CanvasState(NamedTuple):
+    """A canvas being denoised; every array spans the whole canvas [B, C]. Pure arrays (``mx.compile``-able)."""
+
+    canvas: mx.array  # int32: the decoder's input tokens
+    argmax: mx.array  # int32: what would be committed now
+    frozen: mx.array  # bool: fast mode's positions that stopped changing (never set by the reference stepper)
+    kept: mx.array  # bool: the input token is one the sampler accepted (or a held draft's: freeze_drafts)
+    entropy: mx.array  # float32: each position's last entropy (fast mode)
+    history: mx.array  # int32 [S, B, C]: argmax history of the stopping test
+    done: mx.array  # bool [B]
+    sc: tuple[mx.array, ...]  # self-conditioning input: () on a first step, (processed logits [B, C, V],), or
+    # fast mode's (top-k values, top-k ids) [B, C, k]
+
+
+@dataclass
+class Start:
+    """How a canvas starts: what ``Stepper.start`` makes a ``Row`` of. Hooks' ``begin`` may change it."""
+
+    index: int  # the canvas's index in the answer
+    cfg: SamplerConfig
+    key: mx.array  # the canvas's randomness: the starting noise, then one key a step
+    shape: tuple[int, int, int]  # batch, canvas length, vocabulary
+    canvas: mx.array | None = None  # None: uniform noise from ``key``
+    history: mx.array | None = None  # None: the empty history of the stability test
+    kept: mx.array | None = None  # bool [B, C]: starting tokens that count as accepted (held drafted tokens)
+    hooks: tuple[Hook, ...] = ()
+    adaptive: bool = True  # stop when the sampler's stopping test says so
+    passes: mx.array | None = None  # int32 [B]: passes already spent on this canvas (a rejected draft's)
+    drafted: bool = False
+    restarted: bool = False
+
+
+@dataclass
+class Row:
+    """The loop's state for one canvas: the step to run next, its settings, key, live positions and hooks."""
+
+    start: Start
+    key: mx.array
+    state: CanvasState
+    step: int  # remaining steps N..1 of the next pass, as the reference counts them
+    passes: mx.array  # int32 [B]: decoder passes spent on this canvas
+    live: int  # the most positions any unfinished row still denoises (fast mode picks its next pass size by it)
+    stale: StaleKV | None = None  # fast mode's canvas keys/values of the last pass
+    last: tuple[mx.array, mx.array] | None = None  # the last pass's raw logits [B, S, V] and canvas positions
+    restart: Start | None = None  # set by a hook: the loop starts this canvas over from it after the step
+
+    @property
+    def cfg(self) -> SamplerConfig:
+        return self.start.cfg
+
+    @property
+    def hooks(self) -> tuple[Hook, ...]:
+        return self.start.hooks
+
+    @property
+    def first(self) -> bool:
+        """Whether the step about to run (or just run) is this canvas's first."""
+        return self.step == self.cfg.max_denoising_steps
+
+
+class Stepper(Protocol):
+    """One denoising step of a decoding variant."""
+
+    def start(self, model: Any, cache: DiffusionCache, start: Start) -> Row: ...
+
+    def step(self, model: Any, cache: DiffusionCache, row: Row, key: mx.array) -> Row: ...
+
+    def finish(self, model: Any, cache: DiffusionCache, row: Row) -> None: ...
+
+
+class Hook:
+    """What a decoding feature does around the stepper; the defaults do nothing. ``persists``: the hook stays
+    when the canvas restarts from noise (a constraint does; a draft's hooks do not)."""
+
+    persists = False
+
+    def begin(self, start: Start) -> Start:
+        return start
+
+    def after_step(self, row: Row) -> Row:
+        return row
+
+
+def attach(start: Start, *hooks: Hook) -> Start:
+    """``start`` with ``hooks`` appended, each one's ``begin`` applied in order."""
+    for hook in hooks:
+        start = hook.begin(replace(start, hooks=(*start.hooks, hook)))
+    return start
+
+
+def first_row(start: Start, sc: tuple[mx.array, ...], kept: mx.array | None) -> Row:
+    """The row before its first step: ``start.canvas`` (or noise), the history, self-conditioning input ``sc``."""
+    init_key, key = mx.random.split(start.key)
+    B, C, V = start.shape
+    canvas = (start.canvas if start.canvas is not None else initial_canvas(init_key, B, C, V)).astype(mx.int32)
+    history = start.history if start.history is not None else init_history(start.cfg, B, C)
+    no = mx.zeros((B, C), dtype=mx.bool_)
+    state = CanvasState(canvas, canvas, no, no if kept is None else kept, mx.zeros((B, C)), history,
+                        mx.zeros((B,), dtype=mx.bool_), sc)
+    passes = start.passes if start.passes is not None else mx.zeros((B,), dtype=mx.int32)
+    return Row(start, key, state, start.cfg.max_denoising_steps, passes, C)
+
+
+def live(frozen: mx.array, done: mx.array) -> mx.array:
+    """The most positions any unfinished row still has to denoise (int32 scalar): the next pass's size."""
+    return mx.max(mx.sum((~frozen & ~done[:, None]).astype(mx.int32), axis=-1))
+
+
+def run_canvas(model: Any, cache: DiffusionCache, stepper: Stepper, start: Start
+               ) -> Iterator[StepEvent | CommitEvent]:
+    """Denoise one canvas against ``cache``: a ``StepEvent`` per step, then the raw argmax as a ``CommitEvent``.
+
+    Each step: the stepper's pass and sampler step, then every hook in order; one host read a step (all done?
+    how many positions live?). A hook that sets ``Row.restart`` has the canvas start over from that ``Start``
+    after the step's event (the drafter's guard).
+    """
+    row = stepper.start(model, cache, start)
+    while row.step > 0:
+        key, step_key = mx.random.split(row.key)
+        row = stepper.step(model, cache, replace(row, key=key), step_key)
+        for hook in row.hooks:
+            row = hook.after_step(row)
+        mx.eval(row.state, row.passes, row.stale.arrays() if row.stale else [])
+        yield StepEvent(row.start.index, row.step, row.state.argmax, row.state.done)
+        finished, active = mx.stack([row.state.done.all().astype(mx.int32), live(row.state.frozen, row.state.done)]
+                                    ).tolist()  # the one host round-trip per step
+        if row.restart is not None:
+            row = stepper.start(model, cache, row.restart)
+            continue
+        if row.start.adaptive and finished:
+            break
+        row = replace(row, step=row.step - 1, live=active)
+    stepper.finish(model, cache, row)
+    s = row.start
+    yield CommitEvent(s.index, row.state.argmax, row.state.done, row.passes, drafted=s.drafted,
+                      restarted=s.restarted)
