@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     target = output_path(args)
     if args.adapter_path is None:
         return _convert(args, args.hf_path, target)
-    with fused_source(args.hf_path, args.adapter_path, target.expanduser().absolute().parent) as fused:
+    with fused_source(args.hf_path, args.adapter_path, target.expanduser().absolute()) as fused:
         return _convert(args, str(fused), target, f"\nFine-tuned: the adapters in `{args.adapter_path}` are fused in.\n")
 
 

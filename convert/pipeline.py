@@ -16,7 +16,7 @@ from .folder import copy_sidecars, drafter_files, sidecar_files, write_config, w
 from .plan import Plan, build_plan, dtype_name
 from .progress import Progress, human_bytes
 from .recipes import Recipe
-from .staging import StagedFolder, check_locations, check_target
+from .staging import StagedFolder, check_locations, check_target, recover
 from .stream import write_weights
 
 DEFAULT_SHARD_SIZE = 5 << 30  # 5 GiB, as mlx-lm and mlx-vlm shard
@@ -72,6 +72,7 @@ def convert(
     target = Path(mlx_path).expanduser().absolute()
     source = resolve(hf_path)
     check_locations(source, target)
+    recover(target)  # first: a previous model that a killed --force run had moved aside goes back in place
     check_target(target, force)
     plan = build_plan(source, dtype, recipe, drop_vision, shard_size)
     copied = sidecar_files(source) + drafter_files(source)

@@ -135,13 +135,11 @@ def seed(value: str) -> int:
 
 
 def read_stdin() -> str:
-    """Standard input as UTF-8 text; other bytes are a ``DGemmaError`` (one line), not a traceback."""
-    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DGemmaError(f"standard input is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}): "
-                          "convert it first, e.g. with iconv -t UTF-8") from None
+    """Standard input as UTF-8 text, at most ``bounded.MAX_INPUT_BYTES`` of it; other bytes or more of them are a
+    ``DGemmaError`` (one line), not a traceback or a process that grows with its input."""
+    from .bounded import read_stdin as read_bounded
+
+    return read_bounded()
 
 
 def run_cli(body: Callable[[], int], interrupted: str = "[interrupted]") -> int:

@@ -18,7 +18,6 @@ Files: ``adapters.safetensors`` (the trained tensors) and ``adapter_config.json`
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,10 +158,13 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     if not file.is_file() or not (folder / ADAPTER_FILE).is_file():
         raise AdapterError(f"no adapters in {folder}: it needs {CONFIG_FILE} and {ADAPTER_FILE} (written by "
                          "mlx_dgemma.train --out)")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{file} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    from .bounded import parse_json, read_text
+
+    config = parse_json(read_text(file, what="adapter config", error=AdapterError), str(file), AdapterError,
+                        "fix it or train the adapters again")
+    if not isinstance(config, dict):
+        raise AdapterError(f"{file} holds a JSON {type(config).__name__}, not an object: train the adapters again")
+    return config
 
 
 def load_adapters(model: Model, path: str | Path) -> Model:

@@ -44,7 +44,7 @@ class ModelArgs:
     tie_word_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        if not self.layer_types:
+        if not self.layer_types and _sane(self.num_hidden_layers, "num_hidden_layers"):  # else check() reports it
             # The released pattern: five sliding layers, then one full layer.
             self.layer_types = [
                 "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
@@ -114,6 +114,8 @@ class ModelArgs:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise bad(name, value, "a positive integer")
+            if value > MAX_SIZES[name]:
+                raise bad(name, value, f"at most {MAX_SIZES[name]} (no model is that large; a typo?)")
         for name in ("rms_norm_eps", "final_logit_softcapping"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
@@ -136,12 +138,38 @@ class ModelArgs:
                 raise bad(name, value, f"a token id below vocab_size ({self.vocab_size})")
 
 
-# Sizes and counts that must be positive integers.
-_POSITIVE_INTS = (
-    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "num_global_key_value_heads", "head_dim", "global_head_dim",
-    "num_experts", "top_k_experts", "sliding_window", "max_position_embeddings", "canvas_length",
-)
+# Sizes and counts that must be positive integers, and the most each may be: far above any real model (the
+# released 26B-A4B has vocab 262144, hidden 2816, 30 layers, 128 experts, 262144 positions), low enough that an
+# absurd value (a typo, a hostile file) is refused before anything is allocated for it.
+MAX_SIZES = {
+    "vocab_size": 1 << 24, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "moe_intermediate_size": 1 << 18,
+    "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
+    "num_global_key_value_heads": 1024, "head_dim": 1 << 13, "global_head_dim": 1 << 13, "num_experts": 1 << 13,
+    "top_k_experts": 1 << 13, "sliding_window": 1 << 24, "max_position_embeddings": 1 << 24,
+    "canvas_length": 1 << 16,
+}
+_POSITIVE_INTS = tuple(MAX_SIZES)
+
+# The vision tower's (``vision_config``) sizes, bounded the same way (the released tower: hidden 768, 16 layers).
+MAX_VISION_SIZES = {
+    "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+    "num_key_value_heads": 1024, "head_dim": 1 << 13, "pooling_kernel_size": 64, "patch_size": 1024,
+    "position_embedding_size": 1 << 20,
+}
+
+
+def _sane(value: Any, name: str) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIZES[name]
+
+
+def check_vision(vision: Any, source: str = "config.json") -> None:
+    """Raise one line naming the first size of ``vision_config`` (a ``VisionArgs``) that is not a positive
+    integer within ``MAX_VISION_SIZES``, before the tower is built."""
+    for name, most in MAX_VISION_SIZES.items():
+        value = getattr(vision, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= most:
+            raise CheckpointError(f"{source}: vision_config.{name} is {value!r}, but it must be a positive integer "
+                                  f"of at most {most}: fix the value or re-download the checkpoint's config.json")
 
 
 def _full_layer_shape(text: dict[str, Any]) -> dict[str, int]:

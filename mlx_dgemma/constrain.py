@@ -28,17 +28,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from .errors import DGemmaError
+from .grammar_bounds import format_count, max_token_bytes, shortest_json, shortest_lark
 from .sampler import StepOutput, initial_canvas
 
 # json.dumps's default spacing: what models (the demo model included) were trained to write.
@@ -47,7 +49,28 @@ HOLE = re.compile(r"\{\{(\d*)\}\}")
 
 
 class ConstraintError(DGemmaError, ValueError):
-    """A bad schema, grammar or infill template; the message is one line naming the problem and the fix."""
+    """A bad schema, grammar or infill template; the message is one line naming the problem and the fix.
+
+    ``where``: for a schema error, the path of the offending keyword inside the schema (``properties.a.pattern``).
+    """
+
+    def __init__(self, message: str, where: str = ""):
+        super().__init__(message)
+        self.where = where
+
+
+class GrammarBusy(ConstraintError):
+    """Every grammar-compiling slot is taken (``COMPILE_SLOTS``): the server answers 429, try again shortly."""
+
+
+# Bounds on compiling a user's grammar, so that a hostile one costs a bounded amount of CPU and memory: its size,
+# llguidance's own limits (``LLParserLimits``), the compiling time (a checked compile waits at most
+# ``COMPILE_TIMEOUT_S``; the engine cannot be interrupted, so it finishes in the background, holding its slot)
+# and how many compile at once (``COMPILE_SLOTS``; more is a ``GrammarBusy``).
+MAX_GRAMMAR_BYTES = 256 * 1024
+COMPILE_TIMEOUT_S = 20.0
+COMPILE_SLOTS = 2
+NEED_LIMIT = 4096  # the most tokens the shortest-answer search walks (each step is bounded by the engine's fuel)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -68,7 +91,7 @@ def grammar_of(response_format: dict[str, Any] | None = None, json_schema: Any =
     if json_schema is not None and response_format is not None:
         raise ConstraintError("give either json_schema or response_format, not both")
     if json_schema is not None:
-        return llg.LLMatcher.grammar_from_json_schema(_schema_dict(json_schema), defaults=JSON_OPTIONS)
+        return llg.LLMatcher.grammar_from_json_schema(_checked_schema(json_schema), defaults=JSON_OPTIONS)
     if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
         raise ConstraintError('response_format must be an object with a "type" (text, json_object, json_schema, '
                               f"regex or lark), got {response_format!r}")
@@ -81,11 +104,12 @@ def grammar_of(response_format: dict[str, Any] | None = None, json_schema: Any =
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or "schema" not in spec:
             raise ConstraintError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
-        return llg.LLMatcher.grammar_from_json_schema(_schema_dict(spec["schema"]), defaults=JSON_OPTIONS)
+        return llg.LLMatcher.grammar_from_json_schema(_checked_schema(spec["schema"]), defaults=JSON_OPTIONS)
     if kind in ("regex", "lark"):
         text = response_format.get(kind)
         if not isinstance(text, str) or not text:
             raise ConstraintError(f'response_format {kind} needs a non-empty string field "{kind}"')
+        _check_size(len(text.encode("utf-8")), f"the {kind} grammar" if kind == "lark" else "the regex")
         return llg.LLMatcher.grammar_from_regex(text) if kind == "regex" else llg.LLMatcher.grammar_from_lark(text)
     raise ConstraintError(f"response_format type {kind!r} is not supported: use text, json_object, json_schema, "
                           "regex or lark")
@@ -93,21 +117,101 @@ def grammar_of(response_format: dict[str, Any] | None = None, json_schema: Any =
 
 def _schema_dict(schema: Any) -> dict[str, Any]:
     if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as e:
-            raise ConstraintError(f"the JSON schema is not valid JSON ({e}): fix the schema text") from None
+        from .bounded import parse_json
+
+        schema = parse_json(schema, "the JSON schema", ConstraintError, "fix the schema text")
     if not isinstance(schema, dict):
         raise ConstraintError(f"a JSON schema must be a JSON object (got {type(schema).__name__})")
     return schema
 
 
+def _check_size(size: int, what: str) -> None:
+    if size > MAX_GRAMMAR_BYTES:
+        raise ConstraintError(f"{what} is {size} bytes, more than the {MAX_GRAMMAR_BYTES} bytes a grammar may take: "
+                              "shorten it")
+
+
+def _checked_schema(schema: Any) -> dict[str, Any]:
+    """The schema as a dict, size-capped and checked against its metaschema (:func:`check_json_schema`)."""
+    schema = _schema_dict(schema)
+    _check_size(len(json.dumps(schema)), "the JSON schema")
+    check_json_schema(schema)
+    return schema
+
+
+def check_json_schema(schema: Any, what: str = "the JSON schema") -> None:
+    """Check ``schema`` against its metaschema (the ``$schema`` it names, else Draft 2020-12): a keyword of the
+    wrong JSON type (``"pattern": 5``, ``"minItems": "2"``, ``"enum": 5``, ``"properties": []``,
+    ``"required": 3``) raises :class:`ConstraintError` whose ``where`` is the keyword's path in the schema."""
+    import jsonschema
+
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise ConstraintError(f"{what} must be a JSON object (got {type(schema).__name__})")
+    drafts = [jsonschema.Draft202012Validator, jsonschema.Draft7Validator, jsonschema.Draft4Validator]
+    if "$schema" in schema:
+        with warnings.catch_warnings():  # an unknown $schema: the default draft, without a warning
+            warnings.simplefilter("ignore")
+            drafts = [jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)]
+    error = None
+    for cls in drafts:  # without $schema: valid under any of them will do (tools written for older drafts)
+        try:
+            found = jsonschema.exceptions.best_match(cls(cls.META_SCHEMA).iter_errors(schema))
+        except RecursionError:
+            raise ConstraintError(f"{what} is nested too deeply: flatten it") from None
+        if found is None:
+            return
+        error = error or found
+    where = ".".join(str(p) for p in error.absolute_path)
+    reason = " ".join(error.message.split())
+    if len(reason) > 160:
+        reason = reason[:157] + "..."
+    at = f" at {where}" if where else ""
+    raise ConstraintError(f"invalid or unsupported JSON schema{at}: {reason}; fix that keyword", where)
+
+
+def _schema_of(response_format: dict[str, Any] | None, json_schema: Any) -> dict[str, Any] | None:
+    if json_schema is not None:
+        return _schema_dict(json_schema)
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        return _schema_dict(response_format["json_schema"]["schema"])
+    return None
+
+
+def check_shortest(llt: Any, response_format: dict[str, Any] | None, json_schema: Any, max_tokens: int) -> None:
+    """Refuse a schema that accepts nothing, or whose shortest answer cannot fit in ``max_tokens``, before
+    compiling it (the bound is exact for lengths the schema forces: ``minLength``, ``minItems``, ...)."""
+    schema = _schema_of(response_format, json_schema)
+    found, what = (shortest_json(schema) if schema is not None else None), "schema"
+    if schema is None and isinstance(response_format, dict) and response_format.get("type") == "lark":
+        found, what = shortest_lark(response_format["lark"], max_token_bytes(llt)), "grammar"
+        if found is not None and found[0] == math.inf:
+            rule = next((n for n in found[1] if n != "start"), "start")
+            raise ConstraintError(f"the grammar matches nothing: rule {rule!r} can never end (every "
+                                  "alternative refers back to it); give it an alternative without itself")
+    if found is None:
+        return
+    size, endless = found
+    if size == math.inf:
+        if endless:
+            raise ConstraintError(f"the schema's $ref cycle can never end: every answer would nest {endless[0]!r} "
+                                  "in itself forever; make the recursion optional (not required, or minItems 0)")
+        raise ConstraintError("the schema accepts no value at all (false, an empty enum, or a required property "
+                              "that is false): fix the schema")
+    tokens = math.ceil(size / max_token_bytes(llt))
+    if tokens > max_tokens:
+        fix = "lower minLength/minItems/minProperties" if what == "schema" else "shorten the grammar's answers"
+        raise ConstraintError(f"max_tokens={max_tokens} is too small: the shortest answer this {what} allows is "
+                              f"{format_count(size)} bytes, at least {format_count(tokens)} tokens; raise max_tokens or {fix}")
+
+
 def read_schema(path: str) -> dict[str, Any]:
-    """A JSON schema file, as a dict; one-line errors for a missing file or bad JSON."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConstraintError(f"cannot read the JSON schema file {path}: {e.strerror}") from None
+    """A JSON schema file, as a dict; one-line errors for a missing file, one that is not a regular file (a FIFO,
+    ``/dev/zero``), one over ``bounded.MAX_INPUT_BYTES``, text that is not UTF-8, and bad or too deeply nested JSON."""
+    from .bounded import read_text
+
+    text = read_text(path, what="JSON schema file", error=ConstraintError)
     try:
         return _schema_dict(text)
     except ConstraintError as e:
@@ -133,14 +237,35 @@ def ll_tokenizer(tokenizer: Any, eos_ids: Sequence[int], vocab_size: int) -> Any
 
 
 def matcher(llt: Any, grammar: str) -> Any:
-    """A fresh ``LLMatcher``; raise :class:`ConstraintError` with llguidance's message for a bad grammar."""
+    """A fresh ``LLMatcher`` under ``LLParserLimits`` (without llguidance's verbose state dumps); raise
+    :class:`ConstraintError` with the engine's reason, as one line, for a bad grammar, or one that fails at its
+    first step (a ``$ref`` that only refers to itself gets that far)."""
     import llguidance as llg
 
-    m = llg.LLMatcher(llt, grammar, log_level=0)
+    m = llg.LLMatcher(llt, grammar, log_level=0, limits=llg.LLParserLimits(verbose_errors=False))
+    if not m.is_error():
+        first = m.deep_copy()
+        first.compute_bitmask()
+        if first.is_error():
+            m = first
     if m.is_error():
-        reason = " ".join(m.get_error().split())
-        raise ConstraintError(f"invalid or unsupported grammar/schema: {reason}")
+        raise ConstraintError(f"invalid or unsupported grammar/schema: {engine_reason(m.get_error())}")
     return m
+
+
+def engine_reason(text: str) -> str:
+    """llguidance's error text as one short line: no source excerpt, state dump, panic text or backtrace."""
+    text = str(text).split("<state>")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines or any("panicked" in line or "backtrace" in line.lower() for line in lines):
+        return "the grammar engine cannot compile it (too large or too complex): simplify it"
+    first = lines[0]
+    if first.split()[0] in ("NoExtensionBias", "NoExtension", "LexerTooComplex", "ParserTooComplex"):
+        return f"the grammar admits no answer here ({first.split()[0]}): check for a rule or $ref that never ends"
+    detail = next((line for line in lines[1:] if line.startswith("error:")), "")
+    reason = f"{first.rstrip(':')}: {detail.removeprefix('error:').strip()}" if detail else first
+    reason = re.sub(r'"([^"]{40})[^"]+"', r'"\1..."', reason)  # the user's own long text, quoted back
+    return reason if len(reason) <= 240 else reason[:237] + "..."
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,7 +311,7 @@ class GrammarConstraint(Constraint):
         self.order = np.argsort(self.cost, kind="stable")  # cheapest closing tokens first
         self.finite = int(np.isfinite(self.cost).sum())
         self.klass = (np.nan_to_num(self.cost, posinf=-2000) // 1000).astype(np.int32)  # first-byte rank
-        self.min_length = self.need(self.matcher, max(4 * max_tokens, 256))
+        self.min_length = self.need(self.matcher, min(max(4 * max_tokens, 256), NEED_LIMIT))
         # Positions this close to max_tokens check that the answer can still be closed in time.
         self.tail = canvas_length + (self.min_length or 0)
 
@@ -370,18 +495,29 @@ class InfillConstraint(Constraint):
         return out
 
 
-def parse_infill(template: str, tokenizer: Any) -> list[tuple[list[int] | None, int]]:
-    """Split ``"text {{N}} text ..."`` into fixed token runs and holes of ``N`` tokens."""
+def parse_infill(template: str, tokenizer: Any, limit: int | None = None) -> list[tuple[list[int] | None, int]]:
+    """Split ``"text {{N}} text ..."`` into fixed token runs and holes of ``N`` tokens.
+
+    With ``limit`` (``max_tokens``, itself within the context window), holes that add up to more tokens are
+    refused before anything is allocated for them."""
     if not isinstance(template, str) or not template:
         raise ConstraintError("infill must be a non-empty template string with holes like {{8}}")
     segments: list[tuple[list[int] | None, int]] = []
-    pos = 0
+    pos = total = 0
     for m in HOLE.finditer(template):
-        if not m.group(1) or int(m.group(1)) < 1:
+        digits = m.group(1).lstrip("0")
+        if not digits:
             raise ConstraintError(f"infill hole {m.group(0)!r} needs a size in tokens, e.g. {{{{8}}}}")
+        # Compared as text first: int() of thousands of digits is itself an error (and slow).
+        if limit is not None and (len(digits) > len(str(limit)) or total + int(digits) > limit):
+            size = digits if len(digits) <= 24 else f"{digits[:8]}... ({len(digits)} digits)"
+            raise ConstraintError(f"infill hole {{{{{size}}}}} takes the holes to more tokens than max_tokens "
+                                  f"({limit}) allows: shrink the holes or raise max_tokens (up to the model's "
+                                  "context window)")
         if m.start() > pos:
             segments.append((list(tokenizer.encode(template[pos : m.start()], add_special_tokens=False)), 0))
-        segments.append((None, int(m.group(1))))
+        total += int(digits)
+        segments.append((None, int(digits)))
         pos = m.end()
     if not any(fixed is None for fixed, _ in segments):
         raise ConstraintError("the infill template has no holes: mark each one with its size, e.g. {{8}}")
@@ -400,8 +536,12 @@ def make_constraint(
     response_format: dict[str, Any] | None = None,
     json_schema: Any = None,
     infill: str | None = None,
+    bounded: bool = False,
 ) -> Constraint | None:
-    """The constraint for these options, checked against ``max_tokens``; ``None`` when unconstrained."""
+    """The constraint for these options, checked against ``max_tokens``; ``None`` when unconstrained.
+
+    ``bounded``: a grammar not compiled yet compiles in one of ``COMPILE_SLOTS`` (else :class:`GrammarBusy`) and
+    is refused after ``COMPILE_TIMEOUT_S`` (the server checks a request's format so, off its worker)."""
     grammar = grammar_of(response_format, json_schema)
     if infill is not None and grammar is not None:
         raise ConstraintError("infill and a response format cannot be combined: write the structure into the "
@@ -410,15 +550,19 @@ def make_constraint(
     if infill is not None:
         llt = ll_tokenizer(tokenizer, eos_ids, vocab_size)
         special = np.array([llt.is_special_token(t) for t in range(vocab_size)], dtype=bool)
-        c = InfillConstraint(parse_infill(infill, tokenizer), eos_ids, pad_id, special)
+        c = InfillConstraint(parse_infill(infill, tokenizer, max_tokens), eos_ids, pad_id, special)
         if c.length > max_tokens:
             raise ConstraintError(f"the infill template takes {c.length} tokens with its holes, but max_tokens is "
                                   f"{max_tokens}: raise max_tokens or shrink the holes")
         return c
     if grammar is None:
         return None
+    _check_size(len(grammar.encode("utf-8")), "the compiled grammar")
     llt = ll_tokenizer(tokenizer, eos_ids, vocab_size)
-    c = _compiled(llt, grammar, eos_ids, pad_id, vocab_size, max_tokens, canvas_length)
+    # Before compiling: the engine compiles a $ref cycle or an endless rule without a word (and may even stop
+    # its matcher early, as if an answer were complete), and the greedy search below proves nothing.
+    check_shortest(llt, response_format, json_schema, max_tokens)
+    c = _compiled(llt, grammar, eos_ids, pad_id, vocab_size, max_tokens, canvas_length, bounded)
     short = c.min_length
     if short is not None and short > max_tokens:  # unknown (None) is not an error: the search is greedy
         raise ConstraintError(f"max_tokens={max_tokens} is too small: the shortest answer this schema/grammar allows "
@@ -432,7 +576,7 @@ _COMPILED_LOCK = threading.Lock()  # the server's request thread checks a format
 
 
 def _compiled(llt: Any, grammar: str, eos_ids: list[int], pad_id: int, vocab: int, max_tokens: int,
-              canvas_length: int) -> GrammarConstraint:
+              canvas_length: int, bounded: bool = False) -> GrammarConstraint:
     """A fresh constraint for ``grammar``: compiled (and its shortest answer searched) once, then copied. The
     server compiles a request's format to refuse a bad one before queueing it, and generation builds it again;
     agents send the same schema with every request. The last ``_COMPILED_MAX`` grammars are kept."""
@@ -442,12 +586,64 @@ def _compiled(llt: Any, grammar: str, eos_ids: list[int], pad_id: int, vocab: in
         if compiled is not None:
             _COMPILED.move_to_end(key)
     if compiled is None:  # compiled outside the lock: a slow grammar does not hold up another request's
-        compiled = GrammarConstraint(llt, grammar, eos_ids, pad_id, vocab, max_tokens, canvas_length)
+        build = (GrammarConstraint, llt, grammar, eos_ids, pad_id, vocab, max_tokens, canvas_length)
+        compiled = _build(build, bounded)
         with _COMPILED_LOCK:
             _COMPILED[key] = compiled
             if len(_COMPILED) > _COMPILED_MAX:
                 _COMPILED.popitem(last=False)
     return compiled.fresh()
+
+
+_SLOTS = threading.BoundedSemaphore(COMPILE_SLOTS)
+# llguidance recurses on a grammar's rule chains: a few thousand chained rules overflow an 8 MiB thread stack and
+# kill the process (SIGSEGV). Compiles run on a thread with this much stack (reserved, not committed): enough for
+# the longest chain MAX_GRAMMAR_BYTES can spell.
+COMPILE_STACK_BYTES = 512 * 1024 * 1024
+_STACK_LOCK = threading.Lock()
+
+
+def _build(build: tuple, bounded: bool) -> GrammarConstraint:
+    """``build[0](*build[1:])`` on its own thread, with ``COMPILE_STACK_BYTES`` of stack. ``bounded``: in one of
+    ``COMPILE_SLOTS`` (taken without waiting: none free is :class:`GrammarBusy`), waited for at most
+    ``COMPILE_TIMEOUT_S``. A compile past its time is refused; it runs on to its end (the engine cannot be
+    interrupted) and only then gives its slot back, so hostile grammars hold at most ``COMPILE_SLOTS`` threads,
+    never the worker nor the threads that prepare other requests."""
+    if bounded and not _SLOTS.acquire(blocking=False):
+        raise GrammarBusy(f"{COMPILE_SLOTS} grammars are compiling already: retry in a moment, or send a grammar "
+                          "this server has compiled before")
+    done, out = threading.Event(), {}
+
+    def run() -> None:
+        try:
+            out["value"] = build[0](*build[1:])
+        except BaseException as e:  # handed to the waiting caller
+            out["error"] = e
+        finally:
+            if bounded:
+                _SLOTS.release()
+            done.set()
+
+    try:
+        with _STACK_LOCK:
+            old = threading.stack_size()
+            try:
+                threading.stack_size(COMPILE_STACK_BYTES)
+                threading.Thread(target=run, name="mlx_dgemma-grammar", daemon=True).start()
+            except (ValueError, RuntimeError):  # no stack that large here: the default one
+                threading.stack_size(old)
+                threading.Thread(target=run, name="mlx_dgemma-grammar", daemon=True).start()
+            finally:
+                threading.stack_size(old)
+    except BaseException:
+        if bounded:
+            _SLOTS.release()
+        raise
+    if not done.wait(COMPILE_TIMEOUT_S if bounded else None):
+        raise ConstraintError(f"the grammar/schema took more than {COMPILE_TIMEOUT_S:g} s to compile: simplify it")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -471,9 +667,22 @@ def _hold(canvas: mx.array, held: dict[int, int]) -> mx.array:
     return mx.array(full)
 
 
+def project_canvas(constraint: Constraint, offset: int, argmax: np.ndarray, canvas: np.ndarray,
+                   row: Callable[[int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A step's argmax canvas (one row, int ``[C]``) projected onto ``constraint``, and the positions to write into
+    the next decoder input (``canvas``): every position the projection changed and every held position whose
+    input token differs. ``row(i)`` gives position ``i``'s logits ``[V]`` (the projection's only ranking)."""
+    projected = constraint.project(offset, argmax, row).astype(np.int32)
+    write = projected != argmax
+    for i in constraint.fixed(offset, len(projected)):
+        write[i] |= canvas[i] != projected[i]
+    return projected, write
+
+
 def constrained_step(step_fn: Callable[..., StepOutput], constraint: Constraint, offset: int
                      ) -> Callable[..., StepOutput]:
-    """Wrap a sampler step so that its argmax is projected onto ``constraint`` (module docstring).
+    """Wrap a sampler step so that its argmax is projected onto ``constraint`` (module docstring; the canvas
+    loop's ``decoding.hooks.Constrained`` does the same for any stepper).
 
     The projected argmax replaces the step's argmax; every position the projection changed, and every held
     position, is written into the next decoder input. One host round-trip per step (batch of one row).
@@ -481,14 +690,11 @@ def constrained_step(step_fn: Callable[..., StepOutput], constraint: Constraint,
 
     def step(logits, canvas, argmax, prev_logits, done, history, n, key) -> StepOutput:
         out = step_fn(logits, canvas, argmax, prev_logits, done, history, n, key)
-        mx.eval(out.argmax, out.logits)
+        mx.eval(out.argmax, out.logits, out.canvas)
         raw = np.asarray(out.argmax[0]).astype(np.int32)
-        projected = constraint.project(offset, raw, lambda i: np.asarray(out.logits[0, i], dtype=np.float32))
-        write = projected != raw
-        for i in constraint.fixed(offset, len(raw)):
-            write[i] = True
+        projected, write = project_canvas(constraint, offset, raw, np.asarray(out.canvas[0]),
+                                          lambda i: np.asarray(out.logits[0, i], dtype=np.float32))
         new_argmax = mx.array(projected)[None]
-        new_canvas = mx.where(mx.array(write)[None], new_argmax, out.canvas)
-        return out._replace(argmax=new_argmax, canvas=new_canvas)
+        return out._replace(argmax=new_argmax, canvas=mx.where(mx.array(write)[None], new_argmax, out.canvas))
 
     return step

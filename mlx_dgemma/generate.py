@@ -79,13 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def json_object(value: str) -> dict:
-    """``--chat-template-config``: a JSON object, as mlx-lm's flag takes it."""
+    """``--chat-template-config``: a JSON object, as mlx-lm's flag takes it, without the names the template
+    renderer sets itself (``messages``, ``tools``, ``add_generation_prompt``, ...)."""
+    from .chat_template import RESERVED
+
+    shown = value if len(value) <= 80 else value[:77] + "..."
     try:
         obj = json.loads(value)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at column {e.colno}): {value!r}") from None
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at column {e.colno}): {shown!r}") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError("the JSON nests too deeply to parse: flatten it") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise argparse.ArgumentTypeError(f"not usable JSON ({str(e).splitlines()[0]}): {shown!r}") from None
     if not isinstance(obj, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object like {{\"enable_thinking\": true}}, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a JSON object like {{\"enable_thinking\": true}}, got {shown!r}")
+    bad = sorted(k for k in obj if k in RESERVED)
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r} is reserved: the chat template renderer sets it itself; "
+                                         "drop that key (use --system, --prompt or --thinking instead)")
     return obj
 
 
@@ -170,6 +182,7 @@ def run(args: argparse.Namespace, prompt: str) -> int:
 
     if args.temp is not None and (args.temp_max is not None or args.temp_min is not None):
         raise DGemmaError("give either --temp or --temp-max/--temp-min, not both")
+    schema = read_schema(args.json_schema) if args.json_schema else None  # before the model loads: fails fast
     model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     quiet_followers()  # under mlx.launch, only rank 0 prints
     t_max, t_min = args.temp_max, args.temp_min
@@ -186,7 +199,7 @@ def run(args: argparse.Namespace, prompt: str) -> int:
         entropy_bound=args.entropy_bound, drafts=live, drafter=args.drafter,
         fast=args.fast,
         images=args.image,
-        json_schema=read_schema(args.json_schema) if args.json_schema else None, infill=args.infill,
+        json_schema=schema, infill=args.infill,
     )
     for event in events:
         if isinstance(event, Draft) and view:

@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 from jinja2 import TemplateError
 
-from . import multimodal
+from . import chat_template, multimodal
 from .cache import DiffusionCache
 from .constrain import make_constraint
 from .errors import GenerationError
@@ -27,6 +27,7 @@ from .loop import CommitEvent, StepEvent, generate_tokens, prefill
 from .memory import wired
 from .model import Model
 from .sampler import SamplerConfig
+from .special_text import PlainText
 from .verify import DraftSession, VerifyConfig
 
 Prompt = str | Sequence[dict[str, Any]] | Sequence[int] | mx.array
@@ -159,10 +160,18 @@ def encode_prompt(
     use_chat_template: bool = True,
     thinking: bool | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
+    *,
+    parse_special_tokens: bool = False,
+    keep_special: Sequence[str] = (),
 ) -> list[int]:
     """Token ids of a prompt, as mlx-lm takes prompts: token ids (a list or ``mx.array``) are used as given; a
     string that already starts with the template's BOS or a turn marker is encoded as is; any other string or a
-    list of chat messages goes through the checkpoint's chat template (``chat_template_kwargs`` passed to it)."""
+    list of chat messages goes through the checkpoint's chat template (``chat_template_kwargs`` passed to it).
+
+    Text that goes through the template (messages' content, ``system``, a plain string) is read as text: a
+    special token's spelling in it (``<start_of_turn>``, ...) is not that token, so it cannot forge a turn
+    (``mlx_dgemma.special_text``), except the spellings in ``keep_special`` (the image placeholder).
+    ``parse_special_tokens=True`` reads them as special tokens, as a pre-templated text means them."""
     ids = _token_ids(prompt)
     if ids is not None:
         return ids
@@ -184,17 +193,40 @@ def encode_prompt(
     if system is not None:
         messages = [{"role": "system", "content": system}, *messages]
     kwargs = dict(chat_template_kwargs or {})
+    plain = None
+    if not parse_special_tokens:
+        plain = PlainText(tokenizer, [messages, kwargs, tokenizer.chat_template], keep_special)
+        messages = [_marked(m, plain) for m in messages]
     if thinking is not None:
         kwargs["enable_thinking"] = thinking
     # The template's own default for thinking: mlx-lm's wrapper would otherwise switch it on when it spots
     # thinking tokens in the vocabulary, so render with the Hugging Face tokenizer itself.
     hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
     try:
-        text = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        # Reserved kwargs refused, the template's own code time-limited (mlx_dgemma.chat_template).
+        text = chat_template.render(hf_tokenizer, messages, True, kwargs)
     except TemplateError as e:  # raised on purpose for messages the template rejects (unknown role, ...)
         raise GenerationError(f"the chat template rejected the messages: {e}") from None
+    if plain is not None:
+        text, typed = plain.unmark(text)
+        if typed:  # a message holds a special-token spelling: tokenized as text
+            return plain.encode(text, typed)
     # The template writes its own <bos>; don't let the tokenizer add another.
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _marked(message: Any, plain: PlainText) -> Any:
+    """A chat message with its text (string content or text parts) marked to be read as text."""
+    if not isinstance(message, dict):
+        return message
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": plain.mark(content)}
+    if isinstance(content, list):
+        parts = [{**p, "text": plain.mark(p["text"])} if isinstance(p, dict) and isinstance(p.get("text"), str)
+                 else p for p in content]
+        return {**message, "content": parts}
+    return message
 
 
 def _token_ids(prompt: Any) -> list[int] | None:
@@ -282,6 +314,7 @@ def stream_generate(
     response_format: dict[str, Any] | None = None,
     json_schema: Any = None,
     infill: str | None = None,
+    parse_special_tokens: bool = False,
     **unsupported: Any,
 ) -> Iterator[Draft | Commit | Done]:
     """Generate a response, yielding commits, a final ``Done`` and, with ``drafts=True``, a ``Draft`` per
@@ -289,7 +322,8 @@ def stream_generate(
 
     ``prompt`` is taken as mlx-lm takes it (see :func:`encode_prompt`): token ids as given, a templated string
     as is, else text or chat messages through the chat template (``system``, ``thinking`` and
-    ``chat_template_kwargs`` go to the template). ``max_tokens`` is exact (default: the checkpoint's
+    ``chat_template_kwargs`` go to the template; special-token spellings in their text are text unless
+    ``parse_special_tokens``). ``max_tokens`` is exact (default: the checkpoint's
     ``max_new_tokens``, else 256). Sampler options default to the checkpoint's ``generation_config.json``.
     Autoregressive-only options (``top_p``, ``repetition_penalty``, ...) raise a ``GenerationError`` naming
     the option.
@@ -330,11 +364,14 @@ def stream_generate(
     gen_config = getattr(model, "generation_config", {}) or {}
     max_tokens = max_tokens if max_tokens is not None else gen_config.get("max_new_tokens") or 256
     image_list: list[Any] = []
+    keep: tuple[str, ...] = ()
     if images or multimodal.has_images(prompt):
         placeholder = tokenizer.convert_ids_to_tokens(getattr(model.vision_args, "image_token_id", 0))
         prompt, image_list = multimodal.split_images(prompt, images, placeholder)
+        keep = (placeholder,)  # placed in the text for the images: stays special
     if prompt_ids is None:
-        ids = encode_prompt(tokenizer, prompt, system, use_chat_template, thinking, chat_template_kwargs)
+        ids = encode_prompt(tokenizer, prompt, system, use_chat_template, thinking, chat_template_kwargs,
+                            parse_special_tokens=parse_special_tokens, keep_special=keep)
     else:
         ids = list(prompt_ids)
     if prompt_cache is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -57,11 +58,20 @@ def target_size(height: int, width: int, patch_size: int, max_patches: int, pool
 
 def to_rgb_array(image: ImageInput) -> np.ndarray:
     """An image as a uint8 [H, W, 3] array, from a path, encoded bytes, a PIL image or a uint8 array."""
+    return np.array(to_rgb_image(image))
+
+
+def to_rgb_image(image: ImageInput) -> Any:
+    """An image as an RGB PIL image (transparency composited onto white), from what ``to_rgb_array`` takes.
+
+    Encoded images are refused by their declared size, before their pixels are decoded."""
     from PIL import Image, ImageOps
 
     if isinstance(image, (str, Path, bytes, bytearray)):
         image = _open(image)
-        image = ImageOps.exif_transpose(image)  # as transformers' load_image: the orientation the camera meant
+        if image.getexif().get(0x0112, 1) in range(2, 9):  # an EXIF orientation other than "as stored"
+            image = ImageOps.exif_transpose(image)  # as transformers' load_image: the orientation the camera meant
+            # (only then: without one, exif_transpose returns a copy, a second full-size image in memory)
     elif isinstance(image, np.ndarray):
         image = _from_array(image)
     elif not isinstance(image, Image.Image):
@@ -69,17 +79,49 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
             f"cannot read an image from a {type(image).__name__}: give a file path, bytes, a PIL image or a "
             "uint8 numpy array"
         )
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise GenerationError(f"image of {image.width}x{image.height} pixels is too large (limit "
-                              f"{MAX_IMAGE_PIXELS} pixels): downscale it first")
+    _check_pixels(image.width, image.height)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    return np.array(image.convert("RGB"))
+        return _on_white(image if image.mode == "RGBA" else image.convert("RGBA"))
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _open(source: str | Path | bytes | bytearray) -> Any:
+def _on_white(rgba: Any) -> Any:
+    """``alpha_composite(white, rgba).convert("RGB")``, a band of rows at a time: besides the image and the
+    result, only a band's worth of intermediate images is in memory (not three more full-size images)."""
+    from PIL import Image
+
+    width, height = rgba.size
+    out = Image.new("RGB", rgba.size)
+    rows = max(1, (1 << 22) // max(1, width))
+    for top in range(0, height, rows):
+        box = (0, top, width, min(height, top + rows))
+        band = rgba.crop(box)
+        white = Image.new("RGBA", band.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(white, band).convert("RGB"), box)
+    return out
+
+
+def _check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise GenerationError(f"image of {width}x{height} pixels is too large (limit {MAX_IMAGE_PIXELS} pixels): "
+                              "downscale it first")
+
+
+def declared_size(source: str | Path | bytes | bytearray) -> tuple[int, int]:
+    """(width, height) an encoded image declares in its header, read without decoding its pixels;
+    ``GenerationError`` when it is not an image or declares more than ``MAX_IMAGE_PIXELS`` pixels."""
+    image = _open(source, decode=False)
+    try:
+        return image.size
+    finally:
+        image.close()
+
+
+def _open(source: str | Path | bytes | bytearray, decode: bool = True) -> Any:
+    """The image, refused by the size in its header before decoding (``decode=False``: not decoded at all).
+
+    Pillow reads the header only in ``Image.open``; ``load`` allocates the declared size and decodes, so a
+    small file declaring a huge size (a decompression bomb) must be refused between the two."""
     from PIL import Image, UnidentifiedImageError
 
     name = "the image bytes" if isinstance(source, (bytes, bytearray)) else str(source)
@@ -95,10 +137,18 @@ def _open(source: str | Path | bytes | bytearray) -> Any:
             if path.stat().st_size > MAX_IMAGE_BYTES:
                 raise GenerationError(f"image {source} is over the {MAX_IMAGE_BYTES}-byte limit: downscale it")
             data = io.BytesIO(path.read_bytes())
-        image = Image.open(data)
-        image.load()
+        try:
+            image = Image.open(data)
+        except Image.DecompressionBombError:  # declares over twice Pillow's own limit: refused by Image.open
+            raise GenerationError(f"the image in {name} is too large to decode (over {MAX_IMAGE_PIXELS} pixels): "
+                                  "downscale it first") from None
+        _check_pixels(image.width, image.height)
+        if decode:
+            image.load()
         return image
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+    except GenerationError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as e:
         raise GenerationError(f"cannot read {name} as an image ({type(e).__name__}): give a PNG, JPEG, WebP, "
                               "GIF or BMP file") from None
 
@@ -119,14 +169,22 @@ def process_image(
     """Patches [max_patches, 3 p^2], positions [max_patches, 2] and the soft-token count of one RGB image."""
     from PIL import Image
 
+    return _process(Image.fromarray(rgb), budget, patch_size, pooling)
+
+
+def _process(image: Any, budget: int, patch_size: int, pooling: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``process_image`` of an RGB PIL image: resized as a PIL image, so only the resized pixels become arrays."""
+    from PIL import Image
+
     if budget not in SUPPORTED_BUDGETS:
         raise GenerationError(f"image budget {budget} is not supported: choose one of "
                               f"{', '.join(map(str, SUPPORTED_BUDGETS))} soft tokens")
     max_patches = budget * pooling**2
-    h, w = rgb.shape[:2]
+    w, h = image.size
     th, tw = target_size(h, w, patch_size, max_patches, pooling)
     if (th, tw) != (h, w):
-        rgb = np.array(Image.fromarray(rgb).resize((tw, th), resample=Image.Resampling.BICUBIC))
+        image = image.resize((tw, th), resample=Image.Resampling.BICUBIC)
+    rgb = np.asarray(image)
     image = (rgb.astype(np.float64) * (1 / 255)).astype(np.float32).transpose(2, 0, 1)  # as transformers rescales
     ph, pw = th // patch_size, tw // patch_size
     patches = image.reshape(3, ph, patch_size, pw, patch_size).transpose(1, 3, 2, 4, 0).reshape(ph * pw, -1)
@@ -144,13 +202,26 @@ def process_images(
     """Every image through :func:`process_image`, stacked as the reference's processor stacks them."""
     pixels, positions, counts, digests = [], [], [], []
     for image in images:
-        rgb = to_rgb_array(image)
-        digests.append(hashlib.sha256(rgb.tobytes() + str(rgb.shape).encode()).hexdigest())
-        p, pos, n = process_image(rgb, budget, patch_size, pooling)
+        rgb = to_rgb_image(image)  # full size only as one PIL image: the arrays below are of the resized pixels
+        digests.append(_digest(rgb))
+        p, pos, n = _process(rgb, budget, patch_size, pooling)
+        del rgb
         pixels.append(p)
         positions.append(pos)
         counts.append(n)
     return ProcessedImages(np.stack(pixels), np.stack(positions), counts, digests)
+
+
+def _digest(image: Any) -> str:
+    """sha256 of ``to_rgb_array(image).tobytes()`` and the array's shape, hashed a band of rows at a time: the
+    whole image as bytes (``tobytes`` joins its pieces, twice the size at its peak) is never in memory."""
+    digest = hashlib.sha256()
+    width, height = image.size
+    rows = max(1, (1 << 22) // max(1, width))  # about 4 million pixels a band
+    for top in range(0, height, rows):
+        digest.update(image.crop((0, top, width, min(height, top + rows))).tobytes())
+    digest.update(str((height, width, 3)).encode())
+    return digest.hexdigest()
 
 
 def expand_image_tokens(ids: list[int], counts: list[int], image_token_id: int, boi_id: int, eoi_id: int) -> list[int]:

@@ -7,6 +7,7 @@ weights are memory-mapped, so nothing is read until it is first used.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ModelArgs
+from .bounded import MAX_CHECKPOINT_FILE_BYTES, MiB, check_regular, parse_json, read_text
+from .config import ModelArgs, check_vision
 from .distributed import launched_group
 from .errors import CheckpointError
 from .model import Model
@@ -23,6 +25,14 @@ from .vision import VisionArgs, has_vision_weights
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt", "*.md"]
+
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors format's own limit on a file's JSON header
+# The checkpoint's small JSON files that mlx_dgemma parses itself (config, generation config, weight index).
+MAX_CONFIG_BYTES = 64 * MiB
+# Files of a checkpoint that the tokenizer libraries open: each must be a regular file (a FIFO would block them
+# forever, a device would never end) of at most MAX_CHECKPOINT_FILE_BYTES.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 def resolve(path_or_repo: str | Path) -> Path:
@@ -50,42 +60,54 @@ def resolve(path_or_repo: str | Path) -> Path:
 
 def read_config(folder: Path) -> dict[str, Any]:
     """``config.json`` of a checkpoint folder, as a dict."""
-    if not (folder / "config.json").is_file():
+    if not os.path.lexists(folder / "config.json"):
         raise CheckpointError(f"no config.json in {folder}: point at a DiffusionGemma checkpoint folder")
     return _read_json(folder / "config.json")
 
 
 def check_chat_template(tokenizer: Any, folder: Path) -> None:
-    """Raise one line naming the template file if the checkpoint's chat template does not compile.
+    """Raise one line naming the template file if the checkpoint's chat template does not compile, or does not
+    render a one-message conversation within bounds (``chat_template.PROBE_CPU_S`` seconds of CPU,
+    ``PROBE_MEMORY_BYTES``), checked in a short-lived sandboxed process (``mlx_dgemma.chat_template``).
 
-    Rendering a one-message conversation compiles it; errors a template raises on purpose for some input
-    (``raise_exception``) surface later, per request, from ``encode_prompt``.
+    Errors a template raises on purpose for some input (``raise_exception``) surface later, per request, from
+    ``encode_prompt``.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        return
-    from jinja2 import TemplateSyntaxError
+    from .chat_template import PROBE_CPU_S, PROBE_MEMORY_BYTES, probe
 
+    templates = getattr(tokenizer, "chat_template", None)
+    if not templates:
+        return
     hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
-    try:
-        hf_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                         tokenize=False)
-    except TemplateSyntaxError as e:
+    special = getattr(hf_tokenizer, "special_tokens_map", None) or {}
+    for template in templates.values() if isinstance(templates, dict) else [templates]:
+        if not isinstance(template, str):
+            continue
+        result = probe(template, special if isinstance(special, dict) else {})
+        if result.get("ok"):
+            continue
         name = next((n for n in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
                      if (folder / n).is_file()), "tokenizer_config.json")
-        raise CheckpointError(f"{folder / name} holds a broken chat template ({e.message}, line {e.lineno}): "
-                              "fix it or copy it from the original checkpoint") from None
-    except Exception:
-        pass  # compiled; whatever else it objects to is reported with the request that causes it
+        if "syntax" in result:
+            raise CheckpointError(f"{folder / name} holds a broken chat template ({result['syntax']}, line "
+                                  f"{result.get('line')}): fix it or copy it from the original checkpoint")
+        spent = (f"more than {PROBE_MEMORY_BYTES // MiB} MiB of memory" if result.get("limit") == "memory"
+                 else f"more than {PROBE_CPU_S} s of CPU (a loop that never ends?)")
+        raise CheckpointError(f"{folder / name} holds a chat template that took {spent} to render a one-message "
+                              "conversation: fix it or copy it from the original checkpoint")
 
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: those the index names, else every ``*.safetensors``."""
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    if os.path.lexists(index):
+        data = _read_json(index)
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError):
+            names = sorted(set(data["weight_map"].values()))
+        except (KeyError, AttributeError, TypeError):
             raise CheckpointError(f"{index} is not a valid safetensors index: re-download it") from None
+        if not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"{index} is not a valid safetensors index: re-download it")
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise CheckpointError(
@@ -105,11 +127,11 @@ def check_safetensors(file: Path) -> None:
     try:
         with open(file, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError("header larger than the file")
+            if header_len > min(size - 8, SAFETENSORS_MAX_HEADER):
+                raise ValueError("header larger than the file, or than the format allows")
             header = json.loads(f.read(header_len))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError):
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError):
         raise CheckpointError(f"{file} is not a valid safetensors file: re-download or re-convert it") from None
     if 8 + header_len + end > size:
         raise CheckpointError(
@@ -184,7 +206,13 @@ def load_model(
     args = ModelArgs.from_config(config, source=str(folder / "config.json"))
     raw = load_weights(folder)
     # A config may name a vision tower whose weights were left out (text-only conversions): load text only.
-    vision = VisionArgs.from_config(config) if has_vision_weights(raw) else None
+    try:
+        vision = VisionArgs.from_config(config) if has_vision_weights(raw) else None
+    except (TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'config.json'} has an invalid vision_config ({e}): re-download the "
+                              "checkpoint's config.json") from None
+    if vision is not None:
+        check_vision(vision, str(folder / "config.json"))
     model = Model(args, _read_json(folder / "generation_config.json"), vision)
     weights = model.sanitize(raw)
     _quantize(model, config, weights)
@@ -204,15 +232,38 @@ def load_model(
 def load_tokenizer(path_or_repo: str | Path) -> Any:
     """The checkpoint's tokenizer (an mlx-lm ``TokenizerWrapper``: HF tokenizer plus streaming detokenizer)."""
     folder = resolve(path_or_repo)
+    for name in TOKENIZER_FILES:
+        if os.path.lexists(folder / name):
+            check_regular(folder / name, "tokenizer file", MAX_CHECKPOINT_FILE_BYTES, CheckpointError)
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise CheckpointError(f"no tokenizer (tokenizer.json or tokenizer.model) in {folder}: copy it from the "
                               "original checkpoint")
+    _check_json_object(folder / "tokenizer.json")
     from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
 
     eos = _read_json(folder / "generation_config.json").get("eos_token_id")
-    tokenizer = load_mlx_lm_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    try:
+        tokenizer = load_mlx_lm_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    except Exception as e:  # the tokenizer libraries' own reports on a malformed file
+        what = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointError(f"cannot load the tokenizer in {folder} ({type(e).__name__}: {what}): re-download "
+                              "tokenizer.json / tokenizer_config.json or copy them from the original checkpoint"
+                              ) from None
     check_chat_template(tokenizer, folder)
     return tokenizer
+
+
+def _check_json_object(file: Path) -> None:
+    """Raise one line if ``file`` (when present) does not hold a JSON object, from its first bytes only (a
+    tokenizer.json runs to tens of megabytes; the tokenizer library parses it)."""
+    if not file.is_file():
+        return
+    with open(file, "rb") as f:
+        head = f.read(4096).lstrip(b" \t\r\n\xef\xbb\xbf")
+    if not head.startswith(b"{"):
+        kind = {b"[": "a JSON list", b'"': "a JSON string"}.get(head[:1], "no JSON object" if head else "nothing")
+        raise CheckpointError(f"{file} holds {kind}, not an object ({{...}}): re-download it or copy it from the "
+                              "original checkpoint")
 
 
 def load(
@@ -237,14 +288,12 @@ def load(
 
 
 def _read_json(file: Path) -> dict[str, Any]:
-    if not file.is_file():
+    """A checkpoint's JSON object file (``{}`` when absent): a regular file of at most ``MAX_CONFIG_BYTES``,
+    UTF-8, parsed; anything else is one line naming it."""
+    if not os.path.lexists(file):
         return {}
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}): re-download it") from None
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{file} is not UTF-8 text: re-download it") from None
+    text = read_text(file, MAX_CONFIG_BYTES, "checkpoint file", CheckpointError, "re-download it")
+    data = parse_json(text, str(file), CheckpointError, "re-download it")
     if not isinstance(data, dict):
         raise CheckpointError(f"{file} holds a JSON {type(data).__name__}, not an object ({{...}}): "
                               "re-download it or copy it from the original checkpoint")

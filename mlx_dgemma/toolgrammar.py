@@ -18,7 +18,7 @@ import json
 import re
 from typing import Any
 
-from .constrain import ConstraintError
+from .constrain import ConstraintError, check_json_schema
 
 START, END, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
 
@@ -40,6 +40,9 @@ class _Writer:
             options = [s["const"]] if "const" in s else s["enum"]
             return self.rule(" | ".join(self._literal_value(v) for v in options))
         kind = s.get("type", "object" if "properties" in s else None)
+        if not isinstance(kind, str):
+            raise ConstraintError(f"tool schema at {where}: give one type (got {kind!r}); a list of types is not "
+                                  "supported in forced tool calls")
         if kind == "string":
             body = s.get("pattern", "[^<]*").removeprefix("^").removesuffix("$")
             return self.rule(f"{self.lit(QUOTE)} /{body}/ {self.lit(QUOTE)}")
@@ -78,7 +81,8 @@ class _Writer:
 
 def tool_call_grammar(tools: list[dict[str, Any]], tool_choice: Any, tokenizer: Any = None) -> str:
     """A Lark grammar for one tool call that ``tool_choice`` ("required" or a named function) allows."""
-    specs = {t["function"]["name"]: t["function"] for t in tools or [] if isinstance(t, dict) and "function" in t}
+    specs = {t["function"]["name"]: t["function"] for t in tools or []
+             if isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)}
     if tool_choice == "required":
         names = list(specs)
     elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
@@ -86,12 +90,14 @@ def tool_call_grammar(tools: list[dict[str, Any]], tool_choice: Any, tokenizer: 
     else:
         raise ConstraintError(f'tool_choice must be "required" or {{"type": "function", "function": {{"name": ...}}}}'
                               f", got {tool_choice!r}")
-    if not names or any(n not in specs for n in names):
+    if not names or any(not isinstance(n, str) or n not in specs for n in names):
         raise ConstraintError(f"tool_choice names a tool that is not in tools: {names!r}")
     w = _Writer(_literal_for(tokenizer))
     calls = []
     for name in names:
-        args = w.value(specs[name].get("parameters") or {"type": "object", "properties": {}}, name)
+        schema = specs[name].get("parameters") or {"type": "object", "properties": {}}
+        check_json_schema(schema, f"the parameters of {name!r}")  # keywords of the right JSON types from here on
+        args = w.value(schema, name)
         calls.append(f'{json.dumps("call:" + name)} {args}')
     return "\n".join([f"start: {w.lit(START)} ({' | '.join(calls)}) {w.lit(END)}", *w.rules])
 

@@ -29,6 +29,34 @@ DEMO_PROMPTS = [
     "JSON record for this text: From Kyoto: Iris, chef, 27 years old, fluent in German and Swahili.",
 ]
 MAKE_FIXTURE = ROOT / "reference" / "make_fixture.py"
+# Every wait in the tests waits for an event; a time is only a guard against a hang, never a speed assumption: a
+# loaded machine (other suites running beside this one) may take minutes over what takes a second alone.
+HANG_S = 600
+try:  # httpx waits 5 s by default (connect, read, write): a request a busy machine can outlast; make it a guard
+    import httpx
+
+    for _function in (httpx.request, httpx.get, httpx.post, httpx.put, httpx.patch, httpx.delete, httpx.head,
+                      httpx.options, httpx.stream, httpx.Client.__init__, httpx.AsyncClient.__init__):
+        _function = getattr(_function, "__wrapped__", _function)  # httpx.stream is a context manager
+        if "timeout" in (_function.__kwdefaults__ or {}):
+            _function.__kwdefaults__["timeout"] = httpx.Timeout(HANG_S)
+except ImportError:  # the server's extra is not installed: no test uses httpx
+    pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _product_time_limits_are_hang_guards():
+    """The package's own wall-clock limits on work that a test needs to succeed (a grammar's compile, 20 s; the
+    chat template's load-time probe, 60 s) become hang guards: a loaded machine may be slower than they allow.
+    Session-wide, so that module-scoped servers load under it; a test of such a limit sets its own value."""
+    import mlx_dgemma.chat_template as chat_template
+    import mlx_dgemma.constrain as constrain
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constrain, "COMPILE_TIMEOUT_S", float(HANG_S))
+        patch.setattr(chat_template, "PROBE_WALL_S", HANG_S)
+        yield
+
 
 BASE_TEXT = {
     "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 48,

@@ -111,7 +111,7 @@ def serve(folder: str, rank: int) -> list[str]:
     body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 40, "seed": 3}
     with BackgroundServer(app) as server:
         for stream in (False, True):
-            r = httpx.post(f"{server.url}/chat/completions", json={**body, "stream": stream}, timeout=120)
+            r = httpx.post(f"{server.url}/chat/completions", json={**body, "stream": stream}, timeout=600)
             if stream:
                 chunks = [json.loads(line[6:]) for line in r.text.splitlines()
                           if line.startswith("data: {")]
@@ -119,7 +119,7 @@ def serve(folder: str, rank: int) -> list[str]:
                                        if c["choices"]))
             else:
                 answers.append(r.json()["choices"][0]["message"]["content"])
-        r = httpx.post(f"{server.url}/chat/completions", json=image_request(), timeout=120)
+        r = httpx.post(f"{server.url}/chat/completions", json=image_request(), timeout=600)
         answers.append(f"{r.status_code} {r.text}")
     return answers
 

@@ -171,7 +171,7 @@ def test_server_response_format_through_the_openai_client():
     schema = json.loads(RECORD_SCHEMA.read_text())
     prompt = [{"role": "user", "content": "Fill the record: Leo (41) works as a baker in Lima and speaks Hindi."}]
     with BackgroundServer(create_app(max_concurrency=2)) as srv:
-        client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=600)
         fmt = {"type": "json_schema", "json_schema": {"name": "record", "schema": schema, "strict": True}}
         r = client.chat.completions.create(model="default", messages=prompt, max_tokens=64, seed=0,
                                            response_format=fmt, extra_body={"max_denoising_steps": 8})

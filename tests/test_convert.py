@@ -6,6 +6,7 @@ import errno
 import hashlib
 import io
 import json
+import os
 import select
 import shutil
 import signal
@@ -25,7 +26,7 @@ from mlx_dgemma.convert.layout import is_vision
 from mlx_dgemma.convert.lmstudio import lmstudio_home
 from mlx_dgemma.convert.progress import Progress
 from mlx_dgemma.loader import check_safetensors, load_weights
-from tests.conftest import MAKE_FIXTURE, SPECS, reference_env
+from tests.conftest import HANG_S, MAKE_FIXTURE, SPECS, reference_env
 from tests.layouts import write_mlx_community
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -322,48 +323,156 @@ def test_peak_memory_is_bounded_by_the_largest_tensor(tmp_path):
 
 # -- atomic output -----------------------------------------------------------------------------------------
 
-SLOW_SHARDS = """
-import sys, time
+# The converter in a child process, with a hook: it stops after the first shard until the test acts (an event,
+# never a time), or kills itself at a named step of publishing (staging.reached), as a power cut or kill -9 would.
+CHILD = """
+import os, signal, sys
+import mlx_dgemma.convert.staging as staging
 import mlx_dgemma.convert.stream as stream
-write_shard = stream.write_shard
+mode, point, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+if mode == "hold":
+    write_shard = stream.write_shard
 
-def slow(*args, **kwargs):
-    write_shard(*args, **kwargs)
-    print("shard written", flush=True)
-    time.sleep(60)
+    def held(*args, **kwargs):
+        write_shard(*args, **kwargs)
+        print("shard written", flush=True)
+        sys.stdin.readline()  # until the test signals, or closes stdin
 
-stream.write_shard = slow
+    stream.write_shard = held
+else:
+    def reached(name):
+        if name == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    staging.reached = reached
+    if mode == "no-exchange":
+        staging.exchange = lambda a, b: False
 from mlx_dgemma.convert.cli import main
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(argv))
 """
+
+
+def child(mode: str, point: str, *argv: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", CHILD, mode, point, *map(str, argv)], text=True, **kwargs)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_interrupted_conversion_leaves_no_model(wide, tmp_path, sig):
     target = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_SHARDS, "--hf-path", str(wide.hf_released), "--mlx-path", str(target),
-         "--shard-size", "300KB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        assert ready and proc.stdout.readline().strip() == "shard written", proc.stderr.read()
-        partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
-        assert len(partial) == 1 and list(partial[0].glob("model-*.safetensors"))  # it had started writing
-        proc.send_signal(sig)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
-        proc.communicate()
+    with open(tmp_path.parent / f"{tmp_path.name}-stderr.txt", "w+") as err:  # a file: a full pipe cannot block it
+        proc = child("hold", "", "--hf-path", wide.hf_released, "--mlx-path", target, "--shard-size", "300KB",
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        try:
+            ready, _, _ = select.select([proc.stdout], [], [], HANG_S)
+            line = proc.stdout.readline().strip() if ready else ""
+            assert line == "shard written", err.seek(0) or err.read()
+            partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+            assert len(partial) == 1 and list(partial[0].glob("model/model-*.safetensors"))  # it had started
+            proc.send_signal(sig)
+            proc.wait(timeout=HANG_S)
+        finally:
+            proc.kill()
+            proc.communicate()
     assert not target.exists()
     leftovers = [p for p in tmp_path.iterdir() if p.name != "out"]
     if sig == signal.SIGTERM:
         assert proc.returncode == 130 and leftovers == []
     else:  # killed outright: a hidden partial folder remains, which no loader accepts
-        assert leftovers == partial
+        assert proc.returncode == -signal.SIGKILL and leftovers == partial
         one_line_error(CheckpointError, load_model, partial[0])
     run_convert(wide.hf_released, target)  # the next run succeeds and removes the leftover
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     load_model(target)
+
+
+def killed_at(point: str, src: Path, target: Path, exchange: bool = True) -> None:
+    """Run the converter with --force -q into ``target`` and kill it (SIGKILL) at ``point`` of publishing."""
+    proc = child("exchange" if exchange else "no-exchange", point, "--hf-path", src, "--mlx-path", target,
+                 "--force", "-q", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=HANG_S)
+    assert proc.returncode == -signal.SIGKILL, err
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize(("exchange", "point", "after", "kinds"), [
+    (True, "staged", "old", ["partial"]), (True, "committed", "new", ["partial"]),
+    (False, "staged", "old", ["partial"]), (False, "moved-aside", None, ["old", "partial"]),
+    (False, "swapped", "new", ["old", "partial"]), (False, "committed", "new", ["partial"]),
+])
+def test_force_killed_while_publishing_keeps_a_whole_model(wide, tmp_path, exchange, point, after, kinds):
+    """kill -9 at each step of replacing a model: the target holds the old or the new one, whole, or (only between
+    the two renames of the fallback) the next run puts the old one back; nothing is left over after it."""
+    target = tmp_path / "out"
+    run_convert(wide.hf, target)
+    old = folder_digest(target)
+    killed_at(point, wide.hf, target, exchange)
+    left = hidden(tmp_path)
+    assert [name.split("-")[0] for name in left] == [f".out.{kind}" for kind in kinds]
+    assert all((tmp_path / name / ".mlx_dgemma-convert").is_file() for name in left)  # marked: provably ours
+    if after is None:  # between the two renames: the previous model waits in the marked folder
+        assert not target.exists() and folder_digest(tmp_path / left[0] / "model") == old
+    else:
+        assert ("quantization" in config_of(target)) == (after == "new")
+        if after == "old":
+            assert folder_digest(target) == old
+        load_model(target)
+    # the next run (here killed at the same step again) first restores and cleans up what the last one left
+    killed_at(point, wide.hf, target, exchange)
+    again = hidden(tmp_path)
+    assert len(again) == len(left) and not set(again) & set(left)  # its own leftovers only, not two runs'
+    message = one_line_error(ConvertError, run_convert, wide.hf, target)  # without --force: refused, but ...
+    assert "--force" in message and hidden(tmp_path) == []  # ... what the killed run left was cleaned up
+    if after != "new":
+        assert folder_digest(target) == old
+    load_model(target)
+
+
+def test_leftovers_are_named_and_only_ours_are_removed(wide, tmp_path, capsys):
+    from mlx_dgemma.convert import staging
+
+    target = tmp_path / "out"
+    foreign = tmp_path / ".out.partial-999999999-0000"  # our name, but no marker: never deleted
+    (foreign / "model").mkdir(parents=True)
+    (foreign / "model" / "notes.txt").write_text("keep me")
+    (tmp_path / ".out.old-999999999-0001").mkdir()  # killed before writing its marker: empty, removed
+    ours = staging.make_marked_dir(target, staging.PARTIAL)
+    ours.rename(tmp_path / ours.name.replace(f"-{os.getpid()}-", "-999999999-"))  # of a process that is gone
+    run_convert(wide.hf, target)
+    assert hidden(tmp_path) == [foreign.name] and (foreign / "model" / "notes.txt").read_text() == "keep me"
+    lines = [line for line in capsys.readouterr().err.splitlines() if str(target) in line]  # one line each
+    assert len(lines) == 2 and "removed 2 leftover folder(s)" in lines[0] and foreign.name in lines[1]
+
+
+def test_fallback_swap_puts_the_old_model_back_when_the_second_rename_fails(wide, tmp_path, monkeypatch):
+    from mlx_dgemma.convert import staging
+
+    target = tmp_path / "out"
+    run_convert(wide.hf, target)
+    old = folder_digest(target)
+    monkeypatch.setattr(staging, "exchange", lambda a, b: False)
+
+    def reached(point):
+        if point == "moved-aside":
+            raise OSError(errno.EIO, "simulated failure", str(target))
+
+    monkeypatch.setattr(staging, "reached", reached)
+    message = one_line_error(ConvertError, run_convert, wide.hf, target, force=True, quantize=True)
+    assert "simulated failure" in message
+    assert folder_digest(target) == old and hidden(tmp_path) == []
+
+
+def test_exchange_swaps_two_folders_atomically(tmp_path):
+    from mlx_dgemma.convert.staging import exchange
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "A").touch()
+    (tmp_path / "b").mkdir()
+    if not exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this system or file system cannot exchange two folders (the two-rename fallback is used)")
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["A"] and not any((tmp_path / "a").iterdir())
 
 
 def test_existing_target_needs_force(wide, tmp_path):

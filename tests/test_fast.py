@@ -284,7 +284,7 @@ def test_server_default_and_per_request_fast(monkeypatch):
         for extra in ({}, {"fast": False}, {"fast": True}, {"response_format": {"type": "json_object"}}):
             body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 24, "seed": 0,
                     "max_denoising_steps": 3, **extra}
-            r = httpx.post(f"{srv.url}/chat/completions", json=body, timeout=60)
+            r = httpx.post(f"{srv.url}/chat/completions", json=body, timeout=600)
             assert r.status_code == 200, r.text
     assert seen == [True, False, True, True]  # a constrained request too: fast mode projects its own step
     assert isinstance(json.loads(r.json()["choices"][0]["message"]["content"]), dict)

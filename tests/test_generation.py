@@ -130,7 +130,7 @@ def test_empty_and_oversize_prompts(default):
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mlx_dgemma.generate", *args], input=stdin,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_cli_generates_with_stats():
@@ -168,7 +168,7 @@ def test_cli_show_canvas_redraws_on_a_terminal():
         if not data:
             break
         chunks.append(data)
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=600) == 0
     screen = b"".join(chunks).decode(errors="replace")
     assert "[canvas 1, step 3]" in screen and "\x1b[2K" in screen
 

@@ -23,7 +23,7 @@ from mlx_dgemma import Commit, generate, load
 from mlx_dgemma.server import BackgroundServer, create_app, main
 from mlx_dgemma.server.protocol import APIError, ChatRequest, schedule, seed_of
 from mlx_dgemma.server.worker import StopScanner
-from tests.conftest import DEMO24
+from tests.conftest import DEMO24, HANG_S
 
 FAST = {"max_denoising_steps": 3}
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -43,7 +43,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=HANG_S)
 
 
 def base(server: BackgroundServer) -> str:
@@ -68,46 +68,96 @@ def content_of(chunks: list[Any]) -> str:
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
+class HoldPoint(threading.Event):
+    """Set when a generation reaches the hold point. ``wait`` fails at once, with the error's text, when a
+    generation failed (or ended) before reaching it: a test never waits out its hang guard for a point that
+    can no longer come."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hit, self.failure = False, ""
+
+    def reach(self) -> None:
+        self.hit = True
+        self.set()
+
+    def fail(self, why: str) -> None:
+        if not self.hit and not self.failure:
+            self.failure = why
+            self.set()  # wakes a waiting test, which raises
+
+    def wait(self, timeout: float | None = None) -> bool:
+        super().wait(timeout)
+        if not self.hit and self.failure:
+            raise AssertionError(f"the held generation never reached its hold point: {self.failure}")
+        return self.hit
+
+
 class Hold:
     """Holds the server's generation at a chosen point until the test releases it, so that tests about
-    cancellation and saturation never race the machine's speed (a fast machine may finish the answer first)."""
+    cancellation and saturation never race the machine's speed (a fast machine may finish the answer first).
+    ``after_commits``: the number of canvases committed (and sent) before the hold. A generation that fails
+    first (a ``Failed`` answer, an exception, or an end before the hold point) makes ``reached.wait`` raise."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, after_commits: int = 0):
         import mlx_dgemma.server.worker as worker_module
 
-        self.reached, self.released, real = threading.Event(), threading.Event(), worker_module.stream_generate
+        self.reached, self.released = HoldPoint(), threading.Event()
+        real, real_answer = worker_module.stream_generate, worker_module.Worker._answer
 
         def held(*args: Any, **kwargs: Any):
             commits = 0
-            for event in real(*args, **kwargs):
-                if commits >= after_commits:
-                    self.wait()
-                yield event
-                commits += isinstance(event, Commit)
-            self.wait()
+            try:
+                for event in real(*args, **kwargs):
+                    if commits >= after_commits:
+                        self.wait()
+                    yield event
+                    commits += isinstance(event, Commit)
+                self.wait()
+            except Exception as e:
+                self.reached.fail(f"{type(e).__name__}: {e}")
+                raise
+            finally:  # closed by the worker (the answer ended: max_tokens, a stop sequence) before the hold
+                self.reached.fail(f"the generation ended after {commits} commits, before the hold point")
+
+        def answer(worker: Any, job: Any, event: Any) -> None:  # a job's last event: an error, before any hold
+            if isinstance(event, worker_module.Failed):
+                self.reached.fail(f"the request failed: {event.error.status} {event.error.message}")
+            real_answer(worker, job, event)
 
         monkeypatch.setattr(worker_module, "stream_generate", held)
+        monkeypatch.setattr(worker_module.Worker, "_answer", answer)
 
     def wait(self) -> None:
-        self.reached.set()
-        assert self.released.wait(60), "the test never released the held generation"
+        self.reached.reach()
+        assert self.released.wait(HANG_S), "the test never released the held generation"
 
     def release(self) -> None:
         self.released.set()
 
 
+def send_raw(server: BackgroundServer, body: dict[str, Any], path: str = "chat/completions") -> socket.socket:
+    """POSTs ``body`` on a raw socket and returns it unread: the test closes it (the client leaving) when an
+    event says the server has the request, never after a read timeout that a busy machine could outlast."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((server.host, server.port), timeout=HANG_S)
+    sock.sendall(b"POST /v1/%s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (path.encode(), server.host.encode(), server.port, len(data), data))
+    return sock
+
+
 def wait_until_cancelled(server: BackgroundServer, hold: Hold) -> None:
     """Waits (bounded against a hang, not timed) for the held job to be cancelled, then lets it go on."""
     try:
-        assert hold.reached.wait(60)
+        assert hold.reached.wait(HANG_S)
         job = server.app.state.worker.running
-        assert job is not None and job.cancelled.wait(60), "the server did not notice the client leaving"
+        assert job is not None and job.cancelled.wait(HANG_S), "the server did not notice the client leaving"
     finally:
         hold.release()
 
 
 def wait_while_running(server: BackgroundServer, before: dict[str, Any]) -> None:
-    deadline = time.monotonic() + 60  # the worker checks the flag at its next step
+    deadline = time.monotonic() + HANG_S  # a hang guard; the worker checks the flag at its next step
     while health(server)["running"] or health(server)["cancelled"] == before["cancelled"]:
         assert time.monotonic() < deadline, "the cancelled request still holds the worker"
         time.sleep(0.02)
@@ -145,7 +195,7 @@ def test_command_line_serves_on_loopback():
     proc = subprocess.Popen([sys.executable, "-m", "mlx_dgemma.server", "--port", str(port), "--log-level",
                              "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300  # a bound against a hang, not a speed test: a loaded machine is slow
+        deadline = time.monotonic() + HANG_S  # a bound against a hang, not a speed test: a loaded machine is slow
         while True:
             try:
                 card = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]
@@ -158,7 +208,7 @@ def test_command_line_serves_on_loopback():
         assert card["id"] == "default" and card["context_length"] > 0
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(HANG_S)
 
 
 def test_command_line_rejects_a_context_beyond_the_native_window(capsys):
@@ -183,22 +233,46 @@ def test_chat_matches_the_library_and_max_tokens_is_exact(client, reference, max
     assert u.prompt_tokens > 0 and u.total_tokens == u.prompt_tokens + u.completion_tokens
 
 
-def test_streaming_sends_each_canvas_as_it_is_committed(client, reference):
+def test_streaming_sends_each_canvas_as_it_is_committed(client, reference, monkeypatch):
     model, _ = reference
     max_tokens = 3 * model.args.canvas_length
     record = [{"role": "user", "content": "Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks "
                "Greek and Hindi."}]  # the demo model's task: an answer that spans two canvases
     plain = chat(client, record, seed=2, max_tokens=max_tokens)
-    arrivals, chunks = [], []
-    for chunk in chat(client, record, seed=2, max_tokens=max_tokens, stream=True,
-                      stream_options={"include_usage": True}):
-        arrivals.append(time.monotonic())
-        chunks.append(chunk)
+    hold = Hold(monkeypatch, after_commits=1)  # held after the first canvas is committed, before the second
+    chunks: list[Any] = []
+    errors: list[BaseException] = []
+    first_text, done = threading.Event(), threading.Event()
+
+    def read() -> None:
+        try:
+            for chunk in chat(client, record, seed=2, max_tokens=max_tokens, stream=True,
+                              stream_options={"include_usage": True}):
+                chunks.append(chunk)
+                if chunk.choices and chunk.choices[0].delta.content:
+                    first_text.set()
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            done.set()
+            first_text.set()  # wakes the test at once if the stream ended (or failed) before any text
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        assert hold.reached.wait(HANG_S), "the generation did not commit its first canvas"
+        # Sent as committed, not replayed at the end: the first canvas arrives while the second is not made.
+        assert first_text.wait(HANG_S), "the first canvas was not sent while the generation was held"
+        assert not done.is_set(), f"the stream ended while the generation was held: {errors or chunks}"
+        assert sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) == 1, chunks
+    finally:
+        hold.release()
+        reader.join(HANG_S)
+    assert not reader.is_alive() and not errors, errors
     assert chunks[0].choices[0].delta.role == "assistant"
     texts = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.content]
     canvases = plain.model_extra["diffusion"]["canvases"]
-    assert len(texts) == canvases >= 2  # one chunk per committed canvas
-    assert arrivals[texts[1]] - arrivals[texts[0]] > 0.01  # sent as committed, not replayed at the end
+    assert len(texts) == canvases >= 2  # one chunk per committed canvas: the second came after the release
     assert content_of(chunks) == plain.choices[0].message.content
     finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert [c.choices[0].finish_reason for c in finish] == [plain.choices[0].finish_reason]
@@ -297,7 +371,7 @@ def test_concurrent_requests_are_all_served_correctly(client):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(HANG_S)
     assert results == expected
 
 
@@ -322,11 +396,15 @@ def test_a_client_gone_before_a_plain_answer_is_cancelled(server, monkeypatch):
     hold = Hold(monkeypatch)
     before = health(server)
     body = {"messages": HELLO, "max_tokens": 40, "max_denoising_steps": 8}
-    with pytest.raises(httpx.ReadTimeout):  # the generation is held: no answer can come
-        httpx.post(f"{server.url}/chat/completions", json=body, timeout=0.5)
+    client = send_raw(server, body)  # no read timeout to race: the test closes it when the server has the job
+    try:
+        assert hold.reached.wait(HANG_S), "the server did not start the request"  # held: no answer can come
+    finally:
+        client.close()  # the client leaves
     wait_until_cancelled(server, hold)
     wait_while_running(server, before)
-    assert health(server)["served"] == before["served"]
+    after = health(server)
+    assert after["served"] == before["served"] and after["queued"] == 0
 
 
 def test_busy_server_answers_429(monkeypatch):
@@ -366,6 +444,30 @@ def test_a_failing_request_does_not_take_the_server_down(server, client, monkeyp
     assert errors and "boom" in errors[0]["error"]["message"] and chunks[-1] == "data: [DONE]"
     assert chat(client, seed=1).choices[0].message.content is not None
     assert health(server)["failed"] >= 2
+
+
+def test_a_hold_fails_at_once_when_the_generation_fails(server, monkeypatch):
+    """A test waiting for a held point raises with the error's text when the generation fails first, instead
+    of waiting out its hang guard."""
+    import mlx_dgemma.server.worker as worker
+
+    def failing(*args: Any, **kwargs: Any):
+        raise RuntimeError("boom before the hold")
+        yield  # a generator, like stream_generate
+
+    monkeypatch.setattr(worker, "stream_generate", failing)
+    hold = Hold(monkeypatch)
+    answers: list[httpx.Response] = []
+    t = threading.Thread(target=lambda: answers.append(httpx.post(f"{server.url}/chat/completions", json={
+        "messages": HELLO, "max_tokens": 4, **FAST})))
+    t.start()
+    try:
+        with pytest.raises(AssertionError, match="boom before the hold"):
+            hold.reached.wait(HANG_S)
+    finally:
+        hold.release()
+        t.join(HANG_S)
+    assert answers[0].status_code == 500 and "boom before the hold" in answers[0].text
 
 
 # --- client errors -------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def gemma4_server(tmp_path_factory):
 
 @pytest.fixture()
 def agent(gemma4_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gemma4_server.url, api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=gemma4_server.url, api_key="unused", max_retries=0, timeout=600)
 
 
 def test_the_tokenizer_infers_mlx_lms_gemma4_parser(gemma4_server):
@@ -149,7 +149,7 @@ def demo_server():
 
 
 def test_thinking_is_returned_in_reasoning_content(demo_server, monkeypatch):
-    client = openai.OpenAI(base_url=demo_server.url, api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=demo_server.url, api_key="unused", max_retries=0, timeout=600)
     Canned(monkeypatch).pieces = ["First, think.<end_", "of_thought>The answer."]
     thinking = {**FAST, "chat_template_kwargs": {"enable_thinking": True}}
     r = client.chat.completions.create(model="default", messages=HELLO, max_tokens=30, extra_body=thinking)

@@ -116,6 +116,44 @@ def test_a_crash_inside_save_leaves_a_whole_checkpoint(examples, straight, tmp_p
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-0000002"]  # leftovers removed
 
 
+def test_a_full_fine_tune_killed_while_publishing_leaves_no_orphan_after_the_next_save(examples, tmp_path,
+                                                                                        monkeypatch):
+    """Killed between writing the temporary copy of the weights beside the adapters and renaming it: the next
+    save (a later process: another pid) removes that copy and every other temporary it left."""
+    out = tmp_path / "full"
+    model = prepare_full(load_model(DEMO24, mx.float32))
+    first = trainer(model, examples, out)
+    first.train_step(0)
+    first.step = 1
+    real = checkpoint_module.os.replace
+
+    def killed(src, dst, *args, **kwargs):
+        if Path(src).name.startswith(".adapters.safetensors.tmp-"):
+            raise KeyboardInterrupt  # the process stops here; what it wrote stays, as after a kill -9
+        real(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint_module.os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            first.save()
+    dead = 999_999_999  # what the killed process left bears its pid, not this one's
+    for path in out.glob(".*.tmp-*"):
+        path.rename(path.with_name(path.name.rsplit("-", 1)[0] + f"-{dead}"))
+    (out / f".checkpoint.json.tmp-{dead}").write_text("{}")  # as if killed before the pointer's rename
+    (out / f".checkpoint-0000009.tmp-{dead}").mkdir()
+    orphans = sorted(p.name for p in out.glob(".*.tmp-*"))
+    assert f".adapters.safetensors.tmp-{dead}" in orphans  # the orphaned copy of the weights
+    assert (out / f".adapters.safetensors.tmp-{dead}").stat().st_size > 0
+
+    later = trainer(prepare_full(load_model(DEMO24, mx.float32)), examples, out)
+    assert later.resume() == 1
+    later.step = later.train_step(1).step
+    later.save()
+    assert sorted(p.name for p in out.iterdir() if ".tmp-" in p.name) == []
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapters.safetensors", "checkpoint-0000002", "checkpoint.json"]
+
+
 def test_a_folder_without_the_pointer_but_with_a_torn_legacy_checkpoint_is_refused(examples, tmp_path):
     out = tmp_path / "legacy"
     out.mkdir()

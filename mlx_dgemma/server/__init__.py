@@ -3,7 +3,7 @@
     mlx_dgemma.server --model PATH_OR_REPO [--host 127.0.0.1] [--port 8080] [--context-length N]
                       [--max-concurrency N] [--no-prompt-cache] [--temp T] [--strict]
                       [--request-timeout S] [--max-body-bytes N] [--max-connections N]
-                      [--header-timeout S] [--allowed-origins URL,...]
+                      [--header-timeout S] [--allowed-origins URL,...] [--allowed-hosts NAME,...]
     python -m mlx_dgemma.server ...
 
 Binds to loopback unless ``--host`` says otherwise. Without ``--model`` it serves the embedded (demo)
@@ -15,12 +15,18 @@ Endpoints
     lowers it) in ``context_length``, ``max_model_len`` and ``max_context_length``.
     ``POST /v1/chat/completions``: the checkpoint's chat template, with system/developer messages,
     ``tools`` (passed to the template, which must mention them) and ``chat_template_kwargs`` (e.g.
-    ``{"enable_thinking": true}``). Tool calls in the answer are returned as OpenAI ``tool_calls``
+    ``{"enable_thinking": true}``). Message text is text: a special token's spelling in it (``<start_of_turn>``,
+    ``<|turn>``) is tokenized as characters, so it cannot forge a turn (as OpenAI's API); the extension
+    ``"parse_special_tokens": true`` reads it as special tokens (pre-templated text sent on purpose).
+    Tool calls in the answer are returned as OpenAI ``tool_calls``
     (``finish_reason: "tool_calls"``, streamed as one ``delta.tool_calls`` chunk), parsed by the parser
     mlx-lm's tokenizer infers from the template (Gemma 4: ``mlx_lm/tool_parsers/gemma4.py``); assistant
     ``tool_calls`` (arguments decoded) and ``tool`` results (named after their call) are rendered back
     through the template. With thinking enabled, the thought is returned in ``reasoning_content``.
     ``POST /v1/completions``: a raw prompt (one string or one list of token ids), no template.
+    ``POST /v1/responses``: OpenAI's Responses API (``server/responses.py``) and ``POST /v1/messages``
+    (plus ``/v1/messages/count_tokens``): Anthropic's Messages API (``server/anthropic.py``), each translated
+    into a chat request and served by the same path (``server/bridge.py``); see their module docs.
     ``GET /health``: queue state and counters (served, cancelled, failed, prompt-cache reused tokens).
 
 Model names: the served id (the ``--model`` argument, a folder's name, or ``default``), the ``--model``
@@ -86,7 +92,14 @@ Limits
     Bodies over ``--max-body-bytes`` (8 MiB) are a 413; decoding, templating and tokenizing run on a
     thread, so the event loop (``/health``) is never blocked by a request. A connection must send its
     request headers within ``--header-timeout`` seconds; beyond ``--max-connections`` open connections, a
-    new one is answered 503 and closed. Running out of file descriptors is logged once a minute.
+    new one is answered 503 and closed. Running out of file descriptors is logged once a minute. More than
+    100 request headers, or more than 16 KiB of them, are a 431 and the connection is closed.
+
+Browsers (``server/guards.py``)
+    ``POST`` endpoints require ``Content-Type: application/json`` (415 otherwise): a web page cannot send that
+    without a CORS preflight, which is refused unless ``--allowed-origins`` allows the page. A request whose
+    ``Host`` is not ``localhost``, an IP address, this machine's name, ``--host`` or a ``--allowed-hosts``
+    name is a 400 (code ``host_not_allowed``): DNS rebinding. ``--allowed-hosts '*'`` serves any name.
 
 Prompt cache
     The encoder cache of the previous request is kept (the prompt alone, and the prompt plus any canvases
@@ -96,7 +109,7 @@ Prompt cache
 
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 (malformed JSON, an
 invalid or unsupported field, a prompt that does not fit: code ``context_length_exceeded``), 404 (unknown
-model), 413 (body too large), 429 (busy), 500, 503 (shutting down).
+model), 413 (body too large), 415 (not JSON), 429 (busy), 431 (headers too large), 500, 503 (shutting down).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import DGemmaError
 from ..model import Model
+from .guards import HostGuard, check_json_content_type
+from .images import ImagePolicy
 from .output import OutputParser, Piece
 from .protocol import IGNORED_HEADER, APIError, ChatRequest, Kind, Plan, parse, plan, read_json
 from .worker import Busy, Delta, DraftText, Event, Failed, Finished, Job, Worker
@@ -77,15 +79,20 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
                request_timeout: float | None = None,
                strict: bool = False,
                allowed_origins: list[str] | None = None,
+               allowed_hosts: list[str] | None = None,
                default_temperature: float | None = None,
-               fast: bool = False) -> FastAPI:
+               fast: bool = False,
+               images: ImagePolicy | None = None) -> FastAPI:
     """An app serving ``model`` (a folder or hub id; ``None``: the embedded default model).
 
     The model is loaded here, on the worker thread (loading errors are raised here). The worker stops with
     the app (ASGI lifespan). Raises ``DGemmaError`` for a bad ``context_length``, ``max_concurrency``,
     ``max_body_bytes`` or ``request_timeout``. ``strict``: autoregressive-only sampling fields (``top_p``,
     ...) are 400s instead of ignored. ``allowed_origins``: browser origins allowed by CORS (``["*"]``: any).
+    ``allowed_hosts``: ``Host`` names served besides localhost, IP addresses and this machine's name (``["*"]``:
+    any; see ``guards.py``).
     ``default_temperature``: the temperature of requests that set neither it nor ``t_max``/``t_min``.
+    ``images``: which image URLs are fetched and the pixel budgets (default: public addresses only).
     """
     check_limits(context_length, max_concurrency, max_body_bytes, request_timeout)
     worker = Worker(model, max_concurrency, prompt_cache, adapter_path, drafter, request_timeout, fast)
@@ -110,7 +117,8 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"], expose_headers=[IGNORED_HEADER])
-    app.state.limits = limits = _Limits(max_body_bytes, strict, default_temperature)
+    app.add_middleware(HostGuard, allowed=allowed_hosts or ())  # added last: outermost, before CORS
+    app.state.limits = limits = _Limits(max_body_bytes, strict, default_temperature, images=images or ImagePolicy())
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -136,6 +144,11 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
     async def completions(request: Request) -> Any:
         return await _complete("completion", request, served, worker, limits)
 
+    from . import anthropic, responses  # the other APIs: translated into chat requests (bridge.py)
+
+    responses.register(app)  # POST /v1/responses
+    anthropic.register(app)  # POST /v1/messages
+
     return app
 
 
@@ -158,6 +171,7 @@ class _Limits:
     strict: bool
     temperature: float | None = None  # the server's default (--temp)
     body_timeout_s: float = 60.0  # a body trickled in more slowly than this is a 408 (a slowloris on the body)
+    images: ImagePolicy = field(default_factory=ImagePolicy)  # image fetches (abandoned with the request), pixels
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -195,9 +209,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _prepare(kind: Kind, body: bytes, served: Served, limits: _Limits) -> tuple[Plan, OutputParser | None]:
-    """Decode, validate, template and tokenize (CPU work, run on a thread: the event loop stays free)."""
-    req = parse(kind, read_json(body))
+def _prepare(kind: Kind, body: bytes | dict[str, Any], served: Served,
+             limits: _Limits) -> tuple[Plan, OutputParser | None]:
+    """Decode (unless ``body`` is a decoded request already: another API's, translated), validate, template and
+    tokenize (CPU work, run on a thread: the event loop stays free)."""
+    req = parse(kind, body if isinstance(body, dict) else read_json(body))
     served.check_model(req.model)
     if limits.temperature is not None and req.temperature is None and req.t_max is None and req.t_min is None:
         req.temperature = limits.temperature
@@ -212,12 +228,13 @@ def _prepare(kind: Kind, body: bytes, served: Served, limits: _Limits) -> tuple[
 
 async def _complete(kind: Kind, request: Request, served: Served, worker: Worker, limits: _Limits) -> Any:
     """Validate, queue, and answer one request (a JSON body, or a stream of server-sent events)."""
+    check_json_content_type(request.headers.get("content-type"))  # before the body: a page's text/plain POST
     try:
         body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), limits.body_timeout_s)
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
                        code="request_timeout") from None
-    job_plan, parser = await asyncio.to_thread(_prepare, kind, body, served, limits)
+    job_plan, parser = await limits.images.run(request, _prepare, kind, body, served, limits)  # on a thread
     headers = {}
     if job_plan.ignored:
         log.info("ignored autoregressive-only fields: %s", ", ".join(job_plan.ignored))

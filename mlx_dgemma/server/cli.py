@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
+import ipaddress
 import socket
 import sys
 import threading
@@ -14,6 +16,8 @@ from .._cli import add_model_arguments
 from ..distributed import is_leader
 from ..errors import DGemmaError
 from .app import MAX_BODY_BYTES, check_limits, create_app
+from .fetch import FETCH_TIMEOUT
+from .images import ImagePolicy
 from .net import Server, make_config
 
 DESCRIPTION = """OpenAI-compatible server for DiffusionGemma (chat and text completions, streaming).
@@ -65,6 +69,13 @@ def _origins(text: str) -> list[str]:
     return [o.strip() for o in text.split(",") if o.strip()]
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mlx_dgemma.server", description=DESCRIPTION, allow_abbrev=False)
     add_model_arguments(p)
@@ -95,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "400 instead of ignoring them")
     p.add_argument("--allowed-origins", type=_origins,
                    help="browser origins allowed by CORS, comma-separated, or '*' (default: none)")
+    p.add_argument("--allowed-hosts", type=_origins, metavar="HOSTS",
+                   help="Host header names served besides localhost, IP addresses, this machine's name and "
+                        "--host: comma-separated, '*.example.com' for subdomains, '*' for any (e.g. behind a "
+                        "reverse proxy); others are refused (DNS rebinding)")
+    p.add_argument("--allow-image-hosts", type=_origins, metavar="HOSTS",
+                   help="image URL hosts fetched even when they resolve to a loopback, private or link-local "
+                        "address: host names, addresses or networks, comma-separated (e.g. images.lan,10.0.0.0/8)")
+    p.add_argument("--allow-local-image-urls", action="store_true",
+                   help="fetch image URLs from any address, this machine and its networks included (only when "
+                        "every client is trusted; default: public addresses only)")
+    p.add_argument("--no-image-urls", action="store_true",
+                   help="refuse http(s) image URLs: clients send images as data: URLs")
+    p.add_argument("--image-fetch-timeout", type=float, default=FETCH_TIMEOUT, metavar="S",
+                   help=f"seconds one image fetch may take in all (default {FETCH_TIMEOUT:g})")
     p.add_argument("--log-level", default="info", type=str.lower,
                    choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--trust-remote-code", action=_Note, help="accepted for mlx-lm compatibility; ignored")
@@ -104,13 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the model loads, so that a bad address fails in a second."""
+    """The listening socket, bound and listening before the model loads, so that a bad address or a port in use
+    fails in a second, in one line. Listening at once claims the port: two servers bound (SO_REUSEADDR) but not
+    yet listening could both get it, and the second would fail later, inside uvicorn, with a traceback."""
+    sock = None
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        if is_leader():  # the rank that answers HTTP (other ranks of an mlx.launch on one host only bind)
+            sock.listen(2048)  # uvicorn's default backlog (it calls listen() again, with its own)
     except OSError as e:
+        if sock is not None:
+            sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise DGemmaError(f"cannot listen on {host}:{port}: port {port} is already in use: pick another with "
+                              "--port") from None
         raise DGemmaError(f"cannot listen on {host}:{port}: {e.strerror or e}: choose another --host/--port") from None
     return sock
 
@@ -124,12 +159,22 @@ def main(argv: list[str] | None = None) -> None:
         if args.temperature is not None and not 0 <= args.temperature <= 2:
             raise DGemmaError(f"--temp must be between 0 and 2 (got {args.temperature})")
         check_limits(args.context_length, args.max_concurrency, args.max_body_bytes, timeout)
+        if not args.image_fetch_timeout > 0:
+            raise DGemmaError(f"--image-fetch-timeout must be a positive number of seconds (got "
+                              f"{args.image_fetch_timeout})")
+        images = ImagePolicy(fetch_urls=not args.no_image_urls, allow_local=args.allow_local_image_urls,
+                             allow_hosts=args.allow_image_hosts, timeout=args.image_fetch_timeout)
+        if (args.allow_local_image_urls or args.allow_image_hosts) and not _is_loopback(args.host):
+            print(f"mlx_dgemma.server: warning: every client that reaches --host {args.host} can make the server "
+                  "fetch image URLs from the hosts --allow-image-hosts/--allow-local-image-urls open: keep them "
+                  "for trusted networks", file=sys.stderr)
         sock = bind(args.host, args.port)
         app = create_app(args.model, context_length=args.context_length, max_concurrency=args.max_concurrency,
                          prompt_cache=not args.no_prompt_cache, adapter_path=args.adapter_path,
                          drafter=args.drafter, max_body_bytes=args.max_body_bytes, request_timeout=timeout,
                          strict=args.strict, allowed_origins=args.allowed_origins,
-                         default_temperature=args.temperature, fast=args.fast)
+                         allowed_hosts=[*(args.allowed_hosts or []), args.host],
+                         default_temperature=args.temperature, fast=args.fast, images=images)
     except DGemmaError as e:
         print(f"mlx_dgemma.server: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -146,7 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     # full passes over it (~370k objects) hold the GIL for up to a second and stall /health.
     gc.collect()
     gc.freeze()
-    Server(config, on_exit=app.state.worker.shutdown).run(sockets=[sock])
+
+    def on_exit() -> None:  # stop the running generation at its next step, abandon image fetches
+        app.state.worker.shutdown()
+        app.state.limits.images.shutdown()
+
+    Server(config, on_exit=on_exit).run(sockets=[sock])
 
 
 class BackgroundServer:
@@ -158,11 +208,11 @@ class BackgroundServer:
         self.host, self.port = host, self.socket.getsockname()[1]
         self.url = f"http://{host}:{self.port}/v1"
         self.app = app
-        self.server = Server(make_config(app, log_level=log_level, graceful_s=2, **limits),
+        self.server = Server(make_config(app, log_level=log_level, graceful_s=60, **limits),
                              on_exit=app.state.worker.shutdown)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
-    def start(self, timeout: float = 30) -> BackgroundServer:
+    def start(self, timeout: float = 600) -> BackgroundServer:  # a hang guard: a loaded machine is slow
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
@@ -173,7 +223,7 @@ class BackgroundServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(10)
+        self.thread.join(600)  # a hang guard: requests still running get graceful_s to finish
         self.socket.close()
 
     def __enter__(self) -> BackgroundServer:

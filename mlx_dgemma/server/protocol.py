@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
+from .. import chat_template
 from ..errors import DGemmaError
 from ..generation import UNSUPPORTED, sampler_config
 from ..model import Model
+from ..special_text import PlainText
 
 MIN_TEMPERATURE = 0.01  # temperature 0 (greedy in OpenAI terms) is served as this: the schedule's floor
 GREEDY_SEED = 0  # temperature 0 without a seed uses this one, so that it is reproducible as clients expect
@@ -64,9 +66,6 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "verbosity": ((), "ask for brevity in the prompt"),
 }
 
-_TEMPLATE_RESERVED = frozenset({"messages", "conversation", "tools", "add_generation_prompt", "tokenize"})
-
-
 class APIError(Exception):
     """An error answered to the client in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
@@ -85,6 +84,52 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
     include_drafts: bool = False
+
+
+# The shape of chat messages and tools, checked in ``parse`` before anything reads them: a wrong JSON type anywhere
+# is a 400 naming its field. The request keeps the client's dicts (chat templates read them as sent).
+_Name = Field(min_length=1)
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class FunctionCall(_Open):
+    name: str = _Name
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string; a decoded object is accepted too
+
+
+class ToolCall(_Open):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None  # parts are checked by ``_message`` (text, images)
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(_Open):
+    name: str = _Name
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema: checked against the metaschema in ``parse``
+    strict: bool | None = None
+
+
+class Tool(_Open):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class _ChatShape(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    messages: list[Message]
+    tools: list[Tool] | None = None
 
 
 def read_json(body: bytes) -> Any:
@@ -126,13 +171,13 @@ class _Request(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
+    max_tokens: StrictInt | None = Field(None, ge=1)  # strict: "5" and true are not token counts
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     temperature: float | None = Field(None, ge=0, le=2)
-    max_denoising_steps: int | None = Field(None, ge=1)
+    max_denoising_steps: StrictInt | None = Field(None, ge=1)
     t_max: float | None = Field(None, ge=0)
     t_min: float | None = Field(None, ge=0)
     entropy_bound: float | None = Field(None, gt=0)
@@ -143,16 +188,19 @@ class _Request(BaseModel):
 class ChatRequest(_Request):
     """``POST /v1/chat/completions``."""
 
-    messages: list[dict[str, Any]]
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[dict[str, Any]]  # typed by ``Message`` in ``parse`` (kept as dicts for the chat template)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # Our extension: true reads special-token spellings in message text as special tokens (pre-templated text
+    # sent on purpose); by default they are plain text, as OpenAI reads them (``mlx_dgemma.special_text``).
+    parse_special_tokens: StrictBool = False
 
 
 class CompletionRequest(_Request):
     """``POST /v1/completions``: a raw prompt, no chat template."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
 
 @dataclass
@@ -186,11 +234,57 @@ def parse(kind: Kind, data: Any) -> ChatRequest | CompletionRequest:
     schema = ChatRequest if kind == "chat" else CompletionRequest
     try:
         request = schema.model_validate(data)
+        if kind == "chat":
+            _ChatShape.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise APIError(400, f"invalid field {param!r}: {err['msg']}", param) from None
+        param = _param_of(data, err) or None
+        raise APIError(400, f"invalid field {param!r}: {_pydantic_reason(err)}", param) from None
+    if isinstance(request, ChatRequest):
+        for i, tool in enumerate(request.tools or []):
+            check_schema(tool["function"].get("parameters"), f"tools.{i}.function.parameters")
     return request
+
+
+def _param_of(data: Any, err: Any) -> str:
+    """The dotted path of a pydantic error in the request (``messages.1.tool_calls.0.id``), without the union
+    members pydantic adds to it (``content.str``): the path stops where the request's own data does."""
+    path, node = [], data
+    loc = list(err["loc"])
+    for i, part in enumerate(loc):
+        inside = isinstance(node, dict) and part in node
+        if inside or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
+            node = node[part]
+        elif err["type"] == "missing" and i == len(loc) - 1:
+            pass  # the missing field itself
+        else:
+            break
+        path.append(str(part))
+    return ".".join(path)
+
+
+def _pydantic_reason(err: Any) -> str:
+    """Pydantic's message, with the value sent when it is short (``got 'x'``), as one line."""
+    msg = " ".join(str(err["msg"]).split())
+    value = err.get("input")
+    if err["type"] != "missing" and isinstance(value, (str, int, float, bool, list, type(None))):
+        shown = json.dumps(value)
+        if len(shown) <= 40:
+            msg += f" (got {shown})"
+    return msg
+
+
+def check_schema(schema: Any, param: str) -> None:
+    """A JSON schema checked against its metaschema (Draft 2020-12, or the ``$schema`` it names): a wrong type
+    anywhere (``"pattern": 5``, ``"minItems": "2"``, ``"properties": []``) is a 400 naming where it is."""
+    if schema is None:
+        return
+    from ..constrain import ConstraintError, check_json_schema
+
+    try:
+        check_json_schema(schema)
+    except ConstraintError as e:
+        raise APIError(400, f"{param}: {e}", f"{param}.{e.where}" if e.where else param) from None
 
 
 def check_extra_fields(extra: dict[str, Any], strict: bool = True) -> list[str]:
@@ -286,30 +380,42 @@ def chat_prompt_ids(request: ChatRequest, tokenizer: Any, context: int | None = 
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
-    messages = _with_tool_names([_message(i, m, images, placeholder) for i, m in enumerate(request.messages)])
+    plain = None if request.parse_special_tokens else PlainText(
+        tokenizer, [request.messages, request.tools, request.chat_template_kwargs, template, placeholder])
+    messages = _with_tool_names([_message(i, m, images, placeholder, plain) for i, m in enumerate(request.messages)])
     kwargs = dict(request.chat_template_kwargs or {})
-    bad = _TEMPLATE_RESERVED & set(kwargs)
-    if bad:
-        raise APIError(400, f"chat_template_kwargs may not set {sorted(bad)[0]!r}", "chat_template_kwargs")
+    try:
+        chat_template.check_kwargs(kwargs)
+    except DGemmaError as e:
+        raise APIError(400, str(e), "chat_template_kwargs") from None
     if request.tools and _tool_choice(request) != "none":
         if "tools" not in template:
             raise APIError(400, "this model's chat template does not accept tool definitions", "tools")
         kwargs["tools"] = request.tools
-    ids = _render(tokenizer, messages, True, kwargs, context)
-    history = _render(tokenizer, messages, False, kwargs, context)
+    ids = _render(tokenizer, messages, True, kwargs, context, plain)
+    history = _render(tokenizer, messages, False, kwargs, context, plain)
     return ids, len(history) if 0 < len(history) < len(ids) and ids[: len(history)] == history else None
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool,
-            kwargs: dict[str, Any], context: int | None = None) -> list[int]:
+            kwargs: dict[str, Any], context: int | None = None, plain: PlainText | None = None) -> list[int]:
+    """The template rendered and tokenized; with ``plain``, special-token spellings in message text are text."""
     # As ``encode_prompt`` does: without enable_thinking, the template's own default (mlx-lm's wrapper would
     # switch thinking on when it spots thinking tokens in the vocabulary).
     render = tokenizer if "enable_thinking" in kwargs else getattr(tokenizer, "_tokenizer", tokenizer)
-    try:
-        text = render.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False,
-                                          **kwargs)
+    template_kwargs = {k: v for k, v in kwargs.items() if k != "tools"}  # tools: set by the server, not the client
+    tools = kwargs.get("tools")
+    try:  # the template's own code is time-limited (mlx_dgemma.chat_template)
+        text = chat_template.render(render, messages, generation_prompt, template_kwargs, tools)
+    except chat_template.TemplateTooSlow as e:
+        raise APIError(400, str(e), "messages") from None
     except Exception as e:  # jinja raises on messages the template rejects (roles out of order, ...)
         raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
+    if plain is not None:
+        text, typed = plain.unmark(text)
+        if typed:  # a message holds a special-token spelling: tokenized as text
+            check_length(tokenizer, text, context, "messages")
+            return plain.encode(text, typed)
     # The template writes its own <bos>; don't let the tokenizer add another.
     return encode(tokenizer, text, False, context, "messages")
 
@@ -326,24 +432,31 @@ def encode(tokenizer: Any, text: str, special: bool, context: int | None, param:
     """Token ids of ``text``. A text too long for ``context`` tokens whatever its tokens (more characters
     than ``context`` of the longest tokens) is refused before tokenizing: tokenizing megabytes costs
     seconds of CPU for a request that cannot be served."""
-    if context is not None and len(text) > context * max_token_chars(tokenizer):
-        at_least = -(-len(text) // max_token_chars(tokenizer))
-        raise APIError(400, f"the prompt has at least {at_least} tokens ({len(text)} characters), but the "
-                            f"context length is {context}: shorten the prompt", param,
-                       code="context_length_exceeded")
+    check_length(tokenizer, text, context, param)
     backend = getattr(getattr(tokenizer, "_tokenizer", tokenizer), "backend_tokenizer", None)
     if backend is not None and not special:  # the Rust tokenizer directly: 3x faster, and without the GIL
         return list(backend.encode_batch([text], add_special_tokens=False)[0].ids)
     return list(tokenizer.encode(text, add_special_tokens=special))
 
 
+def check_length(tokenizer: Any, text: str, context: int | None, param: str) -> None:
+    """``APIError(400)`` when ``text`` has more characters than ``context`` of the longest tokens."""
+    if context is not None and len(text) > context * max_token_chars(tokenizer):
+        at_least = -(-len(text) // max_token_chars(tokenizer))
+        raise APIError(400, f"the prompt has at least {at_least} tokens ({len(text)} characters), but the "
+                            f"context length is {context}: shorten the prompt", param,
+                       code="context_length_exceeded")
+
+
 def _tool_choice(request: ChatRequest) -> Any:
     return (request.model_extra or {}).get("tool_choice")
 
 
-def _message(i: int, message: dict[str, Any], images: list | None = None, placeholder: str = "") -> dict[str, Any]:
+def _message(i: int, message: dict[str, Any], images: list | None = None, placeholder: str = "",
+             plain: PlainText | None = None) -> dict[str, Any]:
     """One chat message for the template: text parts joined, ``developer`` read as ``system``; image parts
-    (collected into ``images`` when given) become ``placeholder``."""
+    (collected into ``images`` when given) become ``placeholder``; the text marked by ``plain`` (read as text)."""
+    mark = plain.mark if plain is not None else str
     role = message.get("role")
     if role not in ("system", "developer", "user", "assistant", "tool"):
         raise APIError(400, f"messages[{i}].role must be system, developer, user, assistant or tool (got {role!r})",
@@ -359,13 +472,15 @@ def _message(i: int, message: dict[str, Any], images: list | None = None, placeh
                 continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise APIError(400, f"messages[{i}].content: only text parts are supported", f"messages.{i}.content")
-            texts.append(part["text"])
+            texts.append(mark(part["text"]))
         out["content"] = "".join(texts)
     elif content is not None and not isinstance(content, str):
         raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
                        f"messages.{i}.content")
     elif content is None and role != "assistant":
         raise APIError(400, f"messages[{i}].content is missing", f"messages.{i}.content")
+    elif content is not None:
+        out["content"] = mark(content)
     if role == "assistant" and message.get("tool_calls"):
         out["tool_calls"] = _tool_calls_for_template(i, message["tool_calls"])
     return out
@@ -387,7 +502,11 @@ def _tool_calls_for_template(i: int, calls: Any) -> list[dict[str, Any]]:
                 args = json.loads(args)
             except ValueError:
                 raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments is not JSON",
-                               f"messages.{i}.tool_calls") from None
+                               f"messages.{i}.tool_calls.{j}.function.arguments") from None
+        if not isinstance(args, dict):
+            raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object "
+                                f"(got {type(args).__name__}): send the call's arguments as an object",
+                           f"messages.{i}.tool_calls.{j}.function.arguments")
         out.append({**call, "function": {**fn, "arguments": args}})
     return out
 
@@ -486,13 +605,12 @@ def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, m
 
 
 def _image_prompt(model: Model, ids: list[int], parts: list[tuple[str, dict]]) -> Any:
-    """Fetch or decode the images (``server.images``), process them and expand their placeholders."""
-    from ..multimodal import prepare
-    from .images import image_of
+    """Fetch or decode the images (``server.images``: fetch and pixel limits), process them and expand their
+    placeholders."""
+    from .images import image_prompt
 
-    data = [image_of(part, where) for where, part in parts]
     try:
-        return prepare(model, ids, data)
+        return image_prompt(model, ids, parts)
     except DGemmaError as e:
         raise APIError(400, f"messages: {e}", "messages") from None
 
@@ -523,15 +641,21 @@ def response_format_of(request: _Request, tokenizer: Any, model: Model, max_toke
         try:
             fmt, param = {"type": "lark", "lark": tool_call_grammar(request.tools, tool_choice, tokenizer)}, "tool_choice"
         except DGemmaError as e:
-            raise APIError(400, str(e), "tool_choice") from None
+            raise APIError(400, f"tool_choice: {e}".replace("tool_choice: tool_choice", "tool_choice"),
+                           "tool_choice") from None
     if fmt is None:
         return None
-    from ..constrain import make_constraint
+    from ..constrain import GrammarBusy, make_constraint
     from ..generation import eos_ids
 
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    label = param if param == "tool_choice" or not isinstance(kind, str) else f"{param}.{kind}"
     try:
         make_constraint(tokenizer, sorted(eos_ids(model, tokenizer)), model.args.pad_token_id or 0,
-                        model.args.vocab_size, max_tokens, model.args.canvas_length, response_format=fmt)
+                        model.args.vocab_size, max_tokens, model.args.canvas_length, response_format=fmt,
+                        bounded=True)
+    except GrammarBusy as e:
+        raise APIError(429, str(e), param, type_="rate_limit_error", code="grammars_busy") from None
     except DGemmaError as e:
-        raise APIError(400, str(e), param) from None
+        raise APIError(400, f"{label}: {e}", param) from None
     return fmt

@@ -59,6 +59,7 @@ class Finished:
     cached_tokens: int  # prompt tokens reused from the previous request's cache
     stats: dict[str, Any]
     error: dict[str, Any] | None = None  # why the answer was cut short (the request timeout), OpenAI's shape
+    stop_sequence: str | None = None  # the stop sequence that ended the answer, if one did
 
 
 @dataclass
@@ -106,6 +107,7 @@ class StopScanner:
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.text, self.sent = "", 0
         self.stop_end: int | None = None  # where the matched stop sequence ends in ``text``
+        self.matched: str | None = None  # the stop sequence matched
 
     def feed(self, new: str) -> str:
         """Add text; return what can be sent now. After a match, ``stop_end`` is set and nothing more comes."""
@@ -114,6 +116,7 @@ class StopScanner:
         hits = [(i, i + len(s)) for s in self.stops if (i := self.text.find(s, start)) >= 0]
         if hits:
             begin, self.stop_end = min(hits)
+            self.matched = self.text[begin : self.stop_end]
             return self._send(begin)
         return self._send(len(self.text) - self.hold)
 
@@ -421,7 +424,8 @@ class _Answer:
             self._send(self.scanner.feed(event.text))
             if self.scanner.stop_end is None:
                 return False
-            self._finish("stop", tokens_through(self.tokenizer, self.tokens, self.scanner.stop_end))
+            self._finish("stop", tokens_through(self.tokenizer, self.tokens, self.scanner.stop_end),
+                         stop_sequence=self.scanner.matched)
             return True
         self._send(self.scanner.flush())
         self._finish(event.finish_reason, event.stats.generated_tokens)
@@ -438,8 +442,10 @@ class _Answer:
         if text:
             self.job.emit(Delta(text))
 
-    def _finish(self, reason: str, completion_tokens: int, error: dict[str, Any] | None = None) -> None:
+    def _finish(self, reason: str, completion_tokens: int, error: dict[str, Any] | None = None,
+                stop_sequence: str | None = None) -> None:
         stats = {"canvases": self.canvases, "decoder_passes": self.passes,
                  "tokens_per_forward": round(completion_tokens / max(self.passes, 1), 3)}
         self.job.release()  # before the answer goes out (see Worker._answer)
-        self.job.emit(Finished(reason, self.prompt_tokens, completion_tokens, self.cached, stats, error))
+        self.job.emit(Finished(reason, self.prompt_tokens, completion_tokens, self.cached, stats, error,
+                               stop_sequence))

@@ -9,8 +9,10 @@ Layout of a training output folder ``out``::
 
 A step folder is written under a temporary name, every file and the folder fsync-ed, then renamed into place;
 only then is ``checkpoint.json`` replaced (``os.replace``, atomic). A process killed at any moment therefore
-leaves ``checkpoint.json`` naming a complete folder (the new one or the previous one); leftovers are removed by
-the next save. Folders written before this layout (the files directly in ``out``) are still resumed.
+leaves ``checkpoint.json`` naming a complete folder (the new one or the previous one). Every temporary entry is
+named ``.<final name>.tmp-<pid>``; the next save (or resume) removes those of every final name it writes, whatever
+their pid, so a kill mid-save or mid-publish leaves nothing behind for long. Folders written before this layout
+(the files directly in ``out``) are still resumed.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def write_checkpoint(out: Path, step: int, files: dict[str, Writer]) -> Path:
     final = out / name
     if current(out) == final:
         return final  # saved already at this step (a periodic save, then Ctrl-C)
-    tmp = out / f".{name}.tmp-{os.getpid()}"
+    tmp = _tmp_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for file, write in files.items():
@@ -72,7 +74,7 @@ def current(out: Path) -> Path | None:
 def publish(folder: Path, out: Path, names: tuple[str, ...]) -> None:
     """Make ``out/<name>`` the checkpoint's file for each name: a hard link (no copy) where the disk allows."""
     for name in names:
-        tmp = out / f".{name}.tmp-{os.getpid()}"
+        tmp = _tmp_name(out / name)
         tmp.unlink(missing_ok=True)
         try:
             os.link(folder / name, tmp)
@@ -80,10 +82,32 @@ def publish(folder: Path, out: Path, names: tuple[str, ...]) -> None:
             shutil.copyfile(folder / name, tmp)
         os.replace(tmp, out / name)
     _fsync(out)
+    _remove_temporaries(out, names)  # of earlier processes killed between the copy and its rename
+
+
+def _tmp_name(path: Path) -> Path:
+    """``.<name>.tmp-<pid>``: the temporary of ``path``, which any later save of ``path`` removes."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _is_temporary_of(entry: str, names: tuple[str, ...]) -> bool:
+    if not entry.startswith(".") or ".tmp-" not in entry:
+        return False
+    final = entry[1:].rsplit(".tmp-", 1)[0]
+    return final in names or final.startswith(PREFIX)
+
+
+def _remove_temporaries(out: Path, names: tuple[str, ...]) -> None:
+    for path in out.iterdir():
+        if _is_temporary_of(path.name, names):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_name(path)
     tmp.write_text(text)
     _fsync(tmp)
     os.replace(tmp, path)
@@ -91,11 +115,11 @@ def _replace_text(path: Path, text: str) -> None:
 
 
 def _remove_others(out: Path, keep: str) -> None:
-    """Older step folders and temporary folders of processes that were killed mid-save."""
+    """Older step folders, and temporaries (step folders, pointer) of processes that were killed mid-save."""
     for path in out.iterdir():
-        stale = path.name.startswith(PREFIX) or (path.name.startswith(f".{PREFIX}") and ".tmp-" in path.name)
-        if stale and path.name != keep and path.is_dir():
+        if path.name.startswith(PREFIX) and path.name != keep and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+    _remove_temporaries(out, (POINTER,))
 
 
 def _fsync(path: Path) -> None:
