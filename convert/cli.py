@@ -10,10 +10,9 @@ from types import FrameType
 
 from mlx_dgemma._cli import run_cli
 
-from .adapters import fused_source
+from .api import convert
 from .errors import ConvertError
 from .lmstudio import DEFAULT_PUBLISHER, LMSTUDIO_NOTE, lmstudio_target
-from .pipeline import convert
 from .plan import DTYPES
 from .recipes import RECIPES, Recipe
 
@@ -100,18 +99,11 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_flags(args)
-    target = output_path(args)
-    if args.adapter_path is None:
-        return _convert(args, args.hf_path, target)
-    with fused_source(args.hf_path, args.adapter_path, target.expanduser().absolute()) as fused:
-        return _convert(args, str(fused), target, f"\nFine-tuned: the adapters in `{args.adapter_path}` are fused in.\n")
-
-
-def _convert(args: argparse.Namespace, source: str, target: Path, card: str = "") -> int:
     result = convert(
-        source, target, dtype=args.dtype, quantize=args.quantize, q_bits=_or(args.q_bits, 4),
-        q_group_size=_or(args.q_group_size, 64), q_recipe=args.q_recipe or "mixed", drop_vision=args.drop_vision,
-        shard_size=parse_size(args.shard_size), force=args.force, card_extra=card + (LMSTUDIO_NOTE if args.lmstudio else ""),
+        args.hf_path, output_path(args), dtype=args.dtype, quantize=args.quantize, q_bits=_or(args.q_bits, 4),
+        q_group_size=_or(args.q_group_size, 64), q_recipe=args.q_recipe or "mixed", adapter_path=args.adapter_path,
+        drop_vision=args.drop_vision, shard_size=parse_size(args.shard_size), force=args.force,
+        card_extra=LMSTUDIO_NOTE if args.lmstudio else "",
     )
     print(result.summary())
     return 0

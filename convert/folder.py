@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_dgemma.config import ModelArgs
+from mlx_dgemma.image_processing import DEFAULT_BUDGET
 
 from .plan import Plan, dtype_name
 
@@ -52,6 +53,38 @@ def copy_sidecars(source: Path, dest: Path) -> list[str]:
         print(f"warning: {source} has no tokenizer (tokenizer.json or tokenizer.model): copy it into the output "
               "before generating", file=sys.stderr)
     return [path.name for path in files]
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def processor_config(vision: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 4's ``processor_config.json`` for a vision config: the image processor our
+    ``mlx_dgemma.image_processing`` reproduces (bicubic aspect-preserving resize, rescale to [0, 1], no
+    normalisation, RGB), nested under ``image_processor`` as transformers 5 saves it. transformers'
+    ``AutoImageProcessor`` and mlx-vlm's Gemma 4 processor (LM Studio's MLX engine) read it."""
+    budget = DEFAULT_BUDGET
+    image = {
+        "do_convert_rgb": True, "do_normalize": False, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.0, 0.0, 0.0], "image_processor_type": "Gemma4ImageProcessor",
+        "image_std": [1.0, 1.0, 1.0], "max_soft_tokens": budget,
+        "patch_size": int(vision.get("patch_size") or 16),
+        "pooling_kernel_size": int(vision.get("pooling_kernel_size") or 3),
+        "resample": 3, "rescale_factor": 1 / 255,  # 3: PIL's BICUBIC
+    }
+    return {"image_processor": image, "image_seq_length": budget, "processor_class": "Gemma4Processor"}
+
+
+def write_processor_config(plan: Plan, dest: Path) -> bool:
+    """Write :func:`processor_config` when the output keeps the vision tower and the source shipped no processor
+    config (those it ships are copied as they are); returns whether it wrote one."""
+    vision = plan.config.get("vision_config")
+    if not plan.keep_vision or not isinstance(vision, dict):
+        return False
+    if any((plan.source / name).is_file() for name in PROCESSOR_FILES):
+        return False
+    (dest / PROCESSOR_FILES[0]).write_text(json.dumps(processor_config(vision), indent=2) + "\n")
+    return True
 
 
 def output_config(plan: Plan) -> dict[str, Any]:

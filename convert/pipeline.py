@@ -12,7 +12,14 @@ from typing import Any
 from mlx_dgemma.loader import resolve
 
 from .errors import ConvertError
-from .folder import copy_sidecars, drafter_files, sidecar_files, write_config, write_model_card
+from .folder import (
+    copy_sidecars,
+    drafter_files,
+    sidecar_files,
+    write_config,
+    write_model_card,
+    write_processor_config,
+)
 from .plan import Plan, build_plan, dtype_name
 from .progress import Progress, human_bytes
 from .recipes import Recipe
@@ -95,6 +102,7 @@ def convert(
 def _write_folder(plan: Plan, folder: Path, bar: Progress, hf_path: str, card_extra: str) -> None:
     write_weights(plan, folder, bar.advance)
     copy_sidecars(plan.source, folder)
+    write_processor_config(plan, folder)  # mlx-vlm / LM Studio need one for a vision model
     name, hub_id = source_name(hf_path)
     write_model_card(plan, folder, name, hub_id, card_extra)
     write_config(plan, folder)  # last: a folder without it is never taken for a model

@@ -29,7 +29,10 @@ Advance = Callable[[int, int], None]
 
 
 def shard_names(count: int) -> list[str]:
-    """``model-00001-of-0000N.safetensors``, as mlx-lm / mlx-vlm and Hugging Face name shards."""
+    """``model-00001-of-0000N.safetensors``, or ``model.safetensors`` for a single shard: as mlx-lm's
+    ``save_model`` (and mlx-vlm) name them. The index is written either way, as mlx-lm writes it."""
+    if count == 1:
+        return ["model.safetensors"]
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 

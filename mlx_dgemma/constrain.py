@@ -438,18 +438,27 @@ class GrammarConstraint(Constraint):
 
 
 _COSTS: dict[int, np.ndarray] = {}
+CLOSERS = frozenset(b'"]}')
 
 
 def closing_cost(llt: Any, vocab: int) -> np.ndarray:
-    """Per token: quotes (``<`` opens Gemma 4's ``<|\"|>``) and closing brackets first, then 0/1, then shorter
-    tokens (``GrammarConstraint.need``)."""
+    """Per token, by its first byte: what ends the current value first (quotes, ``<`` opening Gemma 4's
+    ``<|\"|>``, closing brackets, then ``,``), then 0/1, then shorter tokens (``GrammarConstraint.need``).
+
+    ``,`` ranks before the digits because a number has no closing byte of its own: it ends only where the next
+    token is not part of it. Ranked after them, the greedy search extends an unbounded number digit by digit and
+    never sees it close, so near ``max_tokens`` only a leading ``0`` (after which JSON allows no digit) "fits".
+    Within a rank, a token of closing bytes only (``"]}``) comes first, the longest first: it ends several levels
+    in one token, as the model writes them; otherwise the search counts one token per level and closes early."""
     if id(llt) not in _COSTS:
-        rank = {ord('"'): 0, ord("<"): 1, ord("}"): 2, ord("]"): 3, ord("0"): 4, ord("1"): 5}
+        rank = {ord('"'): 0, ord("<"): 1, ord("}"): 2, ord("]"): 3, ord(","): 4, ord("0"): 5, ord("1"): 6}
         cost = np.full(vocab, np.inf)
         for t in range(min(vocab, llt.vocab_size)):
             b = llt.decode_bytes([t])
-            if b:
-                cost[t] = rank.get(b[0], 9) * 1000 + min(len(b), 999)
+            if b and set(b) <= CLOSERS:  # '"]}': closes several levels in one token, the longest first
+                cost[t] = rank[b[0]] * 1000 + 16 - min(len(b), 16)
+            elif b:
+                cost[t] = rank.get(b[0], 9) * 1000 + 16 + min(len(b), 983)
         _COSTS[id(llt)] = cost
     return _COSTS[id(llt)]
 

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed the prompt as raw text")
     p.add_argument("--chat-template-config", type=json_object, default={}, metavar="JSON",
                    help='extra chat template arguments as a JSON object, e.g. \'{"enable_thinking": true}\'')
-    p.add_argument("--thinking", action="store_true", help="turn on the chat template's thinking mode")
+    p.add_argument("--thinking", "--enable-thinking", dest="thinking", action="store_true",
+                   help="turn on the chat template's thinking mode (enable_thinking=true)")
     p.add_argument("--show-canvas", action="store_true",
                    help="show the canvas being denoised below the committed text, redrawn in place (terminals only)")
     add_bool_flag(p, "--verbose", "-v", help="print statistics when done (--verbose, or --verbose True/False)")
@@ -71,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_level(p)
     add_ar_only_flags(p)
     add_ar_only_flags(p, UNSUPPORTED_FLAGS, why="has no counterpart in mlx_dgemma")
-    p.add_argument("--image", action="append", default=None, metavar="PATH",
-                   help="an image for the vision tower (repeatable: one per image, in prompt order)")
+    p.add_argument("--image", action="extend", nargs="+", default=None, metavar="PATH",
+                   help="images for the vision tower, in prompt order: --image a.jpg b.jpg, or repeated")
     p.add_argument("--json-schema", metavar="FILE", help="constrain the answer to this JSON schema (a .json file)")
     p.add_argument("--infill", metavar="TEMPLATE", help="fill the {{N}} holes (N tokens each) of this template")
     return p
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, prompt: str) -> int:
     from .constrain import read_schema
     from .distributed import quiet_followers
-    from .generation import Commit, Done, Draft, stream_generate, temperature_schedule
+    from .generation import Commit, Done, Draft, schedule_options, stream_generate
     from .loader import load
 
     if args.temp is not None and (args.temp_max is not None or args.temp_min is not None):
@@ -185,9 +186,7 @@ def run(args: argparse.Namespace, prompt: str) -> int:
     schema = read_schema(args.json_schema) if args.json_schema else None  # before the model loads: fails fast
     model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     quiet_followers()  # under mlx.launch, only rank 0 prints
-    t_max, t_min = args.temp_max, args.temp_min
-    if args.temp is not None:
-        t_max, t_min = temperature_schedule(model, args.temp)
+    t_max, t_min = schedule_options(model, args.temp, args.temp_max, args.temp_min)
     # --thinking forces the template's thinking on; else off, unless --chat-template-config decides.
     thinking = True if args.thinking else (None if "enable_thinking" in args.chat_template_config else False)
     live = args.show_canvas and sys.stdout.isatty()

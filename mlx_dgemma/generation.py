@@ -39,8 +39,6 @@ TURN_MARKERS = ("<start_of_turn>", "<|turn>")
 
 # Options of autoregressive samplers that have no meaning for the entropy-bound diffusion sampler.
 UNSUPPORTED = {
-    "temperature": "use t_max / t_min (the linear temperature schedule)",
-    "temp": "use t_max / t_min (the linear temperature schedule)",
     "top_p": "the entropy-bound sampler has no nucleus; tune entropy_bound",
     "top_k": "the entropy-bound sampler has no top-k; tune entropy_bound",
     "min_p": "the entropy-bound sampler has no min-p; tune entropy_bound",
@@ -151,6 +149,31 @@ def temperature_schedule(model: Model, temperature: float) -> tuple[float, float
     base = sampler_config(model)
     t = max(temperature, MIN_TEMPERATURE)
     return t, t * base.t_min / base.t_max
+
+
+def schedule_options(model: Model, temperature: float | None, t_max: float | None,
+                     t_min: float | None) -> tuple[float | None, float | None]:
+    """``(t_max, t_min)`` of a call that may give one ``temperature`` instead (the API's ``temperature=``, the
+    CLI's ``--temp``): mapped by :func:`temperature_schedule`; giving both is an error."""
+    if temperature is None:
+        return t_max, t_min
+    if t_max is not None or t_min is not None:
+        raise GenerationError("give either temperature or t_max/t_min, not both")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise GenerationError(f"temperature must be a number (got {temperature!r}): try 0.8")
+    return temperature_schedule(model, float(temperature))
+
+
+def as_image_list(images: Any, image: Any = None) -> list[Any] | None:
+    """``images=`` (ours) or ``image=`` (mlx-vlm's), each one image (a path, PIL image, array, bytes) or a list of
+    them, as a list (``None`` when neither is given)."""
+    if image is not None:
+        if images is not None:
+            raise GenerationError("give either images= or image= (mlx-vlm's name), not both")
+        images = image
+    if images is None:
+        return None
+    return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
 def encode_prompt(
@@ -310,7 +333,9 @@ def stream_generate(
     prompt_cache: list[Any] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     fast: bool | FastConfig = False,
-    images: Sequence[Any] | None = None,
+    images: Sequence[Any] | Any | None = None,
+    image: Sequence[Any] | Any | None = None,
+    temperature: float | None = None,
     response_format: dict[str, Any] | None = None,
     json_schema: Any = None,
     infill: str | None = None,
@@ -343,7 +368,11 @@ def stream_generate(
     ``fast`` switches on fast decoding (``mlx_dgemma.fast``: fewer decoder positions and sampler FLOPs per
     token), a labelled departure from the reference sampler; a ``FastConfig`` picks its techniques.
 
-    ``images`` (paths, PIL images, uint8 arrays, bytes) are read by the vision tower; chat messages may carry
+    ``temperature`` T sets the schedule as the CLI's ``--temp`` and the server's ``temperature`` do (see
+    :func:`temperature_schedule`), instead of ``t_max`` / ``t_min``.
+
+    ``images`` (paths, PIL images, uint8 arrays, bytes; one or a list; ``image=`` as mlx-vlm names it) are read
+    by the vision tower; chat messages may carry
     image content parts instead (see ``mlx_dgemma.multimodal``). With ``prompt_ids``, the ids hold one image
     placeholder per image, which is expanded to the image's soft tokens.
 
@@ -357,6 +386,8 @@ def stream_generate(
         raise GenerationError(f"{name!r} is not supported: {hint}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
         raise GenerationError(f"seed must be an integer from 0 to 2**64 - 1 (got {seed!r}): pick one in that range")
+    t_max, t_min = schedule_options(model, temperature, t_max, t_min)
+    images = as_image_list(images, image)
     cfg = sampler_config(
         model, max_denoising_steps=max_denoising_steps, t_max=t_max, t_min=t_min, entropy_bound=entropy_bound,
         stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
@@ -507,7 +538,9 @@ def generate(
 ) -> str:
     """Generate a response and return its text (same options as :func:`stream_generate`), as mlx-lm's
     ``generate``: with ``verbose``, print the text as it comes, then the prompt and generation speeds and the
-    peak memory."""
+    peak memory. An image (path) or list of images as the 4th argument is mlx-vlm's ``image``."""
+    if isinstance(verbose, (str, list, tuple)) and "image" not in kwargs:  # mlx-vlm's generate(m, p, prompt, image)
+        kwargs["image"], verbose = verbose, False
     if not isinstance(verbose, bool):
         raise GenerationError(f"generate's 4th argument is verbose (True/False), as in mlx-lm, not {verbose!r}: "
                               "pass max_tokens by keyword")

@@ -229,8 +229,11 @@ def load_model(
     return model
 
 
-def load_tokenizer(path_or_repo: str | Path) -> Any:
-    """The checkpoint's tokenizer (an mlx-lm ``TokenizerWrapper``: HF tokenizer plus streaming detokenizer)."""
+def load_tokenizer(path_or_repo: str | Path, tokenizer_config: dict[str, Any] | None = None) -> Any:
+    """The checkpoint's tokenizer (an mlx-lm ``TokenizerWrapper``: HF tokenizer plus streaming detokenizer).
+
+    ``tokenizer_config`` is passed to ``AutoTokenizer.from_pretrained`` as mlx-lm passes it (``trust_remote_code``,
+    ``eos_token``: an end-of-turn token added to the checkpoint's, ...)."""
     folder = resolve(path_or_repo)
     for name in TOKENIZER_FILES:
         if os.path.lexists(folder / name):
@@ -243,7 +246,8 @@ def load_tokenizer(path_or_repo: str | Path) -> Any:
 
     eos = _read_json(folder / "generation_config.json").get("eos_token_id")
     try:
-        tokenizer = load_mlx_lm_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+        tokenizer = load_mlx_lm_tokenizer(folder, dict(tokenizer_config or {}),
+                                          eos_token_ids=[eos] if isinstance(eos, int) else eos)
     except Exception as e:  # the tokenizer libraries' own reports on a malformed file
         what = " ".join(str(e).split())[:200] or type(e).__name__
         raise CheckpointError(f"cannot load the tokenizer in {folder} ({type(e).__name__}: {what}): re-download "
@@ -267,13 +271,34 @@ def _check_json_object(file: Path) -> None:
 
 
 def load(
-    path_or_repo: str | Path | None = None, dtype: mx.Dtype | None = None, adapter_path: str | Path | None = None
-) -> tuple[Model, Any]:
+    path_or_repo: str | Path | None = None,
+    dtype: mx.Dtype | None = None,
+    adapter_path: str | Path | None = None,
+    *,
+    tokenizer_config: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
+    lazy: bool = True,
+    return_config: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[Model, Any] | tuple[Model, Any, dict[str, Any]]:
     """Load a model and its tokenizer: a folder, a Hugging Face repo id, or (no argument) the embedded default.
 
     ``adapter_path`` applies fine-tuned adapters written by ``mlx_dgemma.train``. Started by ``mlx.launch``
     on several ranks, each rank loads its part of the model (``mlx_dgemma.shard``).
+
+    mlx-lm's keywords work as there: ``tokenizer_config`` goes to the tokenizer (``load_tokenizer``),
+    ``lazy=False`` reads every weight now (default: memory-mapped, read when first used), ``return_config``
+    returns ``config.json`` as a third item; ``trust_remote_code`` is accepted for the model, which is
+    built in (no remote code runs); the tokenizer's is ``tokenizer_config={"trust_remote_code": True}``, as in
+    mlx-lm. A dict as the second positional argument is mlx-lm's ``tokenizer_config``.
     """
+    if isinstance(dtype, dict):  # mlx-lm's load(path, tokenizer_config)
+        if tokenizer_config is not None:
+            raise CheckpointError("tokenizer_config given twice (second argument and keyword): give it once")
+        dtype, tokenizer_config = None, dtype
+    if model_config:
+        raise CheckpointError("model_config is not supported: the architecture is read from config.json; edit "
+                              "the checkpoint's config.json instead")
     folder = resolve(path_or_repo if path_or_repo is not None else DEFAULT_MODEL)
     group = launched_group()
     if group is not None and adapter_path is not None:
@@ -284,7 +309,12 @@ def load(
         from .adapters import load_adapters
 
         load_adapters(model, adapter_path)
-    return model, load_tokenizer(folder)
+    if not lazy:
+        mx.eval(model.parameters())
+    tokenizer = load_tokenizer(folder, tokenizer_config)
+    if return_config:
+        return model, tokenizer, read_config(folder)
+    return model, tokenizer
 
 
 def _read_json(file: Path) -> dict[str, Any]:

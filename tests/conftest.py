@@ -6,10 +6,14 @@ which slows torch, and a separate process keeps torch and MLX from sharing a BLA
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +95,48 @@ def reference_env() -> dict[str, str]:
     return env
 
 
-def make_fixture(spec: dict, out: Path) -> Path:
-    subprocess.run(
-        [sys.executable, str(MAKE_FIXTURE), "--spec", json.dumps(spec), "--out", str(out)],
-        check=True, env=reference_env(), capture_output=True, text=True,
-    )
+# Reference fixtures are kept between runs (the reference's torch process is most of a parity test's time), keyed
+# by everything that decides their contents: the spec, the builder scripts and the reference's versions.
+# MLX_DGEMMA_TEST_CACHE=0 turns the cache off; another path moves it.
+FIXTURE_CACHE = os.environ.get("MLX_DGEMMA_TEST_CACHE", str(Path.home() / ".cache" / "mlx_dgemma" / "test-fixtures"))
+
+
+def _fixture_key(script: Path, spec: dict) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode() + script.name.encode())
+    for builder in sorted((ROOT / "reference").glob("*.py")):
+        digest.update(builder.read_bytes())
+    for package in ("torch", "transformers", "numpy", "safetensors"):
+        try:
+            digest.update(f"{package}={version(package)}".encode())
+        except PackageNotFoundError:
+            digest.update(package.encode())
+    return digest.hexdigest()[:24]
+
+
+def run_reference(script: Path, spec: dict, out: Path) -> Path:
+    """``script --spec SPEC --out OUT`` in its own process, or a copy of the same run kept in ``FIXTURE_CACHE``."""
+    cached = None if FIXTURE_CACHE == "0" else Path(FIXTURE_CACHE) / _fixture_key(script, spec)
+    if cached is not None and (cached / "reference.npz").exists():
+        shutil.copytree(cached, out, dirs_exist_ok=True)
+        return out
+    subprocess.run([sys.executable, str(script), "--spec", json.dumps(spec), "--out", str(out)],
+                   check=True, env=reference_env(), capture_output=True, text=True)
+    if cached is not None:
+        with contextlib.suppress(OSError):  # a read-only or full home: the next run builds it again
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=cached.name + ".", dir=cached.parent))
+            shutil.copytree(out, staging, dirs_exist_ok=True)
+            try:
+                os.replace(staging, cached)  # whole or not at all
+            except OSError:  # a concurrent run got there first: keep its copy
+                shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def make_fixture(spec: dict, out: Path) -> Path:
+    return run_reference(MAKE_FIXTURE, spec, out)
 
 
 class Fixture:
@@ -132,3 +172,15 @@ def fixture(request, fixture_factory) -> Fixture:
 @pytest.fixture(scope="session")
 def base(fixture_factory) -> Fixture:
     return fixture_factory("base")
+
+
+# The quick tier (``pytest -m "not slow"``) leaves out the tests that start the reference's torch process (when its
+# fixtures are not cached yet) or several MLX ranks; the README's full command runs everything, as CI does.
+_SLOW_FIXTURES = {"fixture", "base", "fixture_factory", "vfx", "vision_factory"}
+_SLOW_FILES = {"test_distributed.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in _SLOW_FILES or _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

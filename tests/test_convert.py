@@ -98,7 +98,7 @@ def wide(tmp_path_factory) -> Checkpoint:
 def test_unquantized_output_matches_source(wide, tmp_path):
     """The released (sharded) checkpoint converts into a folder that computes the same logits."""
     out = run_convert(wide.hf_released, tmp_path / "out").path
-    assert (out / "model-00001-of-00001.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()  # one shard: named as mlx-lm names it
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(tensors(out))
     config = config_of(out)

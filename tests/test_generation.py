@@ -102,7 +102,8 @@ def test_chat_template_system_and_thinking(default):
     [
         ({"top_p": 0.9}, ["top_p", "entropy_bound"]),
         ({"repetition_penalty": 1.1}, ["repetition_penalty"]),
-        ({"temperature": 0.7}, ["temperature", "t_max"]),
+        ({"temperature": 0.7, "t_max": 0.5}, ["temperature", "t_max"]),
+        ({"temperature": -1.0}, ["temperature"]),
         ({"max_denoising_steps": 0}, ["max_denoising_steps"]),
         ({"t_min": 0.9, "t_max": 0.5}, ["t_max", "t_min"]),
         ({"entropy_bound": 0.0}, ["entropy_bound"]),

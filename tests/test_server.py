@@ -513,7 +513,7 @@ def test_publisher_prefixed_model_ids_are_accepted(client):
 
 @pytest.mark.parametrize("field,value", [
     ("logprobs", True), ("n", 2), ("echo", True), ("logit_bias", {"5": 10}),
-    ("response_format", {"type": "xml"}), ("tool_choice", "required"), ("banana", 1),
+    ("response_format", {"type": "xml"}), ("tool_choice", "required"),
 ])
 def test_unsupported_field_is_400_naming_it(server, field, value):
     r = httpx.post(f"{server.url}/chat/completions", json={"messages": HELLO, "max_tokens": 4, field: value})

@@ -20,7 +20,7 @@ import pytest
 from mlx_dgemma import GenerationError, load_model
 from mlx_dgemma.image_processing import expand_image_tokens, process_images
 from mlx_dgemma.vision import prefill_with_images
-from tests.conftest import BASE_TEXT, DEMO24, ROOT, reference_env
+from tests.conftest import BASE_TEXT, DEMO24, ROOT, run_reference
 from tests.test_model_parity import FP32_TOL, rel_err
 
 MAKE = ROOT / "reference" / "make_vision_fixture.py"
@@ -43,8 +43,7 @@ def vision_factory(tmp_path_factory):
     def get(name: str):
         if name not in _BUILT:
             out = tmp_path_factory.mktemp(f"vision-{name}")
-            subprocess.run([sys.executable, str(MAKE), "--spec", json.dumps(SPECS[name]), "--out", str(out)],
-                           check=True, env=reference_env(), capture_output=True, text=True)
+            run_reference(MAKE, SPECS[name], out)
             _BUILT[name] = (out, dict(np.load(out / "reference.npz")))
         return _BUILT[name]
 

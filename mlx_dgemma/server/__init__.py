@@ -1,7 +1,8 @@
 """``mlx_dgemma.server``: an OpenAI-compatible HTTP server for DiffusionGemma (FastAPI + uvicorn).
 
     mlx_dgemma.server --model PATH_OR_REPO [--host 127.0.0.1] [--port 8080] [--context-length N]
-                      [--max-concurrency N] [--no-prompt-cache] [--temp T] [--strict]
+                      [--max-concurrency N] [--no-prompt-cache] [--temp T] [--strict] [--max-tokens N]
+                      [--chat-template-args JSON]
                       [--request-timeout S] [--max-body-bytes N] [--max-connections N]
                       [--header-timeout S] [--allowed-origins URL,...] [--allowed-hosts NAME,...]
     python -m mlx_dgemma.server ...
@@ -34,8 +35,9 @@ argument as given, and ``default``, each also behind a ``publisher/`` prefix (LM
 name is a 404. ``model`` may be omitted.
 
 Generation
-    * ``max_tokens`` / ``max_completion_tokens`` are exact. Without them the answer may use the whole
-      remaining context. The prompt plus ``max_tokens`` rounded up to whole canvases must fit in the
+    * ``max_tokens`` / ``max_completion_tokens`` are exact. Without them the answer may use ``--max-tokens``
+      tokens (default 512 rounded up to whole canvases; 0: the whole remaining context), or the room left in
+      the context if less. The prompt plus ``max_tokens`` rounded up to whole canvases must fit in the
       context length, else HTTP 400 naming both numbers (code ``context_length_exceeded``).
     * ``stop`` (a string or a list) ends the answer; the stop sequence is not returned. A stop sequence
       can span canvases: while streaming, the last ``len(longest stop) - 1`` characters are held back
@@ -55,8 +57,13 @@ Generation
       schedule gets to greedy) and, when no ``seed`` is given, with seed 0, so that it is reproducible.
       Giving ``temperature`` together with ``t_max``/``t_min`` is a 400.
     * Autoregressive-only sampling fields (``top_p``, ``top_k``, ``min_p``, presence / frequency /
-      repetition penalties) are ignored, logged and named in the ``X-Ignored-Fields`` response header;
-      with ``--strict`` they are 400s unless they carry their "off" value.
+      repetition penalties), ``verbosity``, ``prediction``, unknown fields and unknown ``stream_options``
+      are ignored, logged and named in the ``X-Ignored-Fields`` response header; with ``--strict`` they are
+      400s (the known ones unless they carry their "off" value).
+    * ``reasoning_effort``: ``none``/``minimal`` send ``enable_thinking: false`` to the chat template,
+      ``low`` and up ``true``, unless the request's ``chat_template_kwargs`` sets it; ignored and named when
+      the template has no ``enable_thinking`` (``--strict``: a 400). ``chat_template_kwargs`` go over the
+      server's ``--chat-template-args``.
     * ``max_denoising_steps`` is at most one step per canvas position (or the checkpoint's default, if
       larger); ``t_max``/``t_min``/``entropy_bound`` must be finite in float32. ``--request-timeout``
       cuts a longer answer: ``finish_reason`` "length" and an ``error`` (code ``request_timeout``) in the
@@ -66,8 +73,7 @@ Generation
       ``response_format`` other than text/json_object/json_schema/regex/lark, ``tool_choice`` other than
       auto/none/required/a named function (the last two force one call, its arguments under the tool's
       schema: ``toolgrammar.py``), non-text modalities,
-      ``audio``, ``prediction``, ``functions``, ``reasoning_effort``, ``verbosity``. Unknown fields are a
-      400 too. Metadata with no effect on the answer (``user``, ``metadata``, ``store``, ``service_tier``,
+      ``audio``, ``functions``, ``web_search_options``. Metadata with no effect on the answer (``user``, ``metadata``, ``store``, ``service_tier``,
       ``prompt_cache_key``, ``safety_identifier``, ``parallel_tool_calls``) is accepted and ignored.
 
 Streaming (``stream: true``, server-sent events in OpenAI's chunk format)

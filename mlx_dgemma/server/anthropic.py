@@ -234,9 +234,10 @@ def translate(data: Any) -> tuple[dict[str, Any], list[str]]:
         if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled", "adaptive"):
             raise APIError(400, 'thinking must be {"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} or '
                                 '{"type": "disabled"}', "thinking")
-        if thinking["type"] != "disabled":
-            kwargs = chat.get("chat_template_kwargs")
-            chat["chat_template_kwargs"] = {"enable_thinking": True, **(kwargs if isinstance(kwargs, dict) else {})}
+        # Disabled: off explicitly too, over a server default (--chat-template-args) that turns it on.
+        kwargs = chat.get("chat_template_kwargs")
+        chat["chat_template_kwargs"] = {"enable_thinking": thinking["type"] != "disabled",
+                                        **(kwargs if isinstance(kwargs, dict) else {})}
     fmt = data.get("output_format")
     config = data.get("output_config")
     if config is not None:

@@ -19,12 +19,23 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from .. import chat_template
 from ..errors import DGemmaError
 from ..model import Model
 from .guards import HostGuard, check_json_content_type
 from .images import ImagePolicy
 from .output import OutputParser, Piece
-from .protocol import IGNORED_HEADER, APIError, ChatRequest, Kind, Plan, parse, plan, read_json
+from .protocol import (
+    DEFAULT_MAX_TOKENS,
+    IGNORED_HEADER,
+    APIError,
+    ChatRequest,
+    Kind,
+    Plan,
+    parse,
+    plan,
+    read_json,
+)
 from .worker import Busy, Delta, DraftText, Event, Failed, Finished, Job, Worker
 
 log = logging.getLogger("mlx_dgemma.server")
@@ -82,7 +93,9 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
                allowed_hosts: list[str] | None = None,
                default_temperature: float | None = None,
                fast: bool = False,
-               images: ImagePolicy | None = None) -> FastAPI:
+               images: ImagePolicy | None = None,
+               max_tokens: int | None = None,
+               chat_template_args: dict[str, Any] | None = None) -> FastAPI:
     """An app serving ``model`` (a folder or hub id; ``None``: the embedded default model).
 
     The model is loaded here, on the worker thread (loading errors are raised here). The worker stops with
@@ -93,8 +106,12 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
     any; see ``guards.py``).
     ``default_temperature``: the temperature of requests that set neither it nor ``t_max``/``t_min``.
     ``images``: which image URLs are fetched and the pixel budgets (default: public addresses only).
+    ``max_tokens``: the answer limit of requests that set none (``None``: ``DEFAULT_MAX_TOKENS`` rounded up to
+    whole canvases; 0: none, the answer may use the whole remaining context). ``chat_template_args``: default
+    ``chat_template_kwargs``, under each request's own (a reserved key is a ``DGemmaError``).
     """
     check_limits(context_length, max_concurrency, max_body_bytes, request_timeout)
+    check_defaults(max_tokens, chat_template_args)
     worker = Worker(model, max_concurrency, prompt_cache, adapter_path, drafter, request_timeout, fast)
     worker.start()
     native, canvas = worker.model.args.max_position_embeddings, worker.model.args.canvas_length
@@ -103,6 +120,8 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
         worker.stop()
         raise DGemmaError(f"the context length must be between {canvas + 1} (a prompt token plus one canvas) "
                           f"and the model's native window {native} (got {context})")
+    if max_tokens is None:
+        max_tokens = -(-DEFAULT_MAX_TOKENS // canvas) * canvas
     model_id, aliases = model_names(model)
     served = Served(worker.model, worker.tokenizer, model_id, context, aliases, int(time.time()))
 
@@ -118,7 +137,9 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"], expose_headers=[IGNORED_HEADER])
     app.add_middleware(HostGuard, allowed=allowed_hosts or ())  # added last: outermost, before CORS
-    app.state.limits = limits = _Limits(max_body_bytes, strict, default_temperature, images=images or ImagePolicy())
+    app.state.limits = limits = _Limits(max_body_bytes, strict, default_temperature, images=images or ImagePolicy(),
+                                        max_tokens=max_tokens or None,
+                                        template_kwargs=dict(chat_template_args or {}))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -165,6 +186,17 @@ def check_limits(context_length: int | None, max_concurrency: int, max_body_byte
         raise DGemmaError(f"request_timeout must be a positive number of seconds (got {request_timeout})")
 
 
+def check_defaults(max_tokens: int | None, chat_template_args: Any) -> None:
+    """``--max-tokens`` and ``--chat-template-args``, checked before loading the model: ``DGemmaError`` in one line."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
+        raise DGemmaError(f"max_tokens must be a positive number of tokens, or 0 for no default (got {max_tokens!r})")
+    if chat_template_args is not None:
+        if not isinstance(chat_template_args, dict):
+            raise DGemmaError("--chat-template-args must be a JSON object such as '{\"enable_thinking\": true}' "
+                              f"(got {type(chat_template_args).__name__})")
+        chat_template.check_kwargs(chat_template_args, "--chat-template-args", DGemmaError)
+
+
 @dataclass
 class _Limits:
     max_body_bytes: int
@@ -172,6 +204,8 @@ class _Limits:
     temperature: float | None = None  # the server's default (--temp)
     body_timeout_s: float = 60.0  # a body trickled in more slowly than this is a 408 (a slowloris on the body)
     images: ImagePolicy = field(default_factory=ImagePolicy)  # image fetches (abandoned with the request), pixels
+    max_tokens: int | None = None  # the answer limit of requests that set none (--max-tokens); None: the context
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # under each request's own (--chat-template-args)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -217,7 +251,8 @@ def _prepare(kind: Kind, body: bytes | dict[str, Any], served: Served,
     served.check_model(req.model)
     if limits.temperature is not None and req.temperature is None and req.t_max is None and req.t_min is None:
         req.temperature = limits.temperature
-    job_plan = plan(kind, req, served.tokenizer, served.model, served.context_length, limits.strict)
+    job_plan = plan(kind, req, served.tokenizer, served.model, served.context_length, limits.strict,
+                    limits.max_tokens, limits.template_kwargs)
     parser = None
     if isinstance(req, ChatRequest) and (job_plan.tools or job_plan.thinking):
         tail = served.tokenizer.decode(job_plan.prompt_ids[-16:])
@@ -237,7 +272,7 @@ async def _complete(kind: Kind, request: Request, served: Served, worker: Worker
     job_plan, parser = await limits.images.run(request, _prepare, kind, body, served, limits)  # on a thread
     headers = {}
     if job_plan.ignored:
-        log.info("ignored autoregressive-only fields: %s", ", ".join(job_plan.ignored))
+        log.info("ignored fields: %s", ", ".join(job_plan.ignored))
         headers[IGNORED_HEADER] = ", ".join(job_plan.ignored)
     events: asyncio.Queue[Event] = asyncio.Queue()
     try:

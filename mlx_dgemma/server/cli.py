@@ -6,6 +6,7 @@ import argparse
 import errno
 import gc
 import ipaddress
+import json
 import socket
 import sys
 import threading
@@ -15,10 +16,11 @@ from typing import Any, NoReturn
 from .._cli import add_model_arguments
 from ..distributed import is_leader
 from ..errors import DGemmaError
-from .app import MAX_BODY_BYTES, check_limits, create_app
+from .app import MAX_BODY_BYTES, check_defaults, check_limits, create_app
 from .fetch import FETCH_TIMEOUT
 from .images import ImagePolicy
 from .net import Server, make_config
+from .protocol import DEFAULT_MAX_TOKENS
 
 DESCRIPTION = """OpenAI-compatible server for DiffusionGemma (chat and text completions, streaming).
 Without --model, serves the small demo model embedded in the package."""
@@ -69,6 +71,17 @@ def _origins(text: str) -> list[str]:
     return [o.strip() for o in text.split(",") if o.strip()]
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    example = 'give an object such as \'{"enable_thinking": true}\''
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {example}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object (got {type(value).__name__}): {example}")
+    return value
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -101,9 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open connections at once; more are answered 503 and closed (default 512)")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection has to send a request's headers (default 10)")
+    p.add_argument("--max-tokens", type=int, metavar="N",
+                   help="answer limit of requests that send neither max_tokens nor max_completion_tokens (a "
+                        "request's own value wins, up to the context); 0: no default, the answer may use the "
+                        f"whole remaining context (default {DEFAULT_MAX_TOKENS} rounded up to whole canvases: the "
+                        "last canvas is denoised whole anyway)")
+    p.add_argument("--chat-template-args", type=_json_object, metavar="JSON",
+                   help="default chat_template_kwargs, a JSON object (e.g. '{\"enable_thinking\": true}'), under "
+                        "each request's own (a request's key wins); keys the renderer sets itself are refused")
     p.add_argument("--strict", action="store_true",
-                   help="answer autoregressive-only sampling fields (top_p, top_k, min_p, penalties) with HTTP "
-                        "400 instead of ignoring them")
+                   help="answer with HTTP 400 the fields otherwise ignored and named in the X-Ignored-Fields "
+                        "header: unknown request fields and stream_options, autoregressive-only sampling fields "
+                        "(top_p, top_k, min_p, penalties), verbosity, prediction, and reasoning_effort on a "
+                        "template without a thinking switch")
     p.add_argument("--allowed-origins", type=_origins,
                    help="browser origins allowed by CORS, comma-separated, or '*' (default: none)")
     p.add_argument("--allowed-hosts", type=_origins, metavar="HOSTS",
@@ -159,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.temperature is not None and not 0 <= args.temperature <= 2:
             raise DGemmaError(f"--temp must be between 0 and 2 (got {args.temperature})")
         check_limits(args.context_length, args.max_concurrency, args.max_body_bytes, timeout)
+        check_defaults(args.max_tokens, args.chat_template_args)
         if not args.image_fetch_timeout > 0:
             raise DGemmaError(f"--image-fetch-timeout must be a positive number of seconds (got "
                               f"{args.image_fetch_timeout})")
@@ -174,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                          drafter=args.drafter, max_body_bytes=args.max_body_bytes, request_timeout=timeout,
                          strict=args.strict, allowed_origins=args.allowed_origins,
                          allowed_hosts=[*(args.allowed_hosts or []), args.host],
-                         default_temperature=args.temperature, fast=args.fast, images=images)
+                         default_temperature=args.temperature, fast=args.fast, images=images,
+                         max_tokens=args.max_tokens, chat_template_args=args.chat_template_args)
     except DGemmaError as e:
         print(f"mlx_dgemma.server: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

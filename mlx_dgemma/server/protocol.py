@@ -18,11 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 
 from .. import chat_template
 from ..errors import DGemmaError
-from ..generation import UNSUPPORTED, sampler_config
+from ..generation import MIN_TEMPERATURE, UNSUPPORTED, sampler_config, temperature_schedule  # noqa: F401
 from ..model import Model
 from ..special_text import PlainText
 
-MIN_TEMPERATURE = 0.01  # temperature 0 (greedy in OpenAI terms) is served as this: the schedule's floor
 GREEDY_SEED = 0  # temperature 0 without a seed uses this one, so that it is reproducible as clients expect
 
 # Fields that change nothing for us: accepted and ignored.
@@ -35,7 +34,13 @@ IGNORED = frozenset({
 # and named in the X-Ignored-Fields response header. Fields that change the response's shape stay 400s.
 SAMPLING_ONLY = frozenset({"top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                            "repetition_penalty"})
+# Fields of ``NEUTRAL`` ignored (and named) unless --strict: they change neither the response's shape nor what
+# it means (a hint we cannot follow, a latency optimisation). The other ``NEUTRAL`` fields stay 400s.
+TOLERATED = SAMPLING_ONLY | {"verbosity", "prediction"}
 IGNORED_HEADER = "X-Ignored-Fields"
+# ``reasoning_effort`` onto the chat template's thinking switch (``enable_thinking``).
+EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True, "xhigh": True}
+DEFAULT_MAX_TOKENS = 512  # the server's default answer limit (--max-tokens), rounded up to whole canvases
 
 _PENALTY = UNSUPPORTED["presence_penalty"]
 _NO_LOGPROBS = UNSUPPORTED["logprobs"]
@@ -62,7 +67,6 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "audio": ((), "this server is text only"),
     "prediction": ((), "predicted outputs are not supported"),
     "web_search_options": ((), "this server has no web search"),
-    "reasoning_effort": ((), "use chat_template_kwargs: {\"enable_thinking\": true}"),
     "verbosity": ((), "ask for brevity in the prompt"),
 }
 
@@ -79,9 +83,10 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
-    """``stream_options``: OpenAI's ``include_usage``, and our ``include_drafts`` extension."""
+    """``stream_options``: OpenAI's ``include_usage``, and our ``include_drafts`` extension; other options
+    (``include_obfuscation``, ...) are ignored and named (``--strict``: 400s)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
     include_usage: bool = False
     include_drafts: bool = False
 
@@ -290,18 +295,23 @@ def check_schema(schema: Any, param: str) -> None:
 def check_extra_fields(extra: dict[str, Any], strict: bool = True) -> list[str]:
     """Apply the field policy to the fields the schema does not model: ignore, accept at neutral, or 400.
 
-    Returns the autoregressive-only sampling fields that were ignored (only when not ``strict``).
+    Returns the fields that were ignored (only when not ``strict``): unknown fields, and autoregressive-only
+    sampling fields (``TOLERATED``) away from their neutral value. Fields that change the response's shape
+    (``n``, ``logprobs``, ``audio``, ...) are 400s either way unless neutral.
     """
     ignored = []
     for name, value in extra.items():
         if name in IGNORED or value is None:
             continue
         if name not in NEUTRAL:
-            raise APIError(400, f"unknown field {name!r}: it is not an OpenAI or DiffusionGemma request field",
-                           name)
+            if not strict:
+                ignored.append(name)
+                continue
+            raise APIError(400, f"unknown field {name!r}: it is not an OpenAI or DiffusionGemma request field "
+                                "(the server runs with --strict)", name)
         neutral, why = NEUTRAL[name]
         if not any(_same(value, n) for n in neutral):
-            if not strict and name in SAMPLING_ONLY:
+            if not strict and name in TOLERATED:
                 ignored.append(name)
                 continue
             raise APIError(400, f"{name}={value!r} is not supported: {why}", name)
@@ -327,9 +337,7 @@ def schedule(request: _Request, model: Model) -> dict[str, Any]:
     if request.temperature is not None:
         if request.t_max is not None or request.t_min is not None:
             raise APIError(400, "give either temperature or t_max/t_min, not both", "temperature")
-        base = sampler_config(model)
-        t = max(request.temperature, MIN_TEMPERATURE)
-        opts["t_max"], opts["t_min"] = t, t * base.t_min / base.t_max
+        opts["t_max"], opts["t_min"] = temperature_schedule(model, request.temperature)
     for name in ("t_max", "t_min", "entropy_bound"):
         with np.errstate(over="ignore"):  # the overflow is what we look for
             finite = opts[name] is None or np.isfinite(np.float32(opts[name]))
@@ -543,12 +551,14 @@ def completion_prompt_ids(request: CompletionRequest, tokenizer: Any, context: i
     return list(prompt)
 
 
-def max_tokens_of(request: _Request, prompt_tokens: int, context: int, canvas: int) -> int:
+def max_tokens_of(request: _Request, prompt_tokens: int, context: int, canvas: int,
+                  default: int | None = None) -> int:
     """The exact answer limit; raise ``APIError(400)`` naming both numbers when the prompt does not fit.
 
     Canvases are denoised whole, so the last one needs all its positions: the prompt plus ``max_tokens``
-    rounded up to whole canvases must fit in ``context``. Without ``max_tokens``, the answer may use all the
-    room there is.
+    rounded up to whole canvases must fit in ``context``. Without ``max_tokens``, the answer may use
+    ``default`` tokens (the server's ``--max-tokens``) or all the room there is, whichever is less (no
+    ``default``: all the room).
     """
     room = (context - prompt_tokens) // canvas * canvas
     if room <= 0:
@@ -557,7 +567,7 @@ def max_tokens_of(request: _Request, prompt_tokens: int, context: int, canvas: i
                        "messages" if isinstance(request, ChatRequest) else "prompt", code="context_length_exceeded")
     asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
     if asked is None:
-        return room
+        return room if default is None else min(default, room)
     if asked > room:
         name = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
         raise APIError(400, f"the context length is {context} tokens, but {prompt_tokens} prompt tokens plus "
@@ -568,14 +578,30 @@ def max_tokens_of(request: _Request, prompt_tokens: int, context: int, canvas: i
 
 
 def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, model: Model,
-         context: int, strict: bool = True) -> Plan:
+         context: int, strict: bool = True, max_tokens: int | None = None,
+         template_kwargs: dict[str, Any] | None = None) -> Plan:
     """Everything the worker needs, validated: raises ``APIError`` on any client error.
 
-    Not ``strict``: autoregressive-only sampling fields are ignored (listed in ``Plan.ignored``), not 400s.
+    Not ``strict``: unknown fields, unknown ``stream_options`` and autoregressive-only sampling fields are
+    ignored (listed in ``Plan.ignored``), not 400s. ``max_tokens``: the answer limit of a request that sets
+    none (``--max-tokens``). ``template_kwargs``: ``chat_template_kwargs`` under the request's own
+    (``--chat-template-args``).
     """
     extra = dict(request.model_extra or {})
     forced = _forced_tool_choice(request, extra)
+    effort = extra.pop("reasoning_effort", None)
     ignored = check_extra_fields(extra, strict)
+    ignored += _stream_options_ignored(request, strict)
+    if isinstance(request, ChatRequest):
+        effort_on = _thinking_of(effort, tokenizer, strict)
+        if effort is not None and effort_on is None:
+            ignored.append("reasoning_effort")
+        switch = {} if effort_on is None else {"enable_thinking": effort_on}  # under the request's own kwargs
+        request.chat_template_kwargs = {**(template_kwargs or {}), **switch,
+                                        **(request.chat_template_kwargs or {})} or None
+    elif effort is not None:
+        _thinking_of(effort, None, strict)  # no template: a bad value is still a 400, a good one ignored
+        ignored.append("reasoning_effort")
     sampler = schedule(request, model)
     history, image_prompt = None, None
     if isinstance(request, ChatRequest):
@@ -590,18 +616,50 @@ def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, m
     else:
         assert isinstance(request, CompletionRequest)
         ids = completion_prompt_ids(request, tokenizer, context)
-    max_tokens = max_tokens_of(request, len(ids), context, model.args.canvas_length)
+    max_tokens = max_tokens_of(request, len(ids), context, model.args.canvas_length, max_tokens)
     options = request.stream_options or StreamOptions()
     if request.stream_options is not None and not request.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
     chat = isinstance(request, ChatRequest)
     tools = chat and bool(request.tools) and _tool_choice(request) != "none"
-    thinking = chat and bool((request.chat_template_kwargs or {}).get("enable_thinking"))
+    thinking = chat and bool((getattr(request, "chat_template_kwargs", None) or {}).get("enable_thinking"))
     return Plan(ids, max_tokens, stops_of(request), seed_of(request), sampler, request.stream,
                 options.include_usage, options.include_drafts, () if history is None else (history,),
                 tools, thinking, tuple(ignored), fast=request.fast,
                 image_prompt=image_prompt,
                 response_format=response_format_of(request, tokenizer, model, max_tokens, forced))
+
+
+def knows_thinking(tokenizer: Any) -> bool:
+    """Whether the chat template has a thinking switch (it reads ``enable_thinking``)."""
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    return bool(template) and "enable_thinking" in str(template)
+
+
+def _thinking_of(effort: Any, tokenizer: Any, strict: bool) -> bool | None:
+    """``reasoning_effort`` as the template's ``enable_thinking`` (none/minimal: off, low and up: on); None when
+    not given or the template has no thinking switch (ignored; ``strict``: a 400)."""
+    if effort is None:
+        return None
+    if effort not in EFFORTS:
+        raise APIError(400, f"reasoning_effort must be one of {', '.join(EFFORTS)} (got {json.dumps(effort)[:40]})",
+                       "reasoning_effort")
+    if not knows_thinking(tokenizer):
+        if strict:
+            raise APIError(400, "reasoning_effort is not supported: this model's chat template has no thinking "
+                                "switch (enable_thinking)", "reasoning_effort")
+        return None
+    return EFFORTS[effort]
+
+
+def _stream_options_ignored(request: _Request, strict: bool) -> list[str]:
+    """``stream_options`` we do not know (``include_obfuscation``, ...): ignored and named; ``strict``: a 400."""
+    options = request.stream_options
+    names = [k for k, v in (options.model_extra or {}).items() if v is not None] if options is not None else []
+    if names and strict:
+        raise APIError(400, f"unknown field 'stream_options.{names[0]}': stream_options takes include_usage and "
+                            "include_drafts (the server runs with --strict)", f"stream_options.{names[0]}")
+    return [f"stream_options.{k}" for k in names]
 
 
 def _image_prompt(model: Model, ids: list[int], parts: list[tuple[str, dict]]) -> Any:

@@ -161,9 +161,11 @@ class Turn:
             if text.get("format") is not None:
                 chat["response_format"] = response_format_of(text["format"])
         reasoning = data.get("reasoning")
-        if isinstance(reasoning, dict) and reasoning.get("effort") not in NO_THINKING:
+        if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
+            # none/minimal: off explicitly too, over a server default (--chat-template-args) that turns it on.
             kwargs = chat.get("chat_template_kwargs")
-            chat["chat_template_kwargs"] = {"enable_thinking": True, **(kwargs if isinstance(kwargs, dict) else {})}
+            chat["chat_template_kwargs"] = {"enable_thinking": reasoning["effort"] not in NO_THINKING,
+                                            **(kwargs if isinstance(kwargs, dict) else {})}
         elif reasoning is not None and not isinstance(reasoning, dict):
             raise APIError(400, 'reasoning must be an object such as {"effort": "low"}', "reasoning")
         return chat
