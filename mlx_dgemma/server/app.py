@@ -263,27 +263,39 @@ def _prepare(kind: Kind, body: bytes | dict[str, Any], served: Served,
 
 async def _complete(kind: Kind, request: Request, served: Served, worker: Worker, limits: _Limits) -> Any:
     """Validate, queue, and answer one request (a JSON body, or a stream of server-sent events)."""
-    check_json_content_type(request.headers.get("content-type"))  # before the body: a page's text/plain POST
-    try:
-        body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), limits.body_timeout_s)
-    except asyncio.TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
-                       code="request_timeout") from None
-    job_plan, parser = await limits.images.run(request, _prepare, kind, body, served, limits)  # on a thread
+    body = await read_body(request, limits)
+    job_plan, parser, job, events = await submit(kind, body, request, served, worker, limits)
     headers = {}
     if job_plan.ignored:
         log.info("ignored fields: %s", ", ".join(job_plan.ignored))
         headers[IGNORED_HEADER] = ", ".join(job_plan.ignored)
-    events: asyncio.Queue[Event] = asyncio.Queue()
-    try:
-        job = worker.submit(job_plan, _emitter(events))
-    except Busy as e:
-        raise APIError(429, str(e), type_="rate_limit_error", code="server_busy") from None
     meta = _Meta(kind, served.model_id, parser)
     if job_plan.stream:
         headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return StreamingResponse(_sse(job, events, meta), media_type="text/event-stream", headers=headers)
     return JSONResponse(await _collect(job, events, meta, request), headers=headers)
+
+
+async def read_body(request: Request, limits: _Limits) -> bytes:
+    """A JSON request's body under the server's content-type, size and time limits."""
+    check_json_content_type(request.headers.get("content-type"))  # before the body: a page's text/plain POST
+    try:
+        return await asyncio.wait_for(_read_body(request, limits.max_body_bytes), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
+                       code="request_timeout") from None
+
+
+async def submit(kind: Kind, body: bytes | dict[str, Any], request: Request, served: Served, worker: Worker,
+                 limits: _Limits) -> tuple[Plan, OutputParser | None, Job, asyncio.Queue[Event]]:
+    """Validate and template ``body`` (raw or decoded) on a thread, under the image policy, and queue it."""
+    job_plan, parser = await limits.images.run(request, _prepare, kind, body, served, limits)
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    try:
+        job = worker.submit(job_plan, _emitter(events))
+    except Busy as e:
+        raise APIError(429, str(e), type_="rate_limit_error", code="server_busy") from None
+    return job_plan, parser, job, events
 
 
 def _emitter(events: asyncio.Queue[Event]) -> Callable[[Event], None]:

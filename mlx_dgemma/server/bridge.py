@@ -17,10 +17,9 @@ from typing import Any
 
 from fastapi import Request
 
-from .app import POLL_S, _emitter, _Meta, _prepare, _read_body
-from .guards import check_json_content_type
+from .app import POLL_S, _Meta, read_body, submit
 from .protocol import IGNORED_HEADER, APIError, Plan, read_json
-from .worker import Busy, Delta, Event, Failed, Finished, Job
+from .worker import Delta, Event, Failed, Finished, Job
 
 # Our request fields (diffusion options and chat extensions) that the other formats pass through unchanged.
 EXTENSIONS = ("seed", "max_denoising_steps", "t_max", "t_min", "entropy_bound", "fast", "chat_template_kwargs",
@@ -29,14 +28,7 @@ EXTENSIONS = ("seed", "max_denoising_steps", "t_max", "t_min", "entropy_bound", 
 
 async def read_request(request: Request) -> Any:
     """The decoded JSON body, under the server's content-type, size and time limits (as the chat endpoint)."""
-    limits = request.app.state.limits
-    check_json_content_type(request.headers.get("content-type"))
-    try:
-        body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), limits.body_timeout_s)
-    except asyncio.TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
-                       code="request_timeout") from None
-    return await asyncio.to_thread(read_json, body)
+    return await asyncio.to_thread(read_json, await read_body(request, request.app.state.limits))
 
 
 @dataclass
@@ -61,16 +53,10 @@ async def start(request: Request, chat: dict[str, Any], ignored: list[str] | tup
     chat path's own ignored sampling fields.
     """
     state = request.app.state
-    served, worker, limits = state.served, state.worker, state.limits
-    job_plan, parser = await limits.images.run(request, _prepare, "chat", chat, served, limits)  # on a thread
+    job_plan, parser, job, events = await submit("chat", chat, request, state.served, state.worker, state.limits)
     names = [*ignored, *job_plan.ignored]
     headers = {IGNORED_HEADER: ", ".join(names)} if names else {}
-    events: asyncio.Queue[Event] = asyncio.Queue()
-    try:
-        job = worker.submit(job_plan, _emitter(events))
-    except Busy as e:
-        raise APIError(429, str(e), type_="rate_limit_error", code="server_busy") from None
-    return Run(job, events, _Meta("chat", served.model_id, parser), job_plan, headers)
+    return Run(job, events, _Meta("chat", state.served.model_id, parser), job_plan, headers)
 
 
 def streaming(data: dict[str, Any]) -> bool:

@@ -67,7 +67,8 @@ def _port(text: str) -> int:
     return port
 
 
-def _origins(text: str) -> list[str]:
+def _comma_list(text: str) -> list[str]:
+    """A comma-separated flag value (origins, host names, networks), blanks dropped."""
     return [o.strip() for o in text.split(",") if o.strip()]
 
 
@@ -127,13 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "header: unknown request fields and stream_options, autoregressive-only sampling fields "
                         "(top_p, top_k, min_p, penalties), verbosity, prediction, and reasoning_effort on a "
                         "template without a thinking switch")
-    p.add_argument("--allowed-origins", type=_origins,
+    p.add_argument("--allowed-origins", type=_comma_list,
                    help="browser origins allowed by CORS, comma-separated, or '*' (default: none)")
-    p.add_argument("--allowed-hosts", type=_origins, metavar="HOSTS",
+    p.add_argument("--allowed-hosts", type=_comma_list, metavar="HOSTS",
                    help="Host header names served besides localhost, IP addresses, this machine's name and "
                         "--host: comma-separated, '*.example.com' for subdomains, '*' for any (e.g. behind a "
                         "reverse proxy); others are refused (DNS rebinding)")
-    p.add_argument("--allow-image-hosts", type=_origins, metavar="HOSTS",
+    p.add_argument("--allow-image-hosts", type=_comma_list, metavar="HOSTS",
                    help="image URL hosts fetched even when they resolve to a loopback, private or link-local "
                         "address: host names, addresses or networks, comma-separated (e.g. images.lan,10.0.0.0/8)")
     p.add_argument("--allow-local-image-urls", action="store_true",
