@@ -100,8 +100,8 @@ def check_flags(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     check_flags(args)
     result = convert(
-        args.hf_path, output_path(args), dtype=args.dtype, quantize=args.quantize, q_bits=_or(args.q_bits, 4),
-        q_group_size=_or(args.q_group_size, 64), q_recipe=args.q_recipe or "mixed", adapter_path=args.adapter_path,
+        args.hf_path, output_path(args), dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
+        q_group_size=args.q_group_size, q_recipe=args.q_recipe or "mixed", adapter_path=args.adapter_path,
         drop_vision=args.drop_vision, shard_size=parse_size(args.shard_size), force=args.force,
         card_extra=LMSTUDIO_NOTE if args.lmstudio else "",
     )

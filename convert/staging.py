@@ -73,8 +73,7 @@ class StagedFolder:
 
     def __enter__(self) -> Path:
         check_target(self.target, self.force)
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        recover(self.target)
+        self.target.parent.mkdir(parents=True, exist_ok=True)  # convert() has run recover(target) first
         self.staging = make_marked_dir(self.target, PARTIAL)
         self.tmp = self.staging / MODEL
         self.tmp.mkdir()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -82,23 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
 def json_object(value: str) -> dict:
     """``--chat-template-config``: a JSON object, as mlx-lm's flag takes it, without the names the template
     renderer sets itself (``messages``, ``tools``, ``add_generation_prompt``, ...)."""
-    from .chat_template import RESERVED
+    from .bounded import parse_json
+    from .chat_template import check_kwargs
 
     shown = value if len(value) <= 80 else value[:77] + "..."
     try:
-        obj = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at column {e.colno}): {shown!r}") from None
-    except RecursionError:
-        raise argparse.ArgumentTypeError("the JSON nests too deeply to parse: flatten it") from None
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise argparse.ArgumentTypeError(f"not usable JSON ({str(e).splitlines()[0]}): {shown!r}") from None
-    if not isinstance(obj, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object like {{\"enable_thinking\": true}}, got {shown!r}")
-    bad = sorted(k for k in obj if k in RESERVED)
-    if bad:
-        raise argparse.ArgumentTypeError(f"{bad[0]!r} is reserved: the chat template renderer sets it itself; "
-                                         "drop that key (use --system, --prompt or --thinking instead)")
+        obj = parse_json(value, f"--chat-template-config {shown!r}", DGemmaError,
+                         'give a JSON object such as {"enable_thinking": true}')
+        if not isinstance(obj, dict):
+            raise DGemmaError(f"expected a JSON object like {{\"enable_thinking\": true}}, got {shown!r}")
+        check_kwargs(obj, "--chat-template-config", DGemmaError)  # the server's --chat-template-args' check
+    except DGemmaError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return obj
 
 
