@@ -83,6 +83,19 @@ def _strings(value: Any, out: list[str]) -> list[str]:
     return out
 
 
+# Built once per tokenizer (a real one has thousands of special tokens), not per request.
+@functools.lru_cache(maxsize=8)
+def _pattern(tokenizer: Any, keep: frozenset[str]) -> re.Pattern[str] | None:
+    """Every special-token spelling of ``tokenizer`` but ``keep`` (``None``: there is none)."""
+    specials = [s for s in special_tokens(tokenizer) if s not in keep]
+    return _alternatives(specials) if specials else None
+
+
+@functools.lru_cache(maxsize=8)
+def _special_ids(tokenizer: Any) -> frozenset[int]:
+    return frozenset(special_tokens(tokenizer).values())
+
+
 class PlainText:
     """One chat rendering with message text kept plain: ``mark`` each message text, render the template, then
     ``unmark`` the rendered text and, when ``typed`` is not empty, ``encode`` it.
@@ -94,8 +107,7 @@ class PlainText:
 
     def __init__(self, tokenizer: Any, inputs: Any, keep: Collection[str] = ()):
         self.tokenizer = tokenizer
-        specials = [s for s in special_tokens(tokenizer) if s not in keep]
-        self.pattern = _alternatives(specials) if specials else None
+        self.pattern = _pattern(tokenizer, frozenset(keep))
         text = "".join(_strings(inputs, []))
         used = set(text)
         self.marker = next(chr(c) for c in _PRIVATE_USE if chr(c) not in used and f"\\u{c:04x}" not in text)
@@ -124,7 +136,7 @@ class PlainText:
         if backend is None:
             return self._encode_slow(text, typed)
         encoding = backend.encode_batch([text], add_special_tokens=False)[0]  # a batch: without the GIL
-        specials = set(special_tokens(self.tokenizer).values())
+        specials = _special_ids(self.tokenizer)
         out: list[int] = []
         run: list[int] = []  # tokens since the template's last special token
         start, dirty = 0, False
@@ -150,7 +162,7 @@ class PlainText:
         """Without a Rust tokenizer: split at the template's special tokens here, and encode the rest with the
         tokenizer's ``split_special_tokens``."""
         ids = special_tokens(self.tokenizer)
-        every = _alternatives(list(ids))
+        every = _pattern(self.tokenizer, frozenset())
         out: list[int] = []
         start = 0
 

@@ -171,10 +171,11 @@ def run_canvas(model: Any, cache: DiffusionCache, stepper: Stepper, start: Start
         row = stepper.step(model, cache, replace(row, key=key), step_key)
         for hook in row.hooks:
             row = hook.after_step(row)
-        mx.eval(row.state, row.passes, row.stale.arrays() if row.stale else [])
+        # Evaluated with the state, so that reading them is the step's one host round-trip (no second sync).
+        flags = mx.stack([row.state.done.all().astype(mx.int32), live(row.state.frozen, row.state.done)])
+        mx.eval(row.state, row.passes, flags, row.stale.arrays() if row.stale else [])
         yield StepEvent(row.start.index, row.step, row.state.argmax, row.state.done)
-        finished, active = mx.stack([row.state.done.all().astype(mx.int32), live(row.state.frozen, row.state.done)]
-                                    ).tolist()  # the one host round-trip per step
+        finished, active = flags.tolist()
         if row.restart is not None:
             row = stepper.start(model, cache, row.restart)
             continue
