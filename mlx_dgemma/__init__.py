@@ -1,26 +1,27 @@
 """mlx_dgemma: DiffusionGemma on Apple Silicon with MLX."""
 
-import sys
-
-from ._platform import use_fast_blas
+from mlx_dgemma.runtime.platform import use_fast_blas
 
 use_fast_blas()  # must run before mlx is imported
 
-# The CLI module ``mlx_dgemma.generate`` is loaded before the function of the same name is bound below: a
-# submodule loaded later would replace the package's ``generate`` function with itself. Not when it is the
-# module being run (``python -m mlx_dgemma.generate``): runpy warns if it is already loaded then.
-_argv = getattr(sys, "orig_argv", [])
-if not any((a == "-m" and b == "mlx_dgemma.generate") or a == "-mmlx_dgemma.generate"
-           for a, b in zip(_argv, [*_argv[1:], ""])):
-    from . import generate as _generate_cli  # noqa: F401
-from .cache import DiffusionCache  # noqa: E402
-from .config import ModelArgs  # noqa: E402
-from .errors import CheckpointError, DGemmaError, GenerationError  # noqa: E402
-from .fast import FastConfig  # noqa: E402
-from .generation import Commit, Done, Draft, GenerationStats, Response, generate, stream_generate  # noqa: E402
-from .loader import DEFAULT_MODEL, load, load_model, load_tokenizer  # noqa: E402
-from .model import Model  # noqa: E402
-from .sampler import SamplerConfig  # noqa: E402
+from mlx_dgemma.decoding.fast import FastConfig  # noqa: E402
+from mlx_dgemma.decoding.sampler import SamplerConfig  # noqa: E402
+from mlx_dgemma.errors import CheckpointError, DGemmaError, GenerationError  # noqa: E402
+from mlx_dgemma.generation import (  # noqa: E402
+    Commit,
+    Done,
+    GenerationStats,
+    Preview,
+    Response,
+    generate,
+    run,
+    stream_generate,
+)
+from mlx_dgemma.model.cache import DiffusionCache  # noqa: E402
+from mlx_dgemma.model.config import ModelArgs  # noqa: E402
+from mlx_dgemma.model.diffusion_gemma import Model  # noqa: E402
+from mlx_dgemma.model.loader import DEFAULT_MODEL, load, load_model, load_tokenizer  # noqa: E402
+from mlx_dgemma.request import GenerationOptions, GenerationRequest, prepare  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -31,17 +32,21 @@ __all__ = [
     "DGemmaError",
     "DiffusionCache",
     "Done",
-    "Draft",
     "FastConfig",
     "GenerationError",
+    "GenerationOptions",
+    "GenerationRequest",
     "GenerationStats",
     "Model",
     "ModelArgs",
+    "Preview",
     "Response",
     "SamplerConfig",
     "generate",
     "load",
     "load_model",
     "load_tokenizer",
+    "prepare",
+    "run",
     "stream_generate",
 ]

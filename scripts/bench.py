@@ -52,23 +52,50 @@ BUSY = 0.5  # other runnable tasks (mean over a second) above which the machine 
 NEVER_CONFIDENT = 1e-30  # reference confidence_threshold: a mean entropy this low never happens
 
 TINY_TEXT = {  # tests/conftest.py BASE_TEXT
-    "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 48,
-    "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "num_global_key_value_heads": 1, "head_dim": 16, "global_head_dim": 32, "num_experts": 8,
-    "top_k_experts": 2, "sliding_window": 16, "max_position_embeddings": 4096,
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 48,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_global_key_value_heads": 1,
+    "head_dim": 16,
+    "global_head_dim": 32,
+    "num_experts": 8,
+    "top_k_experts": 2,
+    "sliding_window": 16,
+    "max_position_embeddings": 4096,
     "use_bidirectional_attention": "vision",
 }
 SMALL_TEXT = {
-    **TINY_TEXT, "vocab_size": 8192, "hidden_size": 256, "intermediate_size": 384,
-    "moe_intermediate_size": 96, "head_dim": 64, "global_head_dim": 128, "num_experts": 16,
-    "top_k_experts": 4, "sliding_window": 64,
+    **TINY_TEXT,
+    "vocab_size": 8192,
+    "hidden_size": 256,
+    "intermediate_size": 384,
+    "moe_intermediate_size": 96,
+    "head_dim": 64,
+    "global_head_dim": 128,
+    "num_experts": 16,
+    "top_k_experts": 4,
+    "sliding_window": 64,
 }
 # About a tenth of the released 26B-A4B in width (hidden 2816 -> 704, same ratios), 12 of its 30 layers.
 TENTH_TEXT = {
-    "vocab_size": 32768, "hidden_size": 704, "intermediate_size": 1056, "moe_intermediate_size": 192,
-    "num_hidden_layers": 12, "num_attention_heads": 8, "num_key_value_heads": 4,
-    "num_global_key_value_heads": 1, "head_dim": 128, "global_head_dim": 256, "num_experts": 32,
-    "top_k_experts": 8, "sliding_window": 128, "max_position_embeddings": 8192,
+    "vocab_size": 32768,
+    "hidden_size": 704,
+    "intermediate_size": 1056,
+    "moe_intermediate_size": 192,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "num_global_key_value_heads": 1,
+    "head_dim": 128,
+    "global_head_dim": 256,
+    "num_experts": 32,
+    "top_k_experts": 8,
+    "sliding_window": 128,
+    "max_position_embeddings": 8192,
     "use_bidirectional_attention": "vision",
 }
 SIZES = {
@@ -110,7 +137,7 @@ def run_ours(hf: Path, spec: dict, cfg: dict) -> dict:
     # mlx_dgemma first: it preloads OpenBLAS before mlx is imported.
     import mlx_dgemma  # noqa: I001
     import mlx.core as mx
-    from mlx_dgemma.loop import prefill
+    from mlx_dgemma.decoding.block_loop import prefill
 
     prompt, canvas, sc_logits = (mx.array(a) for a in bench_inputs(spec))
     out = {"mlx": mx.__version__, "openblas": openblas_mapped()}
@@ -145,7 +172,7 @@ def profile_ours(model, cache, canvas, sc_logits, reps: int) -> dict[str, float]
     """
     import mlx.core as mx
 
-    from mlx_dgemma.sampler import SamplerConfig, denoise_step, init_history
+    from mlx_dgemma.decoding.sampler import SamplerConfig, denoise_step, init_history
 
     def seconds(fn, *args) -> float:
         return repeat_time("part", lambda: mx.eval(fn(*args)), reps)["part_s"]
@@ -181,20 +208,31 @@ def profile_layer(layer, layer_cache, h, seconds) -> dict[str, float]:
     idx, weights = layer.router(h)
     experts_in = layer.pre_feedforward_layernorm_2(h)
     experts = seconds(lambda: layer.post_feedforward_layernorm_2(layer.experts(experts_in, idx, weights)))
-    return {"attention (norms, projections, RoPE, SDPA)": attention, "dense MLP": dense, "router": router,
-            "routed experts (gather_mm)": experts}
+    return {
+        "attention (norms, projections, RoPE, SDPA)": attention,
+        "dense MLP": dense,
+        "router": router,
+        "routed experts (gather_mm)": experts,
+    }
 
 
 def ours_generate(model, prompt, canvases: int, steps: int) -> tuple[int, int]:
     """Prefill, then ``canvases`` x ``steps``, adaptive stopping and EOS off: (tokens, decoder passes)."""
     import mlx_dgemma
-    from mlx_dgemma.loop import CommitEvent, generate_tokens, prefill
+    from mlx_dgemma.decoding.block_loop import CommitEvent, generate_tokens, prefill
 
     cache = model.make_cache()
     prefill(model, prompt, cache)
     sampler = mlx_dgemma.SamplerConfig(max_denoising_steps=steps)
-    events = generate_tokens(model, cache, max_tokens=canvases * model.args.canvas_length, cfg=sampler,
-                             seed=0, adaptive_stopping=False, eos_ids=[-1])
+    events = generate_tokens(
+        model,
+        cache,
+        max_tokens=canvases * model.args.canvas_length,
+        cfg=sampler,
+        seed=0,
+        adaptive_stopping=False,
+        eos_ids=[-1],
+    )
     commits = [event for event in events if isinstance(event, CommitEvent)]
     return sum(c.tokens.shape[1] for c in commits), sum(int(c.decoder_passes.sum()) for c in commits)
 
@@ -207,8 +245,11 @@ def run_reference(hf: Path, spec: dict, cfg: dict) -> dict:
 
     hf_logging.disable_progress_bar()
     prompt, canvas, sc_logits = (torch.from_numpy(a) for a in bench_inputs(spec))
-    out = {"torch": torch.__version__, "transformers": transformers.__version__,
-           "torch_threads": torch.get_num_threads()}
+    out = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
     progress("reference: load")
     dtype = getattr(torch, cfg["dtype"])
@@ -269,8 +310,14 @@ def time_generation(side: str, generate, cfg: dict) -> dict:
     progress(f"{side}: generation, {cfg['canvases']} canvas(es) x {cfg['steps']} steps")
     cpu, load = time.process_time(), os.getloadavg()[0]
     wall, (tokens, passes) = timed(generate, cfg["canvases"], cfg["steps"])
-    return {"generation_s": wall, "generation_cpu_s": time.process_time() - cpu, "tokens": tokens,
-            "passes": passes, "load_before": load, "load_after": os.getloadavg()[0]}
+    return {
+        "generation_s": wall,
+        "generation_cpu_s": time.process_time() - cpu,
+        "tokens": tokens,
+        "passes": passes,
+        "load_before": load,
+        "load_after": os.getloadavg()[0],
+    }
 
 
 def repeat_seconds(fn, reps: int) -> list[float]:
@@ -324,16 +371,32 @@ def ensure_checkpoint(spec: dict, folder: Path) -> None:
         progress(f"reusing checkpoint {folder}")
         return
     progress(f"building checkpoint in {folder}")
-    command = [sys.executable, str(MAKE_FIXTURE), "--spec", json.dumps(spec), "--out", str(folder),
-               "--scenarios", "none"]
+    command = [
+        sys.executable,
+        str(MAKE_FIXTURE),
+        "--spec",
+        json.dumps(spec),
+        "--out",
+        str(folder),
+        "--scenarios",
+        "none",
+    ]
     subprocess.run(command, check=True, env=reference_env(), stdout=subprocess.DEVNULL)
     stamp.write_text(json.dumps(spec))
 
 
 def run_worker(side: str, folder: Path, cfg: dict) -> dict:
     env = os.environ.copy() if side == "ours" else reference_env()
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--checkpoint", str(folder),
-               "--worker-config", json.dumps(cfg)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        side,
+        "--checkpoint",
+        str(folder),
+        "--worker-config",
+        json.dumps(cfg),
+    ]
     done = subprocess.run(command, check=True, env=env, stdout=subprocess.PIPE, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -410,32 +473,38 @@ def profile_table(ours: dict) -> str:
 
 def header(spec: dict, cfg: dict, ours: dict, ref: dict) -> str:
     t = spec["text"]
-    return "\n".join([
-        f"machine:  {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{platform.system()}",
-        f"versions: mlx {ours['mlx']}, torch {ref['torch']} ({ref['torch_threads']} threads), "
-        f"transformers {ref['transformers']}; OpenBLAS for MLX: {'yes' if ours['openblas'] else 'NO'}",
-        f"model:    vocab {t['vocab_size']}, hidden {t['hidden_size']}, {t['num_hidden_layers']} layers, "
-        f"{t['num_experts']} experts top-{t['top_k_experts']} (width {t['moe_intermediate_size']}), "
-        f"dense {t['intermediate_size']}, head_dim {t['head_dim']}/{t['global_head_dim']}, {cfg['dtype']}",
-        f"run:      prompt {spec['prompt_len']}, canvas {spec['canvas_length']}, "
-        f"{cfg['canvases']} canvas(es) x {cfg['steps']} steps = {ours['passes']} / {ref['passes']} "
-        "decoder passes (ours / ref), "
-        f"{ours['tokens']} tokens; prefill and decoder pass: median of {cfg['reps']}",
-        f"load:     {cfg['busy_before']:.1f} / {cfg['busy_after']:.1f} other runnable tasks before / after; "
-        f"1-min load average around generation {ours['load_before']:.2f} -> {ours['load_after']:.2f} (ours), "
-        f"{ref['load_before']:.2f} -> {ref['load_after']:.2f} (reference)",
-    ])
+    return "\n".join(
+        [
+            f"machine:  {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"{platform.system()}",
+            f"versions: mlx {ours['mlx']}, torch {ref['torch']} ({ref['torch_threads']} threads), "
+            f"transformers {ref['transformers']}; OpenBLAS for MLX: {'yes' if ours['openblas'] else 'NO'}",
+            f"model:    vocab {t['vocab_size']}, hidden {t['hidden_size']}, {t['num_hidden_layers']} layers, "
+            f"{t['num_experts']} experts top-{t['top_k_experts']} (width {t['moe_intermediate_size']}), "
+            f"dense {t['intermediate_size']}, head_dim {t['head_dim']}/{t['global_head_dim']}, {cfg['dtype']}",
+            f"run:      prompt {spec['prompt_len']}, canvas {spec['canvas_length']}, "
+            f"{cfg['canvases']} canvas(es) x {cfg['steps']} steps = {ours['passes']} / {ref['passes']} "
+            "decoder passes (ours / ref), "
+            f"{ours['tokens']} tokens; prefill and decoder pass: median of {cfg['reps']}",
+            f"load:     {cfg['busy_before']:.1f} / {cfg['busy_after']:.1f} other runnable tasks before / after; "
+            f"1-min load average around generation {ours['load_before']:.2f} -> {ours['load_after']:.2f} (ours), "
+            f"{ref['load_before']:.2f} -> {ref['load_after']:.2f} (reference)",
+        ]
+    )
 
 
 def check(cfg: dict, ours: dict, ref: dict) -> list[str]:
     warnings = []
     if max(cfg["busy_before"], cfg["busy_after"]) > BUSY:
-        warnings.append("other processes were running: they share the cores, so wall times are inflated, "
-                        "torch's the most (see the load line; rerun on a quiet machine)")
+        warnings.append(
+            "other processes were running: they share the cores, so wall times are inflated, "
+            "torch's the most (see the load line; rerun on a quiet machine)"
+        )
     if not os.path.exists(OPENBLAS):
-        warnings.append(f"{OPENBLAS} is missing: MLX runs on its reference BLAS, ~100x slower matmuls "
-                        "(apt-get install libopenblas0-pthread)")
+        warnings.append(
+            f"{OPENBLAS} is missing: MLX runs on its reference BLAS, ~100x slower matmuls "
+            "(apt-get install libopenblas0-pthread)"
+        )
     if ref["mlx_imported"] or ref["openblas"]:
         warnings.append("the reference worker had mlx or Debian's OpenBLAS loaded: its timings are off")
     if ours["passes"] != ref["passes"] or ours["tokens"] != ref["tokens"]:
@@ -452,8 +521,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--canvases", type=int, default=1, help="canvases to generate (default 1)")
     parser.add_argument("--prompt-len", type=int, help="prompt tokens (default: the preset's)")
     parser.add_argument("--reps", type=int, default=5, help="timed decoder passes (default 5)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="weights and compute (default float32; bfloat16 is ~10x slower on x86 CPUs)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="weights and compute (default float32; bfloat16 is ~10x slower on x86 CPUs)",
+    )
     parser.add_argument("--keep", type=Path, help="build (or reuse) the checkpoint in this folder")
     parser.add_argument("--profile", action="store_true", help="also split our decoder pass into its parts")
     parser.add_argument("--json", type=Path, help="also write all measurements here")
@@ -473,8 +546,15 @@ def main() -> None:
         worker(args.worker, args.checkpoint, args.worker_config)
         return
     spec = build_spec(args)
-    cfg = {"spec": spec, "steps": args.steps, "canvases": args.canvases, "reps": args.reps,
-           "dtype": args.dtype, "profile": args.profile, "busy_before": other_runnable()}
+    cfg = {
+        "spec": spec,
+        "steps": args.steps,
+        "canvases": args.canvases,
+        "reps": args.reps,
+        "dtype": args.dtype,
+        "profile": args.profile,
+        "busy_before": other_runnable(),
+    }
     with tempfile.TemporaryDirectory(prefix="dgemma-bench-") as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)

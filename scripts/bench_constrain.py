@@ -5,7 +5,7 @@ and what the per-step projection costs next to a decoder pass.
 
 Both settings answer the same held-out test items (``demo_task.split("test")``, of the task the model was trained
 for) with the same seeds; the
-constrained one uses ``scripts/record_schema.json`` (one person), or a list of such records (several). The projection (``mlx_dgemma.constrain``) is timed on
+constrained one uses ``scripts/record_schema.json`` (one person), or a list of such records (several). The projection (``mlx_dgemma.decoding.constrain``) is timed on
 its own: it runs on the host once per denoising step, after the step's argmax is read back. ``--fast`` adds both
 settings in fast mode (``fast.project`` projects fast mode's step; same items and seeds).
 """
@@ -30,9 +30,14 @@ class ProjectionTimer:
     """Wraps ``GrammarConstraint.project`` to add up its wall time and count its calls (denoising steps)."""
 
     def __init__(self):
-        from mlx_dgemma.constrain import GrammarConstraint
+        from mlx_dgemma.decoding.constrain import GrammarConstraint
 
-        self.cls, self.original, self.seconds, self.calls = GrammarConstraint, GrammarConstraint.project, 0.0, 0
+        self.cls, self.original, self.seconds, self.calls = (
+            GrammarConstraint,
+            GrammarConstraint.project,
+            0.0,
+            0,
+        )
 
         def timed(constraint, *args):
             start = time.perf_counter()
@@ -49,7 +54,9 @@ class ProjectionTimer:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=100, help="held-out records (default 100)")
     parser.add_argument("--steps", type=int, default=16, help="max denoising steps (default 16)")
     parser.add_argument("--seed", type=int, default=0)
@@ -73,28 +80,44 @@ def main() -> int:
     timer.close()
     rows = [free, bound]
     if args.fast:
-        rows += [evaluate(model, tokenizer, items, "fast", args.seed, fast=True, **opts),
-                 evaluate(model, tokenizer, items, "fast + records schema", args.seed, fast=True, json_schema=schema,
-                          **opts)]
+        rows += [
+            evaluate(model, tokenizer, items, "fast", args.seed, fast=True, **opts),
+            evaluate(
+                model,
+                tokenizer,
+                items,
+                "fast + records schema",
+                args.seed,
+                fast=True,
+                json_schema=schema,
+                **opts,
+            ),
+        ]
     print(HEADER)
     for row in rows:
         print(row.row())
     both = sum(a and b for a, b in zip(free.hits, bound.hits))
     only_free = sum(a and not b for a, b in zip(free.hits, bound.hits))
     only_bound = sum(b and not a for a, b in zip(free.hits, bound.hits))
-    print(f"\npaired on {args.n} held-out records: both right {both}, only unconstrained {only_free}, "
-          f"only constrained {only_bound}")
+    print(
+        f"\npaired on {args.n} held-out records: both right {both}, only unconstrained {only_free}, "
+        f"only constrained {only_bound}"
+    )
     if args.fast:
         fast_bound = rows[3]
-        print(f"fast + schema against the reference + schema: both right "
-              f"{sum(a and b for a, b in zip(bound.hits, fast_bound.hits))}, only reference "
-              f"{sum(a and not b for a, b in zip(bound.hits, fast_bound.hits))}, only fast "
-              f"{sum(b and not a for a, b in zip(bound.hits, fast_bound.hits))}")
+        print(
+            f"fast + schema against the reference + schema: both right "
+            f"{sum(a and b for a, b in zip(bound.hits, fast_bound.hits))}, only reference "
+            f"{sum(a and not b for a, b in zip(bound.hits, fast_bound.hits))}, only fast "
+            f"{sum(b and not a for a, b in zip(bound.hits, fast_bound.hits))}"
+        )
     pass_ms = 1000 * free.seconds / free.decoder_passes
     step_ms = 1000 * timer.seconds / max(timer.calls, 1)
-    print(f"\n| per denoising step | ms |\n|---|---|\n| decoder pass + sampler (unconstrained) | {pass_ms:.2f} |\n"
-          f"| grammar projection (host, constrained only) | {step_ms:.3f} |\n"
-          f"| projection / pass | {step_ms / pass_ms:.1%} |")
+    print(
+        f"\n| per denoising step | ms |\n|---|---|\n| decoder pass + sampler (unconstrained) | {pass_ms:.2f} |\n"
+        f"| grammar projection (host, constrained only) | {step_ms:.3f} |\n"
+        f"| projection / pass | {step_ms / pass_ms:.1%} |"
+    )
     return 0
 
 

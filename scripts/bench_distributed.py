@@ -31,20 +31,42 @@ from pathlib import Path
 import numpy as np
 from bench import repeat_seconds
 
-from mlx_dgemma.config import ModelArgs
-from mlx_dgemma.distributed import launched_group
-from mlx_dgemma.loader import DEFAULT_MODEL, load_model
-from mlx_dgemma.model import Model
-from mlx_dgemma.shard import weight_bytes
+from mlx_dgemma.model.config import ModelArgs
+from mlx_dgemma.model.diffusion_gemma import Model
+from mlx_dgemma.model.loader import DEFAULT_MODEL, load_model
+from mlx_dgemma.model.shard import weight_bytes
+from mlx_dgemma.runtime.distributed import launched_group
 
 TEXT = {
-    "tiny": {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64,
-             "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-             "global_head_dim": 64, "num_experts": 8, "top_k_experts": 2, "sliding_window": 64},
+    "tiny": {
+        "vocab_size": 1024,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "moe_intermediate_size": 64,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "global_head_dim": 64,
+        "num_experts": 8,
+        "top_k_experts": 2,
+        "sliding_window": 64,
+    },
     # scripts/bench.py's tenth scale: hidden 2816 -> 704 with the released ratios, 12 of 30 layers.
-    "tenth": {"vocab_size": 32768, "hidden_size": 704, "intermediate_size": 1056, "moe_intermediate_size": 192,
-              "num_hidden_layers": 12, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128,
-              "global_head_dim": 256, "num_experts": 32, "top_k_experts": 8, "sliding_window": 128},
+    "tenth": {
+        "vocab_size": 32768,
+        "hidden_size": 704,
+        "intermediate_size": 1056,
+        "moe_intermediate_size": 192,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "global_head_dim": 256,
+        "num_experts": 32,
+        "top_k_experts": 8,
+        "sliding_window": 128,
+    },
 }
 CANVAS, PROMPT = {"tiny": 32, "tenth": 256}, {"tiny": 40, "tenth": 200}
 # The released 26B-A4B (notes/architecture.md): 25 sliding + 5 global layers, hidden 2816, canvas 256.
@@ -61,7 +83,9 @@ def make_checkpoint(size: str, folder: Path) -> Path:
     config = json.loads((DEFAULT_MODEL / "config.json").read_text())
     text = {**config["text_config"], **TEXT[size], "max_position_embeddings": 8192}
     n = text["num_hidden_layers"]
-    text["layer_types"] = ["full_attention" if i % 6 == 5 or i == n - 1 else "sliding_attention" for i in range(n)]
+    text["layer_types"] = [
+        "full_attention" if i % 6 == 5 or i == n - 1 else "sliding_attention" for i in range(n)
+    ]
     config.update(text_config=text, canvas_length=CANVAS[size])
     model = Model(ModelArgs.from_config(config))
     for layer in model.layers:  # keep attention logits tame (scale 1.0): see notes/architecture.md
@@ -109,8 +133,11 @@ def pass_times(model, size: str, reps: int, barrier=None) -> dict:
         start = time.perf_counter()
         mx.eval(model.denoise(canvas, cache, sc))
         times.append(time.perf_counter() - start)
-    return {"pass_s": statistics.median(times), "collectives_per_pass": counted[0],
-            "bytes_reduced_per_pass": counted[1]}
+    return {
+        "pass_s": statistics.median(times),
+        "collectives_per_pass": counted[0],
+        "bytes_reduced_per_pass": counted[1],
+    }
 
 
 def expert_times(size: str, folder: Path, reps: int) -> dict:
@@ -118,7 +145,7 @@ def expert_times(size: str, folder: Path, reps: int) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from mlx_dgemma.model import Experts, Router
+    from mlx_dgemma.model.diffusion_gemma import Experts, Router
 
     args = ModelArgs.from_config(json.loads((folder / "config.json").read_text()))
     rng = np.random.default_rng(0)
@@ -130,7 +157,9 @@ def expert_times(size: str, folder: Path, reps: int) -> dict:
     split = Experts(args)
     split.intermediate = width // 2
     gu = full.gate_up_proj.weight
-    split.gate_up_proj.weight = mx.concatenate([gu[:, : width // 2], gu[:, width : width + width // 2]], axis=1)
+    split.gate_up_proj.weight = mx.concatenate(
+        [gu[:, : width // 2], gu[:, width : width + width // 2]], axis=1
+    )
     split.down_proj.weight = full.down_proj.weight[..., : width // 2]
     mx.eval(split.parameters())
 
@@ -150,10 +179,13 @@ def expert_times(size: str, folder: Path, reps: int) -> dict:
         return statistics.median(repeat_seconds(lambda: mx.eval(fn()), reps))
 
     local = int((np.array(idx) < e // 2).sum())
-    return {"experts_whole_s": timed(lambda: full(x, idx, weights)),
-            "experts_width_split_s": timed(lambda: split(x, idx, weights)),
-            "experts_expert_parallel_s": timed(expert_parallel),
-            "expert_parallel_pairs_on_rank0": local, "pairs": int(idx.size)}
+    return {
+        "experts_whole_s": timed(lambda: full(x, idx, weights)),
+        "experts_width_split_s": timed(lambda: split(x, idx, weights)),
+        "experts_expert_parallel_s": timed(expert_parallel),
+        "expert_parallel_pairs_on_rank0": local,
+        "pairs": int(idx.size),
+    }
 
 
 def rank_main(args: argparse.Namespace) -> None:
@@ -163,8 +195,12 @@ def rank_main(args: argparse.Namespace) -> None:
     model = load_model(args.folder, mx.float32, group)
     mx.eval(model.parameters())  # one process loads lazily: materialise before measuring
     barrier = (lambda: mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=group))) if group else None
-    result = {"rank": group.rank() if group else 0, "weight_bytes": weight_bytes(model),
-              "peak_bytes_after_load": mx.get_peak_memory(), **pass_times(model, args.size, args.reps, barrier)}
+    result = {
+        "rank": group.rank() if group else 0,
+        "weight_bytes": weight_bytes(model),
+        "peak_bytes_after_load": mx.get_peak_memory(),
+        **pass_times(model, args.size, args.reps, barrier),
+    }
     if group is None or group.rank() == 0:
         Path(args.result).write_text(json.dumps(result))
 
@@ -176,13 +212,18 @@ def projection(measured_ratio: float | None) -> list[str]:
     # per sliding layer: attention + (dense, experts) together = 3 hidden widths; per global layer: 2
     payload = (3 * r["sliding"] + 2 * r["full"]) * per_sum
     calls = 2 * r["sliding"] + r["full"]
-    lines = [f"released model, canvas {r['canvas']}, bf16 activations: {calls} all-reduces per pass, "
-             f"{payload / 1e6:.1f} MB reduced per pass; a 2-rank ring all-reduce sends and receives that much "
-             "on each rank"]
+    lines = [
+        f"released model, canvas {r['canvas']}, bf16 activations: {calls} all-reduces per pass, "
+        f"{payload / 1e6:.1f} MB reduced per pass; a 2-rank ring all-reduce sends and receives that much "
+        "on each rank"
+    ]
     if measured_ratio is not None:
         lines.append(f"(the formula above gives {measured_ratio:.3f}x the bytes counted at this scale)")
-    for name, gbps, latency in (("TB5 at 80 Gb/s line rate", 80, 10e-6), ("TB5 at 40 Gb/s achieved", 40, 30e-6),
-                                ("TCP ring over TB at 20 Gb/s", 20, 50e-6)):
+    for name, gbps, latency in (
+        ("TB5 at 80 Gb/s line rate", 80, 10e-6),
+        ("TB5 at 40 Gb/s achieved", 40, 30e-6),
+        ("TCP ring over TB at 20 Gb/s", 20, 50e-6),
+    ):
         seconds = payload * 8 / (gbps * 1e9) + calls * latency
         lines.append(f"  {name}, {latency * 1e6:.0f} us per collective: {seconds * 1e3:.0f} ms per pass")
     return lines
@@ -206,36 +247,76 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for n in (1, 2):
             out = Path(tmp) / f"ranks{n}.json"
-            worker = [sys.executable, __file__, "--rank", "--size", args.size, "--reps", str(args.reps),
-                      "--folder", str(folder), "--result", str(out)]
+            worker = [
+                sys.executable,
+                __file__,
+                "--rank",
+                "--size",
+                args.size,
+                "--reps",
+                str(args.reps),
+                "--folder",
+                str(folder),
+                "--result",
+                str(out),
+            ]
             if n > 1:  # mlx.launch's own entry point; the ports are free ones on loopback
-                launcher = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
-                            "--backend", "ring", "-n", str(n), "-p", str(random.randrange(20000, 60000, 16)),
-                            "--python", sys.executable]
+                launcher = [
+                    sys.executable,
+                    "-c",
+                    "from mlx._distributed_utils.launch import main; main()",
+                    "--backend",
+                    "ring",
+                    "-n",
+                    str(n),
+                    "-p",
+                    str(random.randrange(20000, 60000, 16)),
+                    "--python",
+                    sys.executable,
+                ]
                 worker = [*launcher, *worker[1:]]
             subprocess.run(worker, check=True, stdin=subprocess.DEVNULL, env={**os.environ}, timeout=3600)
             results[n] = json.loads(out.read_text())
     experts = expert_times(args.size, folder, args.reps)
     one, two = results[1], results[2]
-    print(f"model: {args.size} scale, float32, {folder}; load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores (timings are only meaningful on a quiet machine)")
-    print(f"weights per rank: 1 rank {one['weight_bytes'] / 1e6:.1f} MB; 2 ranks {two['weight_bytes'] / 1e6:.1f} MB "
-          f"({two['weight_bytes'] / one['weight_bytes']:.0%}); peak during load {two['peak_bytes_after_load'] / 1e6:.1f} MB")
-    print(f"decoder pass (canvas {CANVAS[args.size]}, self-conditioning, median of {args.reps}): "
-          f"1 rank {one['pass_s'] * 1e3:.0f} ms; 2 ranks on this machine {two['pass_s'] * 1e3:.0f} ms")
-    print(f"exchanged per pass: {two['collectives_per_pass']} all-reduces, {two['bytes_reduced_per_pass'] / 1e6:.2f} MB "
-          "reduced (each rank sends and receives as much in a 2-rank ring)")
-    print(f"experts of one layer, per rank of 2: whole {experts['experts_whole_s'] * 1e3:.1f} ms; width-split "
-          f"{experts['experts_width_split_s'] * 1e3:.1f} ms; expert-parallel {experts['experts_expert_parallel_s'] * 1e3:.1f} ms "
-          f"({experts['expert_parallel_pairs_on_rank0']} of {experts['pairs']} routed pairs on rank 0); "
-          "the bytes exchanged are the same")
+    print(
+        f"model: {args.size} scale, float32, {folder}; load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} cores (timings are only meaningful on a quiet machine)"
+    )
+    print(
+        f"weights per rank: 1 rank {one['weight_bytes'] / 1e6:.1f} MB; 2 ranks {two['weight_bytes'] / 1e6:.1f} MB "
+        f"({two['weight_bytes'] / one['weight_bytes']:.0%}); peak during load {two['peak_bytes_after_load'] / 1e6:.1f} MB"
+    )
+    print(
+        f"decoder pass (canvas {CANVAS[args.size]}, self-conditioning, median of {args.reps}): "
+        f"1 rank {one['pass_s'] * 1e3:.0f} ms; 2 ranks on this machine {two['pass_s'] * 1e3:.0f} ms"
+    )
+    print(
+        f"exchanged per pass: {two['collectives_per_pass']} all-reduces, {two['bytes_reduced_per_pass'] / 1e6:.2f} MB "
+        "reduced (each rank sends and receives as much in a 2-rank ring)"
+    )
+    print(
+        f"experts of one layer, per rank of 2: whole {experts['experts_whole_s'] * 1e3:.1f} ms; width-split "
+        f"{experts['experts_width_split_s'] * 1e3:.1f} ms; expert-parallel {experts['experts_expert_parallel_s'] * 1e3:.1f} ms "
+        f"({experts['expert_parallel_pairs_on_rank0']} of {experts['pairs']} routed pairs on rank 0); "
+        "the bytes exchanged are the same"
+    )
     scale = TEXT[args.size]
-    n_full = sum(1 for i in range(scale["num_hidden_layers"]) if i % 6 == 5 or i == scale["num_hidden_layers"] - 1)
-    formula = (3 * (scale["num_hidden_layers"] - n_full) + 2 * n_full) * CANVAS[args.size] * scale["hidden_size"] * 4
+    n_full = sum(
+        1 for i in range(scale["num_hidden_layers"]) if i % 6 == 5 or i == scale["num_hidden_layers"] - 1
+    )
+    formula = (
+        (3 * (scale["num_hidden_layers"] - n_full) + 2 * n_full)
+        * CANVAS[args.size]
+        * scale["hidden_size"]
+        * 4
+    )
     for line in projection(formula / max(two["bytes_reduced_per_pass"], 1)):
         print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps({"size": args.size, "ranks": results, "experts": experts}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"size": args.size, "ranks": results, "experts": experts}, indent=1)
+        )
     return 0
 
 

@@ -30,12 +30,24 @@ from bench import TENTH_TEXT, TINY_TEXT, repeat_seconds  # noqa: E402
 
 MAKE = ROOT / "tests" / "reference" / "make_vision_fixture.py"
 # A reduced Gemma 4 vision tower (the released one is ~27 layers of width 1152): 4 layers of width 384.
-TENTH_VISION = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 6,
-                "num_key_value_heads": 6, "head_dim": 64, "position_embedding_size": 10240}
+TENTH_VISION = {
+    "hidden_size": 384,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 6,
+    "head_dim": 64,
+    "position_embedding_size": 10240,
+}
 SIZES = {
-    "tiny": {"text": {k: v for k, v in TINY_TEXT.items() if k != "use_bidirectional_attention"}, "vision": {}},
-    "tenth": {"text": {k: v for k, v in TENTH_TEXT.items() if k != "use_bidirectional_attention"},
-              "vision": TENTH_VISION},
+    "tiny": {
+        "text": {k: v for k, v in TINY_TEXT.items() if k != "use_bidirectional_attention"},
+        "vision": {},
+    },
+    "tenth": {
+        "text": {k: v for k, v in TENTH_TEXT.items() if k != "use_bidirectional_attention"},
+        "vision": TENTH_VISION,
+    },
 }
 
 
@@ -58,18 +70,31 @@ def median_time(fn, reps: int) -> float:
 def run_ours(hf: Path, budget: int, reps: int) -> dict:
     import mlx_dgemma  # noqa: I001  (preloads OpenBLAS before mlx)
     import mlx.core as mx
-    from mlx_dgemma.image_processing import process_images
+    from mlx_dgemma.model.image_processing import process_images
 
     model = mlx_dgemma.load_model(hf, dtype=mx.float32)
     v, vocab = model.vision_args, model.args.vocab_size
 
     def once():
         p = process_images([image()], budget, v.patch_size, v.pooling_kernel_size)
-        ids = mx.array(inputs(budget, vocab, v.image_token_id, v.boi_token_id, v.eoi_token_id,
-                              p.num_soft_tokens_per_image[0]))
+        ids = mx.array(
+            inputs(
+                budget,
+                vocab,
+                v.image_token_id,
+                v.boi_token_id,
+                v.eoi_token_id,
+                p.num_soft_tokens_per_image[0],
+            )
+        )
         cache = model.make_cache()
-        model.encode(ids, cache, pixel_values=mx.array(p.pixel_values), image_position_ids=mx.array(
-            p.image_position_ids), mm_token_type_ids=(ids == v.image_token_id).astype(mx.int32))
+        model.encode(
+            ids,
+            cache,
+            pixel_values=mx.array(p.pixel_values),
+            image_position_ids=mx.array(p.image_position_ids),
+            mm_token_type_ids=(ids == v.image_token_id).astype(mx.int32),
+        )
         mx.eval(cache.state_arrays())
         return ids.shape[1]
 
@@ -90,25 +115,60 @@ def run_reference(hf: Path, budget: int, reps: int) -> dict:
     @torch.no_grad()
     def once():
         p = proc(images=[Image.fromarray(image())], return_tensors="pt")
-        ids = torch.from_numpy(inputs(budget, c.text_config.vocab_size, c.image_token_id, c.boi_token_id,
-                                      c.eoi_token_id, int(p["num_soft_tokens_per_image"][0])))
+        ids = torch.from_numpy(
+            inputs(
+                budget,
+                c.text_config.vocab_size,
+                c.image_token_id,
+                c.boi_token_id,
+                c.eoi_token_id,
+                int(p["num_soft_tokens_per_image"][0]),
+            )
+        )
         cache = DynamicCache(config=c.get_text_config(decoder=True))
         position_ids = torch.arange(ids.shape[1])[None]
         mapping = model.model.encoder.create_masks_for_generate(
-            config=c, inputs_embeds=torch.empty((1, ids.shape[1], 0)), attention_mask=torch.ones_like(ids).bool(),
-            past_key_values=cache, position_ids=position_ids, mm_token_type_ids=(ids == c.image_token_id).long())
-        model.model.encoder(input_ids=ids, pixel_values=p["pixel_values"], image_position_ids=p["image_position_ids"],
-                            attention_mask=mapping, past_key_values=cache, position_ids=position_ids, use_cache=True)
+            config=c,
+            inputs_embeds=torch.empty((1, ids.shape[1], 0)),
+            attention_mask=torch.ones_like(ids).bool(),
+            past_key_values=cache,
+            position_ids=position_ids,
+            mm_token_type_ids=(ids == c.image_token_id).long(),
+        )
+        model.model.encoder(
+            input_ids=ids,
+            pixel_values=p["pixel_values"],
+            image_position_ids=p["image_position_ids"],
+            attention_mask=mapping,
+            past_key_values=cache,
+            position_ids=position_ids,
+            use_cache=True,
+        )
         return ids.shape[1]
 
-    return {"prefill_s": median_time(once, reps), "prompt_tokens": once(), "torch_threads": torch.get_num_threads()}
+    return {
+        "prefill_s": median_time(once, reps),
+        "prompt_tokens": once(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def worker(side: str, hf: Path, budget: int, reps: int) -> dict:
     env = dict(os.environ)
     if side == "reference":
         env.pop("LD_PRELOAD", None)
-    cmd = [sys.executable, __file__, "--worker", side, "--hf", str(hf), "--budget", str(budget), "--reps", str(reps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        side,
+        "--hf",
+        str(hf),
+        "--budget",
+        str(budget),
+        "--reps",
+        str(reps),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -130,15 +190,22 @@ def main() -> None:
     if not (folder / "hf" / "config.json").exists():
         spec = {**SIZES[args.size], "seed": 0, "canvas_length": 32, "checkpoint_only": True}
         env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-        subprocess.run([sys.executable, str(MAKE), "--spec", json.dumps(spec), "--out", str(folder)], check=True,
-                       env=env)
-    ours, ref = worker("ours", folder / "hf", args.budget, args.reps), worker("reference", folder / "hf",
-                                                                             args.budget, args.reps)
+        subprocess.run(
+            [sys.executable, str(MAKE), "--spec", json.dumps(spec), "--out", str(folder)], check=True, env=env
+        )
+    ours, ref = (
+        worker("ours", folder / "hf", args.budget, args.reps),
+        worker("reference", folder / "hf", args.budget, args.reps),
+    )
     load = os.getloadavg()[0]
-    print(f"{args.size}, one 640x480 image at {args.budget} soft tokens, {ours['prompt_tokens']}-token prompt, "
-          f"float32, load average {load:.1f} on {os.cpu_count()} CPUs")
-    print(f"image prefill: ours {ours['prefill_s']:.3f} s, reference {ref['prefill_s']:.3f} s "
-          f"(torch {ref['torch_threads']} threads): ratio {ref['prefill_s'] / ours['prefill_s']:.2f}x")
+    print(
+        f"{args.size}, one 640x480 image at {args.budget} soft tokens, {ours['prompt_tokens']}-token prompt, "
+        f"float32, load average {load:.1f} on {os.cpu_count()} CPUs"
+    )
+    print(
+        f"image prefill: ours {ours['prefill_s']:.3f} s, reference {ref['prefill_s']:.3f} s "
+        f"(torch {ref['torch_threads']} threads): ratio {ref['prefill_s'] / ours['prefill_s']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -32,10 +32,212 @@ import json
 import random
 from dataclasses import dataclass
 
-NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Iris", "Jack", "Karen", "Leo", "Maya", "Noah", "Olivia", "Paul", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Victor", "Wendy", "Xavier", "Yara", "Zoe", "Aaron", "Bella", "Caleb", "Diana", "Ethan", "Fiona", "George", "Hannah", "Isaac", "Julia", "Kevin", "Laura", "Mason", "Nina", "Oscar", "Priya", "Ravi", "Sofia", "Thomas", "Ursula", "Vera", "William", "Amir", "Beatriz", "Chen", "Dmitri", "Elena", "Farah", "Gustavo", "Hiro", "Ingrid", "Jamal", "Kenji", "Lucia", "Mateo", "Nadia", "Omar", "Pedro", "Rania", "Sven", "Tomas", "Valeria", "Wei", "Yusuf", "Ana", "Boris", "Clara", "Dario", "Esther", "Felix", "Greta", "Hugo"]
-CITIES = ["Paris", "London", "Tokyo", "Berlin", "Rome", "Madrid", "Lisbon", "Cairo", "Delhi", "Sydney", "Toronto", "Chicago", "Boston", "Seattle", "Oslo", "Vienna", "Prague", "Dublin", "Athens", "Kyoto", "Lima", "Bogota", "Nairobi", "Lagos", "Seoul", "Manila", "Jakarta", "Hanoi", "Dakar", "Quito", "Denver", "Austin", "Zurich", "Geneva", "Milan", "Naples", "Porto", "Seville", "Krakow", "Warsaw", "Riga", "Tallinn", "Helsinki", "Bergen", "Munich", "Hamburg", "Lyon", "Nice", "Montreal", "Vancouver", "Mumbai", "Chennai", "Osaka", "Busan", "Perth", "Auckland", "Havana", "Santiago", "Istanbul", "Tunis"]
-JOBS = ["doctor", "teacher", "pilot", "chef", "nurse", "lawyer", "farmer", "baker", "painter", "writer", "engineer", "architect", "dentist", "plumber", "electrician", "pharmacist", "journalist", "librarian", "musician", "photographer", "designer", "programmer", "scientist", "translator", "accountant", "carpenter", "mechanic", "gardener", "firefighter", "dancer", "actor", "editor", "surgeon", "tailor", "veterinarian", "economist", "astronomer", "biologist", "chemist", "geologist"]
-LANGUAGES = ["English", "French", "Spanish", "German", "Italian", "Portuguese", "Dutch", "Greek", "Polish", "Swedish", "Norwegian", "Finnish", "Turkish", "Arabic", "Hindi", "Japanese", "Korean", "Mandarin", "Swahili", "Russian"]
+NAMES = [
+    "Alice",
+    "Bob",
+    "Carol",
+    "David",
+    "Emma",
+    "Frank",
+    "Grace",
+    "Henry",
+    "Iris",
+    "Jack",
+    "Karen",
+    "Leo",
+    "Maya",
+    "Noah",
+    "Olivia",
+    "Paul",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Uma",
+    "Victor",
+    "Wendy",
+    "Xavier",
+    "Yara",
+    "Zoe",
+    "Aaron",
+    "Bella",
+    "Caleb",
+    "Diana",
+    "Ethan",
+    "Fiona",
+    "George",
+    "Hannah",
+    "Isaac",
+    "Julia",
+    "Kevin",
+    "Laura",
+    "Mason",
+    "Nina",
+    "Oscar",
+    "Priya",
+    "Ravi",
+    "Sofia",
+    "Thomas",
+    "Ursula",
+    "Vera",
+    "William",
+    "Amir",
+    "Beatriz",
+    "Chen",
+    "Dmitri",
+    "Elena",
+    "Farah",
+    "Gustavo",
+    "Hiro",
+    "Ingrid",
+    "Jamal",
+    "Kenji",
+    "Lucia",
+    "Mateo",
+    "Nadia",
+    "Omar",
+    "Pedro",
+    "Rania",
+    "Sven",
+    "Tomas",
+    "Valeria",
+    "Wei",
+    "Yusuf",
+    "Ana",
+    "Boris",
+    "Clara",
+    "Dario",
+    "Esther",
+    "Felix",
+    "Greta",
+    "Hugo",
+]
+CITIES = [
+    "Paris",
+    "London",
+    "Tokyo",
+    "Berlin",
+    "Rome",
+    "Madrid",
+    "Lisbon",
+    "Cairo",
+    "Delhi",
+    "Sydney",
+    "Toronto",
+    "Chicago",
+    "Boston",
+    "Seattle",
+    "Oslo",
+    "Vienna",
+    "Prague",
+    "Dublin",
+    "Athens",
+    "Kyoto",
+    "Lima",
+    "Bogota",
+    "Nairobi",
+    "Lagos",
+    "Seoul",
+    "Manila",
+    "Jakarta",
+    "Hanoi",
+    "Dakar",
+    "Quito",
+    "Denver",
+    "Austin",
+    "Zurich",
+    "Geneva",
+    "Milan",
+    "Naples",
+    "Porto",
+    "Seville",
+    "Krakow",
+    "Warsaw",
+    "Riga",
+    "Tallinn",
+    "Helsinki",
+    "Bergen",
+    "Munich",
+    "Hamburg",
+    "Lyon",
+    "Nice",
+    "Montreal",
+    "Vancouver",
+    "Mumbai",
+    "Chennai",
+    "Osaka",
+    "Busan",
+    "Perth",
+    "Auckland",
+    "Havana",
+    "Santiago",
+    "Istanbul",
+    "Tunis",
+]
+JOBS = [
+    "doctor",
+    "teacher",
+    "pilot",
+    "chef",
+    "nurse",
+    "lawyer",
+    "farmer",
+    "baker",
+    "painter",
+    "writer",
+    "engineer",
+    "architect",
+    "dentist",
+    "plumber",
+    "electrician",
+    "pharmacist",
+    "journalist",
+    "librarian",
+    "musician",
+    "photographer",
+    "designer",
+    "programmer",
+    "scientist",
+    "translator",
+    "accountant",
+    "carpenter",
+    "mechanic",
+    "gardener",
+    "firefighter",
+    "dancer",
+    "actor",
+    "editor",
+    "surgeon",
+    "tailor",
+    "veterinarian",
+    "economist",
+    "astronomer",
+    "biologist",
+    "chemist",
+    "geologist",
+]
+LANGUAGES = [
+    "English",
+    "French",
+    "Spanish",
+    "German",
+    "Italian",
+    "Portuguese",
+    "Dutch",
+    "Greek",
+    "Polish",
+    "Swedish",
+    "Norwegian",
+    "Finnish",
+    "Turkish",
+    "Arabic",
+    "Hindi",
+    "Japanese",
+    "Korean",
+    "Mandarin",
+    "Swahili",
+    "Russian",
+]
 AGES = range(18, 80)
 
 INSTRUCTIONS = ["Fill the record:", "Extract the person as JSON:", "JSON record for this text:"]
@@ -57,7 +259,9 @@ TEMPLATES = [
 SPLIT_SEEDS = {"train": 1, "valid": 2, "test": 3}
 CANVAS_LENGTH, MAX_TOKENS = 24, 96  # the record task: answers of two canvases
 LONG_CANVAS_LENGTH = 128  # the long task: half the released canvas (see train_demo.py for why)
-LONG_MAX_TOKENS = 2 * LONG_CANVAS_LENGTH  # every answer (at most ~250 tokens with its end of turn) ends by the second canvas
+LONG_MAX_TOKENS = (
+    2 * LONG_CANVAS_LENGTH
+)  # every answer (at most ~250 tokens with its end of turn) ends by the second canvas
 
 
 @dataclass(frozen=True)
@@ -70,8 +274,15 @@ class Record:
 
     def json(self) -> str:
         """The exact answer: keys in a fixed order, ``json.dumps``'s default spacing."""
-        return json.dumps({"name": self.name, "age": self.age, "city": self.city, "job": self.job,
-                           "languages": list(self.languages)})
+        return json.dumps(
+            {
+                "name": self.name,
+                "age": self.age,
+                "city": self.city,
+                "job": self.job,
+                "languages": list(self.languages),
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -95,10 +306,19 @@ def _article(word: str) -> str:
 
 def _record(rng: random.Random, name: str) -> tuple[Record, str]:
     """A random record for ``name`` and the sentence that states it."""
-    record = Record(name, rng.choice(AGES), rng.choice(CITIES), rng.choice(JOBS),
-                    tuple(rng.sample(LANGUAGES, rng.choice([1, 2, 2, 3]))))
+    record = Record(
+        name,
+        rng.choice(AGES),
+        rng.choice(CITIES),
+        rng.choice(JOBS),
+        tuple(rng.sample(LANGUAGES, rng.choice([1, 2, 2, 3]))),
+    )
     sentence = rng.choice(TEMPLATES).format(
-        name=record.name, age=record.age, city=record.city, job=record.job, a_job=_article(record.job),
+        name=record.name,
+        age=record.age,
+        city=record.city,
+        job=record.job,
+        a_job=_article(record.job),
         langs=_language_list(record.languages),
     )
     return record, sentence
@@ -117,7 +337,9 @@ def make_long_item(rng: random.Random) -> Item:
         return make_item(rng)
     people = [_record(rng, name) for name in rng.sample(NAMES, n)]
     sentences = " ".join(sentence for _, sentence in people)
-    return Item(f"{rng.choice(PLURAL_INSTRUCTIONS)} {sentences}", "[" + ", ".join(r.json() for r, _ in people) + "]")
+    return Item(
+        f"{rng.choice(PLURAL_INSTRUCTIONS)} {sentences}", "[" + ", ".join(r.json() for r, _ in people) + "]"
+    )
 
 
 def is_long(canvas_length: int) -> bool:

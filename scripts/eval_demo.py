@@ -47,24 +47,34 @@ class EvalResult:
 
     def summary(self) -> dict[str, float | int | str]:
         low, high = self.interval()
-        return {"setting": self.label, "n": self.n, "exact_match": self.accuracy, "ci95": [low, high],
-                "passes_per_canvas": self.decoder_passes / self.canvases,
-                "tokens_per_forward": self.tokens / self.decoder_passes,
-                "ms_per_canvas": 1000 * self.seconds / self.canvases}
+        return {
+            "setting": self.label,
+            "n": self.n,
+            "exact_match": self.accuracy,
+            "ci95": [low, high],
+            "passes_per_canvas": self.decoder_passes / self.canvases,
+            "tokens_per_forward": self.tokens / self.decoder_passes,
+            "ms_per_canvas": 1000 * self.seconds / self.canvases,
+        }
 
     def row(self) -> str:
         low, high = self.interval()
-        return (f"| {self.label} | {self.accuracy:.1%} ({low:.1%}–{high:.1%}) | "
-                f"{self.decoder_passes / self.canvases:.2f} | {self.tokens / self.decoder_passes:.2f} | "
-                f"{1000 * self.seconds / self.canvases:.0f} ms |")
+        return (
+            f"| {self.label} | {self.accuracy:.1%} ({low:.1%}–{high:.1%}) | "
+            f"{self.decoder_passes / self.canvases:.2f} | {self.tokens / self.decoder_passes:.2f} | "
+            f"{1000 * self.seconds / self.canvases:.0f} ms |"
+        )
 
 
-HEADER = ("| setting | exact match (95% CI) | decoder passes / canvas | tokens / forward | wall time / canvas |\n"
-          "|---|---|---|---|---|")
+HEADER = (
+    "| setting | exact match (95% CI) | decoder passes / canvas | tokens / forward | wall time / canvas |\n"
+    "|---|---|---|---|---|"
+)
 
 
-def evaluate(model, tokenizer, items: list[demo_task.Item], label: str, seed: int = 0, show: bool = True,
-             **generation) -> EvalResult:
+def evaluate(
+    model, tokenizer, items: list[demo_task.Item], label: str, seed: int = 0, show: bool = True, **generation
+) -> EvalResult:
     """Generate an answer for every item; count exact matches and the decoder's work."""
     from mlx_dgemma import Done, stream_generate
 
@@ -73,8 +83,9 @@ def evaluate(model, tokenizer, items: list[demo_task.Item], label: str, seed: in
     for i, item in enumerate(items):
         start = time.perf_counter()
         done = None
-        for event in stream_generate(model, tokenizer, item.prompt, max_tokens=length, drafts=False, seed=seed + i,
-                                     **generation):
+        for event in stream_generate(
+            model, tokenizer, item.prompt, max_tokens=length, seed=seed + i, **generation
+        ):
             done = event
         assert isinstance(done, Done)
         result.seconds += time.perf_counter() - start
@@ -84,16 +95,24 @@ def evaluate(model, tokenizer, items: list[demo_task.Item], label: str, seed: in
         result.decoder_passes += done.stats.decoder_passes
         result.tokens += done.stats.generated_tokens
         if show:
-            print(f"\r{label}: {i + 1}/{len(items)}  exact match {result.correct / (i + 1):.1%}", end="",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\r{label}: {i + 1}/{len(items)}  exact match {result.correct / (i + 1):.1%}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
     if show:
         print(file=sys.stderr)
     return result
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder or hub id (default: the embedded demo model)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="model folder or hub id (default: the embedded demo model)"
+    )
     parser.add_argument("--n", type=int, default=500, help="held-out records to evaluate (default 500)")
     parser.add_argument("--steps", type=int, default=None, help="max denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)

@@ -45,8 +45,8 @@ def time_pass(model, tokenizer, proposer, prompt: str, reps: int = 30) -> tuple[
     """Seconds per target decoder pass and per drafter proposal, on the same cache (the first canvas)."""
     import mlx.core as mx
 
-    from mlx_dgemma.generation import encode_prompt
-    from mlx_dgemma.loop import prefill
+    from mlx_dgemma.decoding.block_loop import prefill
+    from mlx_dgemma.request import encode_prompt
 
     cache = model.make_cache()
     cache.capture = proposer.capture
@@ -70,7 +70,10 @@ def time_pass(model, tokenizer, proposer, prompt: str, reps: int = 30) -> tuple[
 def projection(passes_none: float, passes_drafted: float) -> str:
     """Per-canvas cost of the 26B target with and without a drafter, from FLOPs and bytes (assumptions stated)."""
     canvas, hidden, vocab = 256, 2816, 262_144
-    active, total = 3.8e9, 25.2e9  # parameters: active per token, all (every expert wakes for a 256-token canvas)
+    active, total = (
+        3.8e9,
+        25.2e9,
+    )  # parameters: active per token, all (every expert wakes for a 256-token canvas)
     drafter_params = 0.37e9  # 4 layers at hidden 2816 + fusion of 6 target layers (see README)
     head = 2 * hidden * vocab * canvas  # the LM head over the canvas, shared by both
     target_flops, drafter_flops = 2 * active * canvas + head, 2 * drafter_params * canvas + head
@@ -79,14 +82,18 @@ def projection(passes_none: float, passes_drafted: float) -> str:
     t_target = max(target_flops / compute, target_bytes / bandwidth)
     t_drafter = max(drafter_flops / compute, drafter_bytes / bandwidth)
     none, drafted = passes_none * t_target, passes_drafted * t_target + t_drafter
-    return (f"26B projection (assumed {bandwidth / 1e9:.0f} GB/s, {compute / 1e12:.0f} TFLOP/s, 4.5-bit target): "
-            f"target pass {1000 * t_target:.0f} ms, drafter {1000 * t_drafter:.0f} ms "
-            f"({t_drafter / t_target:.0%} of a pass); per canvas {1000 * none:.0f} ms without, "
-            f"{1000 * drafted:.0f} ms with the drafter at the measured passes ({none / drafted:.1f}x)")
+    return (
+        f"26B projection (assumed {bandwidth / 1e9:.0f} GB/s, {compute / 1e12:.0f} TFLOP/s, 4.5-bit target): "
+        f"target pass {1000 * t_target:.0f} ms, drafter {1000 * t_drafter:.0f} ms "
+        f"({t_drafter / t_target:.0%} of a pass); per canvas {1000 * none:.0f} ms without, "
+        f"{1000 * drafted:.0f} ms with the drafter at the measured passes ({none / drafted:.1f}x)"
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=None, help="target (default: the embedded demo model)")
     parser.add_argument("--drafter", default="auto", help="drafter folder (default: the model's own)")
     parser.add_argument("--n", type=int, default=200, help="held-out records (default 200)")
@@ -95,10 +102,17 @@ def main() -> int:
     parser.add_argument("--confidence", type=float, nargs="*", default=[], help="also: confident drafts only")
     parser.add_argument("--guard", type=float, nargs="*", default=[], help="also: these verification guards")
     parser.add_argument("--blind", action="store_true", help="also: blind verification")
-    parser.add_argument("--unheld", action="store_true",
-                        help="also: unheld verification, VerifyConfig(hold=False) (with each --confidence too)")
-    parser.add_argument("--split", choices=["valid", "test"], default="test",
-                        help="records to answer (default test; choose settings on valid)")
+    parser.add_argument(
+        "--unheld",
+        action="store_true",
+        help="also: unheld verification, VerifyConfig(hold=False) (with each --confidence too)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=["valid", "test"],
+        default="test",
+        help="records to answer (default test; choose settings on valid)",
+    )
     args = parser.parse_args()
 
     import mlx.core as mx
@@ -112,11 +126,15 @@ def main() -> int:
     drafter = make_proposer(args.drafter, model)
     if drafter is None:
         raise SystemExit("error: no drafter for this model: give --drafter PATH")
+    from mlx_dgemma.decoding.verify import VerifyConfig
     from mlx_dgemma.errors import DGemmaError
-    from mlx_dgemma.verify import VerifyConfig
 
-    settings = {"no drafter": ("none", None), "prompt lookup": ("lookup", None), "drafter": (drafter, None),
-                "drafter, no re-noising": (drafter, VerifyConfig(renoise=0.0))}
+    settings = {
+        "no drafter": ("none", None),
+        "prompt lookup": ("lookup", None),
+        "drafter": (drafter, None),
+        "drafter, no re-noising": (drafter, VerifyConfig(renoise=0.0)),
+    }
     if args.confidence and not isinstance(drafter, DrafterProposer):
         raise SystemExit(f"error: --confidence needs a trained drafter (got {args.drafter!r})")
     try:
@@ -129,8 +147,10 @@ def main() -> int:
         if args.unheld:
             settings["drafter, unheld"] = (drafter, VerifyConfig(hold=False))
             for c in args.confidence:
-                settings[f"drafter, confidence {c:g}, unheld"] = (DrafterProposer(drafter.drafter, confidence=c),
-                                                                  VerifyConfig(hold=False))
+                settings[f"drafter, confidence {c:g}, unheld"] = (
+                    DrafterProposer(drafter.drafter, confidence=c),
+                    VerifyConfig(hold=False),
+                )
     except DGemmaError as e:
         raise SystemExit(f"error: {e}") from None
     results: dict[str, EvalResult] = {}
@@ -144,13 +164,19 @@ def main() -> int:
     base = results["no drafter"]
     for label in list(settings)[1:]:
         mean, low, high = paired_difference(hits["no drafter"], hits[label])
-        ratio = (base.decoder_passes / base.canvases) / (results[label].decoder_passes / results[label].canvases)
+        ratio = (base.decoder_passes / base.canvases) / (
+            results[label].decoder_passes / results[label].canvases
+        )
         speed = (base.seconds / base.canvases) / (results[label].seconds / results[label].canvases)
-        print(f"{label}: exact match {mean:+.1%} vs no drafter (95% CI {low:+.1%} to {high:+.1%}); "
-              f"{ratio:.2f}x fewer target passes, {speed:.2f}x wall time")
+        print(
+            f"{label}: exact match {mean:+.1%} vs no drafter (95% CI {low:+.1%} to {high:+.1%}); "
+            f"{ratio:.2f}x fewer target passes, {speed:.2f}x wall time"
+        )
     t_pass, t_draft = time_pass(model, tokenizer, drafter, items[0].prompt)
-    print(f"drafter proposal {1000 * t_draft:.2f} ms = {t_draft / t_pass:.0%} of a target decoder pass "
-          f"({1000 * t_pass:.2f} ms), measured here")
+    print(
+        f"drafter proposal {1000 * t_draft:.2f} ms = {t_draft / t_pass:.0%} of a target decoder pass "
+        f"({1000 * t_pass:.2f} ms), measured here"
+    )
     d = results["drafter"]
     print(projection(base.decoder_passes / base.canvases, d.decoder_passes / d.canvases))
     if args.json:

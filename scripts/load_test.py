@@ -54,8 +54,17 @@ def free_port() -> int:
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     """``python -m mlx_dgemma.server`` on a free loopback port; returns it once /health answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "mlx_dgemma.server", "--port", str(port), "--log-level", "warning",
-           "--max-concurrency", str(max(args.clients * 2, 2))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_dgemma.server",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--max-concurrency",
+        str(max(args.clients * 2, 2)),
+    ]
     if args.model:
         cmd += ["--model", args.model]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -75,13 +84,20 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
 def one_request(client: openai.OpenAI, args: argparse.Namespace, index: int, results: Results) -> None:
     """Send one chat completion (streamed when ``index`` is even) and record its timings."""
     messages = [{"role": "user", "content": f"Write about {TOPICS[index % len(TOPICS)]} (#{index})."}]
-    kw = {"model": "default", "messages": messages, "max_tokens": args.max_tokens, "seed": index,
-          "extra_body": {"max_denoising_steps": args.steps}}
+    kw = {
+        "model": "default",
+        "messages": messages,
+        "max_tokens": args.max_tokens,
+        "seed": index,
+        "extra_body": {"max_denoising_steps": args.steps},
+    }
     start = time.perf_counter()
     tokens = 0
     if index % 2 == 0:
         first = None
-        for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        for chunk in client.chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kw
+        ):
             if first is None and chunk.choices and chunk.choices[0].delta.content:
                 first = time.perf_counter() - start
             if chunk.usage:
@@ -113,15 +129,26 @@ def run_client(url: str, args: argparse.Namespace, client_id: int, deadline: flo
 
 def report(results: Results, wall: float, args: argparse.Namespace) -> None:
     lat, first = results.latencies, results.first_chunk
-    print(f"clients x requests : {args.clients} x {args.requests} (max_tokens {args.max_tokens}, "
-          f"{args.steps} denoising steps per canvas)")
+    print(
+        f"clients x requests : {args.clients} x {args.requests} (max_tokens {args.max_tokens}, "
+        f"{args.steps} denoising steps per canvas)"
+    )
     print(f"requests served    : {len(lat)}")
-    print(f"errors             : {len(results.errors)}" + (f" (first: {results.errors[0]})" if results.errors else ""))
+    print(
+        f"errors             : {len(results.errors)}"
+        + (f" (first: {results.errors[0]})" if results.errors else "")
+    )
     print(f"not sent (deadline): {results.skipped}")
-    print(f"latency p50 / p95  : {percentile(lat, 50):.3f} s / {percentile(lat, 95):.3f} s (max {max(lat, default=0):.3f})")
-    print(f"first chunk p50/p95: {percentile(first, 50):.3f} s / {percentile(first, 95):.3f} s (streamed requests)")
-    print(f"tokens generated   : {results.tokens} in {wall:.2f} s wall ({results.tokens / wall:.1f} tokens/s, "
-          f"{len(lat) / wall:.2f} requests/s)")
+    print(
+        f"latency p50 / p95  : {percentile(lat, 50):.3f} s / {percentile(lat, 95):.3f} s (max {max(lat, default=0):.3f})"
+    )
+    print(
+        f"first chunk p50/p95: {percentile(first, 50):.3f} s / {percentile(first, 95):.3f} s (streamed requests)"
+    )
+    print(
+        f"tokens generated   : {results.tokens} in {wall:.2f} s wall ({results.tokens / wall:.1f} tokens/s, "
+        f"{len(lat) / wall:.2f} requests/s)"
+    )
 
 
 def main() -> None:
@@ -139,8 +166,10 @@ def main() -> None:
     try:
         results = Results()
         start = time.monotonic()
-        threads = [threading.Thread(target=run_client, args=(url, args, c, start + args.time_limit, results))
-                   for c in range(args.clients)]
+        threads = [
+            threading.Thread(target=run_client, args=(url, args, c, start + args.time_limit, results))
+            for c in range(args.clients)
+        ]
         for t in threads:
             t.start()
         for t in threads:

@@ -256,16 +256,16 @@ CODE_TEMPLATES = [
     "    return {b}\n",
     "class {Cls}:\n    def __init__(self, {a}):\n        self.{a} = {a}\n\n    def {fn}(self):\n"
     "        return len(self.{a})\n",
-    "for i in range({num}):\n    print(f\"{{i}}: {{{a}[i]}}\")\n",
-    "import json\nwith open(\"{a}.json\") as f:\n    {b} = json.load(f)\n",
-    "if {a} > {num}:\n    raise ValueError(\"{a} is too large\")\nelse:\n    {b} = {a} * 2\n",
-    "{a} = {{\"{b}\": {num}, \"{c}\": [{num2}, {num3}], \"{noun}\": true}}\n",
+    'for i in range({num}):\n    print(f"{{i}}: {{{a}[i]}}")\n',
+    'import json\nwith open("{a}.json") as f:\n    {b} = json.load(f)\n',
+    'if {a} > {num}:\n    raise ValueError("{a} is too large")\nelse:\n    {b} = {a} * 2\n',
+    '{a} = {{"{b}": {num}, "{c}": [{num2}, {num3}], "{noun}": true}}\n',
     "function {fn}({a}, {b}) {{\n  const {c} = {a}.map((x) => x * {b});\n  return {c};\n}}\n",
     "$ pip install {noun}\n$ python -m {noun}.{fn} --{a} {num}\n",
     "# {Base} the {noun}\n\n- {base2} the {noun2}\n- check the {a}\n\n```python\n{a} = {fn}({b})\n```\n",
     "SELECT {a}, {b} FROM {noun}s WHERE {c} > {num} ORDER BY {a};\n",
-    "assert {fn}({a}) == {num}, \"{a} should be {num}\"\n",
-    "{{\"role\": \"user\", \"content\": \"{Base} the {noun}.\"}}\n",
+    'assert {fn}({a}) == {num}, "{a} should be {num}"\n',
+    '{{"role": "user", "content": "{Base} the {noun}."}}\n',
 ]
 
 
@@ -276,13 +276,32 @@ def build_corpus(seed: int) -> list[str]:
     def fill(template: str) -> str:
         nouns, bases = rng.sample(NOUNS, 2), rng.sample(BASE_VERBS, 2)
         names, adjs, idents = rng.sample(NAMES, 2), rng.sample(ADJECTIVES, 2), rng.sample(IDENTIFIERS, 3)
-        nums = [str(rng.choice([rng.randint(0, 9), rng.randint(10, 99), rng.randint(100, 9999)])) for _ in range(3)]
+        nums = [
+            str(rng.choice([rng.randint(0, 9), rng.randint(10, 99), rng.randint(100, 9999)]))
+            for _ in range(3)
+        ]
         fn = f"{bases[0]}_{rng.choice(IDENTIFIERS)}"
         return template.format(
-            noun=nouns[0], noun2=nouns[1], verb=rng.choice(VERBS), base=bases[0], base2=bases[1],
-            Base=bases[0].capitalize(), adj=adjs[0], adj2=adjs[1], adv=rng.choice(ADVERBS), name=names[0],
-            name2=names[1], place=rng.choice(PLACES), season=rng.choice(["spring", "summer", "autumn", "winter"]),
-            num=nums[0], num2=nums[1], num3=nums[2], a=idents[0], b=idents[1], c=idents[2], fn=fn,
+            noun=nouns[0],
+            noun2=nouns[1],
+            verb=rng.choice(VERBS),
+            base=bases[0],
+            base2=bases[1],
+            Base=bases[0].capitalize(),
+            adj=adjs[0],
+            adj2=adjs[1],
+            adv=rng.choice(ADVERBS),
+            name=names[0],
+            name2=names[1],
+            place=rng.choice(PLACES),
+            season=rng.choice(["spring", "summer", "autumn", "winter"]),
+            num=nums[0],
+            num2=nums[1],
+            num3=nums[2],
+            a=idents[0],
+            b=idents[1],
+            c=idents[2],
+            fn=fn,
             Cls="".join(part.capitalize() for part in fn.split("_")),
         )
 
@@ -317,7 +336,9 @@ def train_tokenizer(corpus: list[str], vocab_size: int = VOCAB_SIZE) -> Tokenize
         ]
     )
     if tok.get_vocab_size() != vocab_size:
-        raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, not {vocab_size}: enlarge the corpus")
+        raise RuntimeError(
+            f"tokenizer has {tok.get_vocab_size()} tokens, not {vocab_size}: enlarge the corpus"
+        )
     for token, idx in TOKEN_ID.items():
         if tok.token_to_id(token) != idx:
             raise RuntimeError(f"special token {token} has id {tok.token_to_id(token)}, expected {idx}")
@@ -396,7 +417,9 @@ def randomise_(model: DiffusionGemmaForBlockDiffusion, gen: torch.Generator) -> 
             uniform_(layer.layer_scalar, gen)
 
 
-def build_model(text: dict | None = None, canvas_length: int = CANVAS_LENGTH) -> DiffusionGemmaForBlockDiffusion:
+def build_model(
+    text: dict | None = None, canvas_length: int = CANVAS_LENGTH
+) -> DiffusionGemmaForBlockDiffusion:
     torch.manual_seed(SEED)  # the default init (vision tower) draws from the global generator
     model = DiffusionGemmaForBlockDiffusion(build_config(text, canvas_length)).eval()
     randomise_(model, torch.Generator().manual_seed(SEED))
@@ -534,17 +557,31 @@ def write_model_card(out: Path, model: DiffusionGemmaForBlockDiffusion, example:
     text_params, vision_params = count_parameters(model)
     layer_types = model.config.text_config.layer_types
     special_roles = {
-        "<pad>": "padding", "<eos>": "end of sequence (EOS)", "<bos>": "beginning of sequence",
-        "<unk>": "unknown (unused by byte-level BPE)", "<start_of_turn>": "opens a chat turn",
-        "<end_of_turn>": "closes a chat turn (EOS)", "<start_of_thought>": "opens a thought block",
-        "<end_of_thought>": "closes a thought block", "<start_of_image>": "begin of image",
-        "<end_of_image>": "end of image", "<image_soft_token>": "image placeholder",
+        "<pad>": "padding",
+        "<eos>": "end of sequence (EOS)",
+        "<bos>": "beginning of sequence",
+        "<unk>": "unknown (unused by byte-level BPE)",
+        "<start_of_turn>": "opens a chat turn",
+        "<end_of_turn>": "closes a chat turn (EOS)",
+        "<start_of_thought>": "opens a thought block",
+        "<end_of_thought>": "closes a thought block",
+        "<start_of_image>": "begin of image",
+        "<end_of_image>": "end of image",
+        "<image_soft_token>": "image placeholder",
     }
-    table = "\n".join(f"| {i} | `{token}` | {special_roles[token]} |" for i, token in enumerate(SPECIAL_TOKENS))
+    table = "\n".join(
+        f"| {i} | `{token}` | {special_roles[token]} |" for i, token in enumerate(SPECIAL_TOKENS)
+    )
     card = MODEL_CARD.format(
-        **TEXT, canvas_length=CANVAS_LENGTH, dtype=str(DTYPE).removeprefix("torch."),
-        n_sliding=layer_types.count("sliding_attention"), n_full=layer_types.count("full_attention"),
-        text_params=text_params, vision_params=vision_params, special_table=table, example=example.rstrip("\n"),
+        **TEXT,
+        canvas_length=CANVAS_LENGTH,
+        dtype=str(DTYPE).removeprefix("torch."),
+        n_sliding=layer_types.count("sliding_attention"),
+        n_full=layer_types.count("full_attention"),
+        text_params=text_params,
+        vision_params=vision_params,
+        special_table=table,
+        example=example.rstrip("\n"),
         seed=SEED,
     )
     (out / "README.md").write_text(card)
@@ -600,7 +637,9 @@ def digest(out: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path, help="output folder")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()

@@ -36,12 +36,26 @@ ROOT = Path(__file__).resolve().parent.parent
 MAKE_FIXTURE = ROOT / "tests" / "reference" / "make_fixture.py"
 REPORT_SPEC = {
     "text": {
-        "vocab_size": 512, "hidden_size": 128, "intermediate_size": 128, "moe_intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_global_key_value_heads": 1,
-        "head_dim": 32, "global_head_dim": 64, "num_experts": 8, "top_k_experts": 2, "sliding_window": 32,
-        "max_position_embeddings": 4096, "use_bidirectional_attention": "vision",
+        "vocab_size": 512,
+        "hidden_size": 128,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_global_key_value_heads": 1,
+        "head_dim": 32,
+        "global_head_dim": 64,
+        "num_experts": 8,
+        "top_k_experts": 2,
+        "sliding_window": 32,
+        "max_position_embeddings": 4096,
+        "use_bidirectional_attention": "vision",
     },
-    "canvas_length": 16, "seed": 7, "prompt_len": 48, "batch_prompt_lens": [48, 30],
+    "canvas_length": 16,
+    "seed": 7,
+    "prompt_len": 48,
+    "batch_prompt_lens": [48, 30],
 }
 
 
@@ -61,9 +75,20 @@ def write_reference_checkpoint(folder: Path, spec: dict | None = None) -> Path:
     """Write the report's checkpoint with the reference (needs torch and transformers); returns its folder."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # OpenBLAS preload slows torch
     subprocess.run(
-        [sys.executable, str(MAKE_FIXTURE), "--spec", json.dumps(spec or REPORT_SPEC), "--out", str(folder),
-         "--scenarios", "none"],
-        check=True, env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            str(MAKE_FIXTURE),
+            "--spec",
+            json.dumps(spec or REPORT_SPEC),
+            "--out",
+            str(folder),
+            "--scenarios",
+            "none",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     return folder / "hf_released"
 
@@ -86,7 +111,9 @@ def compare(reference: mx.array, logits: mx.array) -> tuple[float, float, float]
     return float(kl.mean()), float(kl.max()), float(top1)
 
 
-def random_inputs(vocab: int, batch: int, prompt_len: int, canvas_len: int, seed: int) -> tuple[mx.array, mx.array]:
+def random_inputs(
+    vocab: int, batch: int, prompt_len: int, canvas_len: int, seed: int
+) -> tuple[mx.array, mx.array]:
     rng = np.random.default_rng(seed)
     ids = rng.integers(4, vocab - 4, size=(batch, prompt_len + canvas_len))
     return mx.array(ids[:, :prompt_len], dtype=mx.int32), mx.array(ids[:, prompt_len:], dtype=mx.int32)
@@ -113,8 +140,16 @@ def measure(
         for recipe in recipes:
             for b in bits:
                 out = Path(tmp) / f"{recipe}-{b}"
-                result = convert(source, out, quantize=True, q_bits=b, q_group_size=group_size, q_recipe=recipe,
-                                 drop_vision=True, progress=False)
+                result = convert(
+                    source,
+                    out,
+                    quantize=True,
+                    q_bits=b,
+                    q_group_size=group_size,
+                    q_recipe=recipe,
+                    drop_vision=True,
+                    progress=False,
+                )
                 logits = decoder_logits(load_model(out, dtype=mx.float32), prompts, canvases)
                 rows.append(Row(recipe, b, result.bits_per_weight, *compare(reference, logits)))
     return rows
@@ -124,8 +159,10 @@ def format_table(rows: list[Row]) -> str:
     """A plain-text table, one line per row."""
     lines = [f"{'recipe':<8} {'bits':>4} {'bits/weight':>11} {'KL mean':>10} {'KL max':>10} {'top-1':>7}"]
     for r in rows:
-        lines.append(f"{r.recipe:<8} {r.bits:>4} {r.bits_per_weight:>11.2f} {r.kl_mean:>10.2e} {r.kl_max:>10.2e} "
-                     f"{r.top1:>7.3f}")
+        lines.append(
+            f"{r.recipe:<8} {r.bits:>4} {r.bits_per_weight:>11.2f} {r.kl_mean:>10.2e} {r.kl_max:>10.2e} "
+            f"{r.top1:>7.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -142,10 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="quant-report-ckpt-") as tmp:
         source = args.model or write_reference_checkpoint(Path(tmp))
-        rows = measure(source, tuple(args.recipes), tuple(args.bits), args.group_size, args.batch,
-                       args.prompt_len, args.canvas_len, args.seed)
-    print(f"checkpoint: {args.model or 'reference-written report checkpoint (REPORT_SPEC)'}; "
-          f"{args.batch} x {args.canvas_len} positions x 2 denoising steps")
+        rows = measure(
+            source,
+            tuple(args.recipes),
+            tuple(args.bits),
+            args.group_size,
+            args.batch,
+            args.prompt_len,
+            args.canvas_len,
+            args.seed,
+        )
+    print(
+        f"checkpoint: {args.model or 'reference-written report checkpoint (REPORT_SPEC)'}; "
+        f"{args.batch} x {args.canvas_len} positions x 2 denoising steps"
+    )
     print(format_table(rows))
     return 0
 

@@ -53,7 +53,9 @@ class Health:
 
     def __init__(self, base: str):
         self.stop, self.out = multiprocessing.Event(), multiprocessing.Queue()
-        self.process = multiprocessing.Process(target=poll_health, args=(base, self.stop, self.out), daemon=True)
+        self.process = multiprocessing.Process(
+            target=poll_health, args=(base, self.stop, self.out), daemon=True
+        )
         self.marks: list[tuple[float, str]] = []
 
     @property
@@ -86,8 +88,13 @@ class Run:
 
     def post(self, body: Any, timeout: float = 120, **kw: Any) -> httpx.Response:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return httpx.post(f"{self.url}/chat/completions", content=content, timeout=timeout,
-                          headers={"content-type": "application/json"}, **kw)
+        return httpx.post(
+            f"{self.url}/chat/completions",
+            content=content,
+            timeout=timeout,
+            headers={"content-type": "application/json"},
+            **kw,
+        )
 
 
 def free_port() -> int:
@@ -97,8 +104,21 @@ def free_port() -> int:
 
 
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mlx_dgemma.server", "--host", "127.0.0.1", "--port", str(port),
-           "--max-concurrency", str(args.clients), "--header-timeout", "3", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_dgemma.server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-concurrency",
+        str(args.clients),
+        "--header-timeout",
+        "3",
+        "--log-level",
+        "warning",
+    ]
     if args.model:
         cmd += ["--model", args.model]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -109,7 +129,9 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
             return proc
         except httpx.TransportError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start: {proc.stderr.read() if proc.stderr else ''}") from None
+                raise SystemExit(
+                    f"the server did not start: {proc.stderr.read() if proc.stderr else ''}"
+                ) from None
             time.sleep(0.2)
 
 
@@ -127,7 +149,9 @@ def bad_bodies(run: Run) -> None:
         run.check(name, "400", code, code == 400)
     r = run.post({"messages": HELLO, "max_tokens": 10**6})
     code = r.json()["error"].get("code") if r.status_code == 400 else None
-    run.check("prompt too long: error code", "context_length_exceeded", code, code == "context_length_exceeded")
+    run.check(
+        "prompt too long: error code", "context_length_exceeded", code, code == "context_length_exceeded"
+    )
     r = run.post({"messages": HELLO, "max_tokens": 4, "max_denoising_steps": 4, "top_p": 0.9, "top_k": 40})
     got = f"{r.status_code} {r.headers.get('x-ignored-fields')}"
     run.check("client sending top_p/top_k", "200 top_p, top_k", got, got == "200 top_p, top_k")
@@ -141,20 +165,34 @@ def huge_bodies(run: Run, health: Health) -> None:
     near = json.dumps({"messages": [{"role": "user", "content": "word " * 1_500_000}]}).encode()  # 7.5 MB
     r = run.post(near)
     code = r.json()["error"]["code"] if r.status_code == 400 else r.status_code
-    run.check("7.5 MB prompt (refused before tokenizing)", "context_length_exceeded", code,
-              code == "context_length_exceeded")
+    run.check(
+        "7.5 MB prompt (refused before tokenizing)",
+        "context_length_exceeded",
+        code,
+        code == "context_length_exceeded",
+    )
     # The longest prompts that are still tokenized (the refusal above cannot rule them out), 16 at once.
     card = httpx.get(f"{run.url}/models").json()["data"][0]
     longest = "word " * (card["context_length"] * 3)
     results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(
-        run.post({"messages": [{"role": "user", "content": longest}]}).status_code)) for _ in range(16)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(
+                run.post({"messages": [{"role": "user", "content": longest}]}).status_code
+            )
+        )
+        for _ in range(16)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    run.check(f"16 prompts of {len(longest)} characters at once", "16 x 400", f"{results.count(400)} x 400",
-              results == [400] * 16)
+    run.check(
+        f"16 prompts of {len(longest)} characters at once",
+        "16 x 400",
+        f"{results.count(400)} x 400",
+        results == [400] * 16,
+    )
 
 
 def slowloris(run: Run, health: Health, n: int) -> None:
@@ -193,9 +231,15 @@ def disconnects(run: Run, n: int) -> None:
 
 def load(run: Run, health: Health, clients: int, requests: int) -> tuple[list[float], int, int, int, int]:
     """N clients x M requests; returns latencies, served, 429s, 5xx, answers that differ from alone."""
+
     def body(i: int) -> dict[str, Any]:
-        return {"messages": [{"role": "user", "content": f"Tell me about item {i % 7}."}], "seed": i,
-                "max_tokens": 48, "max_denoising_steps": 8, "stream": i % 2 == 1}
+        return {
+            "messages": [{"role": "user", "content": f"Tell me about item {i % 7}."}],
+            "seed": i,
+            "max_tokens": 48,
+            "max_denoising_steps": 8,
+            "stream": i % 2 == 1,
+        }
 
     def answer(r: httpx.Response, stream: bool) -> str:
         if not stream:
@@ -240,8 +284,14 @@ def shutdown(run: Run, proc: subprocess.Popen) -> float:
     started = threading.Event()
 
     def long_stream() -> None:
-        body = {"messages": HELLO, "max_tokens": 1000, "max_denoising_steps": 48, "entropy_bound": 1e-6,
-                "stream": True, "seed": 3}
+        body = {
+            "messages": HELLO,
+            "max_tokens": 1000,
+            "max_denoising_steps": 48,
+            "entropy_bound": 1e-6,
+            "stream": True,
+            "seed": 3,
+        }
         try:
             with httpx.stream("POST", f"{run.url}/chat/completions", json=body, timeout=120) as r:
                 for _ in r.iter_lines():
@@ -271,7 +321,9 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--model", help="model folder or repo id (default: the embedded demo model)")
-    p.add_argument("--clients", type=int, default=16, help="concurrent clients = --max-concurrency (default 16)")
+    p.add_argument(
+        "--clients", type=int, default=16, help="concurrent clients = --max-concurrency (default 16)"
+    )
     p.add_argument("--requests", type=int, default=5, help="requests per client (default 5)")
     p.add_argument("--slow", type=int, default=300, help="slow connections held at once (default 300)")
     args = p.parse_args()
@@ -295,8 +347,12 @@ def main() -> int:
         run.check("5xx answers", "0", errors, errors == 0)
         run.check("answers under load = served alone", "0 differ", f"{differ} differ", differ == 0)
         for phase, (worst, p99, n) in health.finish().items():
-            run.check(f"/health slowest of {n} during {phase} (p99 {p99:.3f} s)", "< 1 s", f"{worst:.3f} s",
-                      worst < 1.0)
+            run.check(
+                f"/health slowest of {n} during {phase} (p99 {p99:.3f} s)",
+                "< 1 s",
+                f"{worst:.3f} s",
+                worst < 1.0,
+            )
         took = shutdown(run, proc)
         run.check("SIGTERM during a generation: exit", "< 5 s", f"{took:.2f} s", took < 5)
     finally:
@@ -305,8 +361,10 @@ def main() -> int:
     print("\n| probe | expected | got | pass |\n|---|---|---|---|")
     for probe, expected, got, ok in run.rows:
         print(f"| {probe} | {expected} | {got} | {'yes' if ok else 'NO'} |")
-    print(f"\nat {args.clients} clients: {served} requests served, latency p50 {percentile(lat, 50):.2f} s, "
-          f"p95 {percentile(lat, 95):.2f} s")
+    print(
+        f"\nat {args.clients} clients: {served} requests served, latency p50 {percentile(lat, 50):.2f} s, "
+        f"p95 {percentile(lat, 95):.2f} s"
+    )
     return 0 if all(row[3] for row in run.rows) else 1
 
 

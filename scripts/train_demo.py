@@ -118,8 +118,10 @@ def exact_match(model, tokenizer, items: list[demo_task.Item]) -> float:
     from mlx_dgemma import generate
 
     length = demo_task.max_tokens(model.args.canvas_length)
-    hits = sum(generate(model, tokenizer, it.prompt, max_tokens=length, drafter="none", seed=i).strip()
-               == it.answer for i, it in enumerate(items))
+    hits = sum(
+        generate(model, tokenizer, it.prompt, max_tokens=length, drafter="none", seed=i).strip() == it.answer
+        for i, it in enumerate(items)
+    )
     return hits / len(items)
 
 
@@ -141,8 +143,16 @@ def set_config(folder: Path, values: dict) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def train(folder: Path, items, valid_items, work: Path, iters: int, hyper: dict, resume: bool = False,
-          objective: dict | None = None):
+def train(
+    folder: Path,
+    items,
+    valid_items,
+    work: Path,
+    iters: int,
+    hyper: dict,
+    resume: bool = False,
+    objective: dict | None = None,
+):
     """Train the model in ``folder`` on ``items``; returns ``(model, tokenizer, trainer, result)``."""
     import mlx.core as mx
 
@@ -155,15 +165,35 @@ def train(folder: Path, items, valid_items, work: Path, iters: int, hyper: dict,
     eos = set(model.args.eos_token_id)
     train_set, valid = examples(items, tokenizer, eos), examples(valid_items, tokenizer, eos)
     lengths = np.array([len(e.answer) for e in train_set])
-    print(f"{folder.name}: canvas {model.args.canvas_length}, {len(train_set)} train / {len(valid)} valid examples; "
-          f"answers {lengths.min()}-{lengths.max()} tokens (mean {lengths.mean():.1f}), prompts "
-          f"{np.mean([len(e.prompt) for e in train_set]):.1f} tokens", flush=True)
+    print(
+        f"{folder.name}: canvas {model.args.canvas_length}, {len(train_set)} train / {len(valid)} valid examples; "
+        f"answers {lengths.min()}-{lengths.max()} tokens (mean {lengths.mean():.1f}), prompts "
+        f"{np.mean([len(e.prompt) for e in train_set]):.1f} tokens",
+        flush=True,
+    )
     prepare_full(model, train_router=True)
-    cfg = TrainConfig(iters=iters, lr_schedule="cosine", val_every=100, val_batches=8, save_every=50,
-                      report_every=10, seed=0, group_by_length=True,
-                      objective=ObjectiveConfig(**(objective or {})), **hyper)
-    trainer = Trainer(model, train_set, valid, work, cfg, adapter_config("full", None, len(model.layers)),
-                      fill_id=tokenizer.eos_token_id, progress=Progress(cfg.iters, sys.stdout, cfg.report_every))
+    cfg = TrainConfig(
+        iters=iters,
+        lr_schedule="cosine",
+        val_every=100,
+        val_batches=8,
+        save_every=50,
+        report_every=10,
+        seed=0,
+        group_by_length=True,
+        objective=ObjectiveConfig(**(objective or {})),
+        **hyper,
+    )
+    trainer = Trainer(
+        model,
+        train_set,
+        valid,
+        work,
+        cfg,
+        adapter_config("full", None, len(model.layers)),
+        fill_id=tokenizer.eos_token_id,
+        progress=Progress(cfg.iters, sys.stdout, cfg.report_every),
+    )
     if resume:
         print(f"resuming at step {trainer.resume()}")
     result = trainer.run()
@@ -185,16 +215,28 @@ def save_model(model, skeleton: Path, out: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the model folder to write ({DEFAULT_OUT})")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"the model folder to write ({DEFAULT_OUT})"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo", help="skeleton and checkpoints")
-    parser.add_argument("--init", type=Path, help="skip stage 1: start stage 2 from this model (its tokenizer too)")
+    parser.add_argument(
+        "--init", type=Path, help="skip stage 1: start stage 2 from this model (its tokenizer too)"
+    )
     parser.add_argument("--stage1-iters", type=int, default=400, help=f"batch {STAGE1['batch_size']}")
-    parser.add_argument("--iters", type=int, default=400, help=f"stage 2 steps (batch {STAGE2['batch_size']})")
+    parser.add_argument(
+        "--iters", type=int, default=400, help=f"stage 2 steps (batch {STAGE2['batch_size']})"
+    )
     parser.add_argument("--train-size", type=int, default=demo_task.TRAIN_SIZE)
     parser.add_argument("--resume", action="store_true", help="continue stage 2's checkpoint in --work")
-    parser.add_argument("--lr", type=float, default=STAGE2["learning_rate"],
-                        help=f"stage 2's peak learning rate ({STAGE2['learning_rate']}; lower to continue a model)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=STAGE2["learning_rate"],
+        help=f"stage 2's peak learning rate ({STAGE2['learning_rate']}; lower to continue a model)",
+    )
     args = parser.parse_args()
     if not args.lr > 0:
         parser.error(f"--lr must be above 0, got {args.lr}")
@@ -211,12 +253,19 @@ def main() -> int:
             stage1_note = f"stage 1 skipped: started from {args.init}"
         else:
             build_skeleton(args.work / "skeleton")
-            model, _, _, result = train(args.work / "skeleton", demo_task.split("train", args.train_size),
-                                        demo_task.split("valid", VALID_SIZE),
-                                        args.work / "checkpoint1", args.stage1_iters, STAGE1)
+            model, _, _, result = train(
+                args.work / "skeleton",
+                demo_task.split("train", args.train_size),
+                demo_task.split("valid", VALID_SIZE),
+                args.work / "checkpoint1",
+                args.stage1_iters,
+                STAGE1,
+            )
             save_model(model, args.work / "skeleton", stage1)
-            stage1_note = (f"stage 1: {result.step} steps of {STAGE1['batch_size']}, one person, "
-                           f"{STAGE1_CANVAS}-token canvases, {sum(s.seconds for s in result.steps) / 60:.0f} minutes")
+            stage1_note = (
+                f"stage 1: {result.step} steps of {STAGE1['batch_size']}, one person, "
+                f"{STAGE1_CANVAS}-token canvases, {sum(s.seconds for s in result.steps) / 60:.0f} minutes"
+            )
         shutil.copytree(stage1, stage2)
         set_config(stage2, STAGE2_CONFIG)
         set_generation(stage2, GENERATION)
@@ -225,8 +274,15 @@ def main() -> int:
     print(stage1_note, flush=True)
 
     model, tokenizer, trainer, result = train(
-        stage2, demo_task.split("train", args.train_size, long=True), demo_task.split("valid", VALID_SIZE, long=True),
-        args.work / "checkpoint", args.iters, hyper, args.resume, STAGE2_OBJECTIVE)
+        stage2,
+        demo_task.split("train", args.train_size, long=True),
+        demo_task.split("valid", VALID_SIZE, long=True),
+        args.work / "checkpoint",
+        args.iters,
+        hyper,
+        args.resume,
+        STAGE2_OBJECTIVE,
+    )
     train_seconds = trainer.seconds  # a resumed run's earlier steps included
     # What ships is bf16: round the weights to it. On a CPU the rounded weights are evaluated in fp32 (bf16
     # matmuls are ~10x slower there); a Mac runs them in bf16.
@@ -237,16 +293,34 @@ def main() -> int:
     print(f"held-out exact match (100, bf16): {accuracy:.1%}")
 
     save_model(model, stage2, args.out)
-    write_card(args.out, trainer.history, trainer.val_history, train_seconds, result, accuracy, args.train_size,
-               stage1_note, hyper)
+    write_card(
+        args.out,
+        trainer.history,
+        trainer.val_history,
+        train_seconds,
+        result,
+        accuracy,
+        args.train_size,
+        stage1_note,
+        hyper,
+    )
     (args.out / "README.md").chmod(0o644)
     size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
     print(f"{args.out}: {size / 1e6:.1f} MB, {time.perf_counter() - start:.0f}s in all")
     return 0
 
 
-def write_card(folder: Path, history, val_history, seconds: float, result, accuracy: float, n_train: int,
-               stage1: str, hyper: dict) -> None:
+def write_card(
+    folder: Path,
+    history,
+    val_history,
+    seconds: float,
+    result,
+    accuracy: float,
+    n_train: int,
+    stage1: str,
+    hyper: dict,
+) -> None:
     def at(step: int) -> float:
         window = [loss for s, loss in history if step - 10 < s <= step]
         return sum(window) / len(window)
@@ -260,10 +334,10 @@ def write_card(folder: Path, history, val_history, seconds: float, result, accur
     gen = json.loads((folder / "generation_config.json").read_text())
     card = f"""# mlx_dgemma demo model
 
-A small DiffusionGemma (the architecture of `google/diffusiongemma-26B-A4B-it`: {text['num_hidden_layers']} layers,
-5 sliding + 1 full attention, k=v full layer with proportional RoPE, dense MLP + {text['num_experts']} routed
-experts (top {text['top_k_experts']}), self-conditioning; hidden {text['hidden_size']}, vocabulary
-{text['vocab_size']}, sliding window {text['sliding_window']}, canvas {config['canvas_length']} tokens; the released
+A small DiffusionGemma (the architecture of `google/diffusiongemma-26B-A4B-it`: {text["num_hidden_layers"]} layers,
+5 sliding + 1 full attention, k=v full layer with proportional RoPE, dense MLP + {text["num_experts"]} routed
+experts (top {text["top_k_experts"]}), self-conditioning; hidden {text["hidden_size"]}, vocabulary
+{text["vocab_size"]}, sliding window {text["sliding_window"]}, canvas {config["canvas_length"]} tokens; the released
 model's is 256, see `train_demo.py`)
 trained from scratch by `scripts/train_demo.py` on one task: fill JSON records from sentences about one to four
 people (one record, or a list of them; answers of 32-168 tokens, one or two canvases).
@@ -273,14 +347,14 @@ people (one record, or a list of them; answers of 32-168 tokens, one or two canv
 
 It knows nothing else. It is the embedded default of `mlx_dgemma` (`mlx_dgemma/default_model`);
 `scripts/train_demo_drafter.py --from-data` distils its drafter. Its `generation_config.json` keeps the reference
-sampler and sets its temperature from {gen['t_max']} to {gen['t_min']}, an entropy bound of
-{gen['sampler_config']['entropy_bound']} and at most {gen['max_denoising_steps']} passes a canvas (the released
+sampler and sets its temperature from {gen["t_max"]} to {gen["t_min"]}, an entropy bound of
+{gen["sampler_config"]["entropy_bound"]} and at most {gen["max_denoising_steps"]} passes a canvas (the released
 model's: 0.8 to 0.4, 0.1 and 48; `train_demo.py`'s `GENERATION` says why).
 
 - Curriculum: {stage1}.
-- Stage 2: {result.step} steps of {hyper['batch_size']} examples (from {n_train} distinct), AdamW, cosine
-  learning rate from {hyper['learning_rate']}, block-diffusion objective of `mlx_dgemma.train`, canvas
-  {config['canvas_length']}, {seconds / 60:.0f} minutes on a 2-core x86 CPU (MLX CPU backend, fp32).
+- Stage 2: {result.step} steps of {hyper["batch_size"]} examples (from {n_train} distinct), AdamW, cosine
+  learning rate from {hyper["learning_rate"]}, block-diffusion objective of `mlx_dgemma.train`, canvas
+  {config["canvas_length"]}, {seconds / 60:.0f} minutes on a 2-core x86 CPU (MLX CPU backend, fp32).
 - Training loss (mean of 10 steps): {curve}.
 - Validation loss: {vals}.
 - Held-out exact match (first 100 test items, bf16 weights, its sampler settings): {accuracy:.0%}.

@@ -28,16 +28,26 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help="the demo model to distil for; the drafter goes to its drafter/ (default: the embedded one)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help="the demo model to distil for; the drafter goes to its drafter/ (default: the embedded one)",
+    )
     parser.add_argument("--prompts", type=int, default=10000, help="training prompts the target answers")
     parser.add_argument("--iters", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=16, help="canvases per step")
     parser.add_argument("--from-data", action="store_true", help="learn the records' answers, teacher-forced")
     parser.add_argument("--layers", type=int, default=4, help="drafter layers")
-    parser.add_argument("--confidence", type=float, default=0.9,
-                        help="the drafter drafts positions it gives this probability (chosen on the valid split)")
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        default=0.9,
+        help="the drafter drafts positions it gives this probability (chosen on the valid split)",
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo_drafter")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
@@ -45,11 +55,31 @@ def main() -> int:
     prompts = args.work / "prompts.jsonl"
     canvas = json.loads((args.model / "config.json").read_text())["canvas_length"]
     long = demo_task.is_long(canvas)
-    prompts.write_text("".join(item.to_jsonl() + "\n" for item in demo_task.split("train", args.prompts, long)))
-    argv = ["--model", str(args.model), "--data", str(prompts), "--out", str(args.model / "drafter"),
-            "--work", str(args.work),
-            "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--layers", str(args.layers),
-            "--dtype", "float32", "--max-tokens", str(demo_task.max_tokens(canvas)), "--confidence", str(args.confidence)]
+    prompts.write_text(
+        "".join(item.to_jsonl() + "\n" for item in demo_task.split("train", args.prompts, long))
+    )
+    argv = [
+        "--model",
+        str(args.model),
+        "--data",
+        str(prompts),
+        "--out",
+        str(args.model / "drafter"),
+        "--work",
+        str(args.work),
+        "--iters",
+        str(args.iters),
+        "--batch-size",
+        str(args.batch_size),
+        "--layers",
+        str(args.layers),
+        "--dtype",
+        "float32",
+        "--max-tokens",
+        str(demo_task.max_tokens(canvas)),
+        "--confidence",
+        str(args.confidence),
+    ]
     return train.main(argv + ["--from-data"] * args.from_data + ["--resume"] * args.resume)
 
 

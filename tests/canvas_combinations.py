@@ -22,19 +22,27 @@ SCHEMA_FILE = ROOT.parent / "scripts" / "record_schema.json"
 INFILL = '{"name": "{{2}}", "age": {{1}}, "city": "{{2}}", "job": "{{2}}", "languages": ["{{2}}", "{{2}}"]}'
 
 STEPPERS = ("reference", "fast")
-DRAFTERS = ("none", "auto", "noise", "blind")  # auto: the bundled drafter; noise: every draft rejected (guard)
+DRAFTERS = (
+    "none",
+    "auto",
+    "noise",
+    "blind",
+)  # auto: the bundled drafter; noise: every draft rejected (guard)
 CONSTRAINTS = ("none", "grammar", "infill")
 
 
 def combinations() -> list[tuple[str, str, str]]:
     """(stepper, drafter, constraint) for every allowed combination: infill turns drafting off, so it runs
     without a drafter only."""
-    return [(s, d, c) for s, d, c in itertools.product(STEPPERS, DRAFTERS, CONSTRAINTS)
-            if not (c == "infill" and d != "none")]
+    return [
+        (s, d, c)
+        for s, d, c in itertools.product(STEPPERS, DRAFTERS, CONSTRAINTS)
+        if not (c == "infill" and d != "none")
+    ]
 
 
 def options(drafter: str, constraint: str) -> dict[str, Any]:
-    from mlx_dgemma.verify import VerifyConfig
+    from mlx_dgemma.decoding.verify import VerifyConfig
 
     kw: dict[str, Any] = {"drafter": {"blind": "auto"}.get(drafter, drafter)}
     if drafter == "blind":
@@ -53,18 +61,28 @@ def schema() -> dict[str, Any]:
     return record
 
 
-def run(model: Any, tokenizer: Any, stepper: str, drafter: str, constraint: str, seed: int = 0) -> dict[str, Any]:
+def run(
+    model: Any, tokenizer: Any, stepper: str, drafter: str, constraint: str, seed: int = 0
+) -> dict[str, Any]:
     """What one combination commits: the token ids of each canvas's commit, and its statistics."""
     from mlx_dgemma.generation import Commit, Done, stream_generate
 
-    events = list(stream_generate(model, tokenizer, PROMPT, 64, seed=seed, fast=stepper == "fast",
-                                  **options(drafter, constraint)))
+    events = list(
+        stream_generate(
+            model, tokenizer, PROMPT, 64, seed=seed, fast=stepper == "fast", **options(drafter, constraint)
+        )
+    )
     done = events[-1]
     assert isinstance(done, Done)
     s = done.stats
-    return {"commits": [e.tokens for e in events if isinstance(e, Commit)], "text": done.answer,
-            "passes": s.decoder_passes, "positions": s.decoder_positions, "drafted": s.drafted_canvases,
-            "restarted": s.restarted_canvases}
+    return {
+        "commits": [e.tokens for e in events if isinstance(e, Commit)],
+        "text": done.answer,
+        "passes": s.decoder_passes,
+        "positions": s.decoder_positions,
+        "drafted": s.drafted_canvases,
+        "restarted": s.restarted_canvases,
+    }
 
 
 def record(out: Path) -> None:

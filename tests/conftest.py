@@ -39,8 +39,19 @@ HANG_S = 600
 try:  # httpx waits 5 s by default (connect, read, write): a request a busy machine can outlast; make it a guard
     import httpx
 
-    for _function in (httpx.request, httpx.get, httpx.post, httpx.put, httpx.patch, httpx.delete, httpx.head,
-                      httpx.options, httpx.stream, httpx.Client.__init__, httpx.AsyncClient.__init__):
+    for _function in (
+        httpx.request,
+        httpx.get,
+        httpx.post,
+        httpx.put,
+        httpx.patch,
+        httpx.delete,
+        httpx.head,
+        httpx.options,
+        httpx.stream,
+        httpx.Client.__init__,
+        httpx.AsyncClient.__init__,
+    ):
         _function = getattr(_function, "__wrapped__", _function)  # httpx.stream is a context manager
         if "timeout" in (_function.__kwdefaults__ or {}):
             _function.__kwdefaults__["timeout"] = httpx.Timeout(HANG_S)
@@ -53,8 +64,8 @@ def _product_time_limits_are_hang_guards():
     """The package's own wall-clock limits on work that a test needs to succeed (a grammar's compile, 20 s; the
     chat template's load-time probe, 60 s) become hang guards: a loaded machine may be slower than they allow.
     Session-wide, so that module-scoped servers load under it; a test of such a limit sets its own value."""
-    import mlx_dgemma.chat_template as chat_template
-    import mlx_dgemma.constrain as constrain
+    import mlx_dgemma.decoding.constrain as constrain
+    import mlx_dgemma.prompt.chat_template as chat_template
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(constrain, "COMPILE_TIMEOUT_S", float(HANG_S))
@@ -63,27 +74,70 @@ def _product_time_limits_are_hang_guards():
 
 
 BASE_TEXT = {
-    "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 48,
-    "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "num_global_key_value_heads": 1,
-    "head_dim": 16, "global_head_dim": 32, "num_experts": 8, "top_k_experts": 2, "sliding_window": 16,
-    "max_position_embeddings": 4096, "use_bidirectional_attention": "vision",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 48,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_global_key_value_heads": 1,
+    "head_dim": 16,
+    "global_head_dim": 32,
+    "num_experts": 8,
+    "top_k_experts": 2,
+    "sliding_window": 16,
+    "max_position_embeddings": 4096,
+    "use_bidirectional_attention": "vision",
 }
 
 # Prompts (40 tokens) longer than the sliding window (16); batch rows of different lengths.
 SPECS = {
-    "base": {"text": BASE_TEXT, "canvas_length": 8, "seed": 0, "prompt_len": 40, "batch_prompt_lens": [30, 19]},
+    "base": {
+        "text": BASE_TEXT,
+        "canvas_length": 8,
+        "seed": 0,
+        "prompt_len": 40,
+        "batch_prompt_lens": [30, 19],
+    },
     "narrow": {
-        "text": {**BASE_TEXT, "num_attention_heads": 2, "num_key_value_heads": 1, "num_global_key_value_heads": 2,
-                 "head_dim": 32, "global_head_dim": 64, "num_experts": 4, "top_k_experts": 1,
-                 "moe_intermediate_size": 40, "num_hidden_layers": 7},
-        "canvas_length": 12, "seed": 1, "prompt_len": 23, "batch_prompt_lens": [9, 23],
+        "text": {
+            **BASE_TEXT,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "num_global_key_value_heads": 2,
+            "head_dim": 32,
+            "global_head_dim": 64,
+            "num_experts": 4,
+            "top_k_experts": 1,
+            "moe_intermediate_size": 40,
+            "num_hidden_layers": 7,
+        },
+        "canvas_length": 12,
+        "seed": 1,
+        "prompt_len": 23,
+        "batch_prompt_lens": [9, 23],
     },
     "wide": {
-        "text": {**BASE_TEXT, "hidden_size": 128, "intermediate_size": 128, "moe_intermediate_size": 64,
-                 "num_attention_heads": 8, "num_key_value_heads": 4, "num_global_key_value_heads": 2,
-                 "head_dim": 32, "global_head_dim": 64, "num_experts": 16, "top_k_experts": 4,
-                 "sliding_window": 24, "num_hidden_layers": 12},
-        "canvas_length": 16, "seed": 2, "prompt_len": 64, "batch_prompt_lens": [64, 37],
+        "text": {
+            **BASE_TEXT,
+            "hidden_size": 128,
+            "intermediate_size": 128,
+            "moe_intermediate_size": 64,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "num_global_key_value_heads": 2,
+            "head_dim": 32,
+            "global_head_dim": 64,
+            "num_experts": 16,
+            "top_k_experts": 4,
+            "sliding_window": 24,
+            "num_hidden_layers": 12,
+        },
+        "canvas_length": 16,
+        "seed": 2,
+        "prompt_len": 64,
+        "batch_prompt_lens": [64, 37],
     },
 }
 
@@ -98,7 +152,9 @@ def reference_env() -> dict[str, str]:
 # Reference fixtures are kept between runs (the reference's torch process is most of a parity test's time), keyed
 # by everything that decides their contents: the spec, the builder scripts and the reference's versions.
 # MLX_DGEMMA_TEST_CACHE=0 turns the cache off; another path moves it.
-FIXTURE_CACHE = os.environ.get("MLX_DGEMMA_TEST_CACHE", str(Path.home() / ".cache" / "mlx_dgemma" / "test-fixtures"))
+FIXTURE_CACHE = os.environ.get(
+    "MLX_DGEMMA_TEST_CACHE", str(Path.home() / ".cache" / "mlx_dgemma" / "test-fixtures")
+)
 
 
 def _fixture_key(script: Path, spec: dict) -> str:
@@ -121,8 +177,13 @@ def run_reference(script: Path, spec: dict, out: Path) -> Path:
     if cached is not None and (cached / "reference.npz").exists():
         shutil.copytree(cached, out, dirs_exist_ok=True)
         return out
-    subprocess.run([sys.executable, str(script), "--spec", json.dumps(spec), "--out", str(out)],
-                   check=True, env=reference_env(), capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, str(script), "--spec", json.dumps(spec), "--out", str(out)],
+        check=True,
+        env=reference_env(),
+        capture_output=True,
+        text=True,
+    )
     if cached is not None:
         with contextlib.suppress(OSError):  # a read-only or full home: the next run builds it again
             cached.parent.mkdir(parents=True, exist_ok=True)

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-# mlx_dgemma before mlx.core (imported in the functions): its OpenBLAS preload must come first.
-from mlx_dgemma.distributed import DistributedError, launched_group
 from mlx_dgemma.generation import generate
-from mlx_dgemma.loader import load_model, load_tokenizer
-from mlx_dgemma.shard import weight_bytes
+from mlx_dgemma.model.loader import load_model, load_tokenizer
+from mlx_dgemma.model.shard import weight_bytes
+
+# mlx_dgemma before mlx.core (imported in the functions): its OpenBLAS preload must come first.
+from mlx_dgemma.runtime.distributed import DistributedError, launched_group
 
 PROMPT = "Fill the record: Meet Maya, 34, a pilot living in Oslo."
 PIXELS: list[str] = []  # sha256 of each served image's pixel arrays, on this rank
@@ -30,7 +31,10 @@ def image_request() -> dict:
     png = io.BytesIO()
     Image.fromarray(np.random.default_rng(5).integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(png, "PNG")
     url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is in the image?"}]
+    content = [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "What is in the image?"},
+    ]
     return {"messages": [{"role": "user", "content": content}], "max_tokens": 24, "seed": 3}
 
 
@@ -80,7 +84,7 @@ def main() -> int:
         results["pixels"] = np.array(json.dumps(PIXELS))
     np.savez(Path(args.out) / f"rank{group.rank()}.npz", **results)
     if args.cli:  # last: the CLI silences standard output on ranks other than 0
-        from mlx_dgemma.generate import main as generate_main
+        from mlx_dgemma.cli.generate import main as generate_main
 
         generate_main(["--model", args.cli, "--prompt", PROMPT, "--max-tokens", "40", "--seed", "3"])
     return 0
@@ -98,7 +102,9 @@ def serve(folder: str, rank: int) -> list[str]:
     def record_pixels(job):  # what this rank's generation reads: rank 0's processed image, or what reached it
         if job.plan.image_prompt is not None:
             arrays = job.plan.image_prompt.pixel_values, job.plan.image_prompt.image_position_ids
-            PIXELS.append(hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest())
+            PIXELS.append(
+                hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()
+            )
         serve_plan(job)
 
     worker._serve = record_pixels
@@ -113,10 +119,10 @@ def serve(folder: str, rank: int) -> list[str]:
         for stream in (False, True):
             r = httpx.post(f"{server.url}/chat/completions", json={**body, "stream": stream}, timeout=600)
             if stream:
-                chunks = [json.loads(line[6:]) for line in r.text.splitlines()
-                          if line.startswith("data: {")]
-                answers.append("".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
-                                       if c["choices"]))
+                chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+                answers.append(
+                    "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+                )
             else:
                 answers.append(r.json()["choices"][0]["message"]["content"])
         r = httpx.post(f"{server.url}/chat/completions", json=image_request(), timeout=600)

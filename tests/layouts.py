@@ -20,7 +20,9 @@ EIGHT_BIT = ("embed_tokens", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 def _mlx_vlm_keys(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     out = {}
     for key, value in weights.items():
-        if key == "lm_head.weight" or key.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.")):
+        if key == "lm_head.weight" or key.startswith(
+            ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+        ):
             continue
         if key.startswith("model.encoder.language_model."):
             if key.endswith(".layer_scalar"):

@@ -22,8 +22,8 @@ from typing import Any, NamedTuple, Protocol
 
 import mlx.core as mx
 
-from ..cache import DiffusionCache, StaleKV
-from ..sampler import SamplerConfig, init_history, initial_canvas
+from mlx_dgemma.decoding.sampler import SamplerConfig, init_history, initial_canvas
+from mlx_dgemma.model.cache import DiffusionCache, StaleKV
 
 
 @dataclass
@@ -90,7 +90,9 @@ class Row:
     state: CanvasState
     step: int  # remaining steps N..1 of the next pass, as the reference counts them
     passes: mx.array  # int32 [B]: decoder passes spent on this canvas
-    live: int  # the most positions any unfinished row still denoises (fast mode picks its next pass size by it)
+    live: (
+        int  # the most positions any unfinished row still denoises (fast mode picks its next pass size by it)
+    )
     stale: StaleKV | None = None  # fast mode's canvas keys/values of the last pass
     last: tuple[mx.array, mx.array] | None = None  # the last pass's raw logits [B, S, V] and canvas positions
     restart: Start | None = None  # set by a hook: the loop starts this canvas over from it after the step
@@ -143,11 +145,21 @@ def first_row(start: Start, sc: tuple[mx.array, ...], kept: mx.array | None) -> 
     """The row before its first step: ``start.canvas`` (or noise), the history, self-conditioning input ``sc``."""
     init_key, key = mx.random.split(start.key)
     B, C, V = start.shape
-    canvas = (start.canvas if start.canvas is not None else initial_canvas(init_key, B, C, V)).astype(mx.int32)
+    canvas = (start.canvas if start.canvas is not None else initial_canvas(init_key, B, C, V)).astype(
+        mx.int32
+    )
     history = start.history if start.history is not None else init_history(start.cfg, B, C)
     no = mx.zeros((B, C), dtype=mx.bool_)
-    state = CanvasState(canvas, canvas, no, no if kept is None else kept, mx.zeros((B, C)), history,
-                        mx.zeros((B,), dtype=mx.bool_), sc)
+    state = CanvasState(
+        canvas,
+        canvas,
+        no,
+        no if kept is None else kept,
+        mx.zeros((B, C)),
+        history,
+        mx.zeros((B,), dtype=mx.bool_),
+        sc,
+    )
     passes = start.passes if start.passes is not None else mx.zeros((B,), dtype=mx.int32)
     return Row(start, key, state, start.cfg.max_denoising_steps, passes, C)
 
@@ -157,8 +169,9 @@ def live(frozen: mx.array, done: mx.array) -> mx.array:
     return mx.max(mx.sum((~frozen & ~done[:, None]).astype(mx.int32), axis=-1))
 
 
-def run_canvas(model: Any, cache: DiffusionCache, stepper: Stepper, start: Start
-               ) -> Iterator[StepEvent | CommitEvent]:
+def run_canvas(
+    model: Any, cache: DiffusionCache, stepper: Stepper, start: Start
+) -> Iterator[StepEvent | CommitEvent]:
     """Denoise one canvas against ``cache``: a ``StepEvent`` per step, then the raw argmax as a ``CommitEvent``.
 
     Each step: the stepper's pass and sampler step, then every hook in order; one host read a step (all done?
@@ -184,5 +197,6 @@ def run_canvas(model: Any, cache: DiffusionCache, stepper: Stepper, start: Start
         row = replace(row, step=row.step - 1, live=active)
     stepper.finish(model, cache, row)
     s = row.start
-    yield CommitEvent(s.index, row.state.argmax, row.state.done, row.passes, drafted=s.drafted,
-                      restarted=s.restarted)
+    yield CommitEvent(
+        s.index, row.state.argmax, row.state.done, row.passes, drafted=s.drafted, restarted=s.restarted
+    )

@@ -18,9 +18,16 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 import numpy as np
 
-from ..constrain import Constraint, project_canvas, start_canvas
-from ..verify import Proposal, VerifyConfig, agreeing, agreement, draft_start, seeded_history
-from .canvas import CanvasState, Hook, Row, Start, attach
+from mlx_dgemma.decoding.canvas import CanvasState, Hook, Row, Start, attach
+from mlx_dgemma.decoding.constrain import Constraint, project_canvas, start_canvas
+from mlx_dgemma.decoding.verify import (
+    Proposal,
+    VerifyConfig,
+    agreeing,
+    agreement,
+    draft_start,
+    seeded_history,
+)
 
 
 @dataclass
@@ -34,15 +41,22 @@ class Constrained(Hook):
     def begin(self, start: Start) -> Start:
         B, C, V = start.shape
         noise_key = mx.random.split(start.key, 3)[2]  # apart from the keys the loop splits off
-        return replace(start, canvas=start_canvas(self.constraint, self.offset, start.canvas, noise_key, B, C, V))
+        return replace(
+            start, canvas=start_canvas(self.constraint, self.offset, start.canvas, noise_key, B, C, V)
+        )
 
     def after_step(self, row: Row) -> Row:
         """The one more host read a step: the argmax and, where the grammar rejects it, a logits row."""
         s = row.state
         mx.eval(s.argmax, s.canvas, s.sc, row.last or ())
         argmax = np.asarray(s.argmax[0]).astype(np.int32)
-        projected, write = project_canvas(self.constraint, self.offset, argmax, np.asarray(s.canvas[0]),
-                                          logits_row(s, row.last, row.start.shape[2]))
+        projected, write = project_canvas(
+            self.constraint,
+            self.offset,
+            argmax,
+            np.asarray(s.canvas[0]),
+            logits_row(s, row.last, row.start.shape[2]),
+        )
         return replace(row, state=rewrite(s, projected, write))
 
 
@@ -50,7 +64,9 @@ def logits_row(state: CanvasState, last: tuple[mx.array, mx.array] | None, vocab
     """Position ``i``'s logits ``[V]`` (row 0) to rank tokens by: the last pass's raw logits where it computed
     ``i``, else the self-conditioning input kept for it (top-k: a token outside them ranks below all of them)."""
     raw, positions = last if last is not None else (None, None)
-    computed = {} if positions is None else {int(p): j for j, p in enumerate(np.asarray(positions[0]).tolist())}
+    computed = (
+        {} if positions is None else {int(p): j for j, p in enumerate(np.asarray(positions[0]).tolist())}
+    )
 
     def row(i: int) -> np.ndarray:
         if i in computed:
@@ -70,8 +86,12 @@ def rewrite(state: CanvasState, projected: np.ndarray, write: np.ndarray) -> Can
     if not write.any():
         return state
     changed, tokens = mx.array(write)[None], mx.array(projected)[None]
-    return state._replace(argmax=tokens, canvas=mx.where(changed, tokens, state.canvas),
-                          frozen=state.frozen & ~changed, kept=state.kept & ~changed)
+    return state._replace(
+        argmax=tokens,
+        canvas=mx.where(changed, tokens, state.canvas),
+        frozen=state.frozen & ~changed,
+        kept=state.kept & ~changed,
+    )
 
 
 @dataclass
@@ -134,11 +154,23 @@ class Guard(Hook):
     key: mx.array
 
     def after_step(self, row: Row) -> Row:
-        if not row.first or row.state.done.all().item() or agreement(row.state.argmax, self.proposal) >= self.guard:
+        if (
+            not row.first
+            or row.state.done.all().item()
+            or agreement(row.state.argmax, self.proposal) >= self.guard
+        ):
             return row
         # The rejected pass stays counted; only the hooks that outlive a draft (a constraint's) come along.
-        fresh = Start(row.start.index, row.cfg, self.key, row.start.shape, adaptive=row.start.adaptive,
-                      passes=row.passes, drafted=True, restarted=True)
+        fresh = Start(
+            row.start.index,
+            row.cfg,
+            self.key,
+            row.start.shape,
+            adaptive=row.start.adaptive,
+            passes=row.passes,
+            drafted=True,
+            restarted=True,
+        )
         return replace(row, restart=attach(fresh, *(h for h in row.hooks if h.persists)))
 
 

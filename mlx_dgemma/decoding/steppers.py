@@ -1,6 +1,6 @@
 """The reference stepper: one ``Model.denoise`` pass and one ``sampler.denoise_step``, as the reference's loop.
 
-Fast mode's stepper is ``mlx_dgemma.fast.FastDenoiser`` (a sparse pass and the top-k step).
+Fast mode's stepper is ``mlx_dgemma.decoding.fast.FastDenoiser`` (a sparse pass and the top-k step).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..cache import DiffusionCache
-from ..sampler import SamplerConfig, StepOutput, denoise_step
-from .canvas import Row, Start, first_row
+from mlx_dgemma.decoding.canvas import Row, Start, first_row
+from mlx_dgemma.decoding.sampler import SamplerConfig, StepOutput, denoise_step
+from mlx_dgemma.model.cache import DiffusionCache
 
 
 def sampler_step(cfg: SamplerConfig, compiled: bool | None = None) -> Callable[..., StepOutput]:
@@ -62,7 +62,9 @@ class ReferenceStepper:
         logits = model.denoise(s.canvas, cache, sc)
         out = self._step(row.cfg)(logits, s.canvas, s.argmax, sc, s.done, s.history, row.step, key)
         done = out.done if row.start.adaptive else s.done
-        state = s._replace(canvas=out.canvas, argmax=out.argmax, history=out.history, done=done, sc=(out.logits,))
+        state = s._replace(
+            canvas=out.canvas, argmax=out.argmax, history=out.history, done=done, sc=(out.logits,)
+        )
         return replace(row, state=state, passes=passes)
 
     def finish(self, model: Any, cache: DiffusionCache, row: Row) -> None:

@@ -79,9 +79,10 @@ Generation
 Streaming (``stream: true``, server-sent events in OpenAI's chunk format)
     Each committed canvas is sent as soon as it is committed (chat: a first chunk carries the role).
     ``stream_options.include_usage`` adds the usage chunk (``choices: []``) before ``data: [DONE]``.
-    Extension: ``stream_options.include_drafts: true`` also sends, after every denoising step, a chunk
-    with ``choices: []`` and ``"draft": {"text", "canvas", "step"}``: the canvas being denoised (a
-    preview: it is not part of the answer and stop sequences are not applied to it). The chunk with the
+    Extension: ``stream_options.include_previews: true`` also sends, after every denoising step, a chunk
+    with ``choices: []`` and ``"preview": {"text", "canvas", "step"}``: the canvas being denoised (it is not
+    part of the answer and stop sequences are not applied to it). ``include_drafts``, its old name, sends the
+    same under the old key ``"draft"``. The chunk with the
     ``finish_reason`` (and a non-streaming response) carries ``"diffusion": {"canvases",
     "decoder_passes", "tokens_per_forward"}``. An error after the stream began is sent as one
     ``data: {"error": ...}`` event.
@@ -120,7 +121,7 @@ model), 413 (body too large), 415 (not JSON), 429 (busy), 431 (headers too large
 
 from __future__ import annotations
 
-from .app import create_app
-from .cli import BackgroundServer, main
+from mlx_dgemma.server.app import create_app
+from mlx_dgemma.server.cli import BackgroundServer, main
 
 __all__ = ["BackgroundServer", "create_app", "main"]

@@ -1,5 +1,5 @@
 """``python -m mlx_dgemma.server``."""
 
-from . import main
+from mlx_dgemma.server import main
 
 main()

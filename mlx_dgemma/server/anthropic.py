@@ -20,22 +20,48 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from . import bridge
-from .bridge import End, Text
-from .protocol import APIError
-from .worker import Finished
+from mlx_dgemma.server import bridge
+from mlx_dgemma.server.bridge import End, Text
+from mlx_dgemma.server.protocol import APIError
+from mlx_dgemma.server.worker import Finished
 
 log = logging.getLogger("mlx_dgemma.server")
 
-HANDLED = frozenset({"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p", "top_k",
-                     "tools", "tool_choice", "stream", "thinking", "output_config", "output_format",
-                     *bridge.EXTENSIONS})
-CHAT_NAMES = {"stop": "stop_sequences", "response_format": "output_config.format"}  # in the chat path's errors
+HANDLED = frozenset(
+    {
+        "model",
+        "messages",
+        "system",
+        "max_tokens",
+        "stop_sequences",
+        "temperature",
+        "top_p",
+        "top_k",
+        "tools",
+        "tool_choice",
+        "stream",
+        "thinking",
+        "output_config",
+        "output_format",
+        *bridge.EXTENSIONS,
+    }
+)
+CHAT_NAMES = {
+    "stop": "stop_sequences",
+    "response_format": "output_config.format",
+}  # in the chat path's errors
 QUIET = frozenset({"metadata", "service_tier"})  # metadata: accepted and ignored without a mention
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",
-               503: "overloaded_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -92,7 +118,7 @@ async def _messages(request: Request) -> Any:
 
 async def _count(request: Request) -> dict[str, Any]:
     """``/v1/messages/count_tokens``: the prompt's tokens, as the request would be templated."""
-    from .app import _prepare
+    from mlx_dgemma.server.app import _prepare
 
     data = await bridge.read_request(request)
     if isinstance(data, dict):
@@ -110,11 +136,20 @@ class Reply:
         self.id, self.model, self.prompt_tokens = f"msg_{uuid.uuid4().hex[:24]}", model, prompt_tokens
 
     def body(self, blocks: list[dict[str, Any]], done: Finished | None, calls: bool) -> dict[str, Any]:
-        out = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": blocks,
-               "stop_reason": None, "stop_sequence": None,
-               "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0}}
+        out = {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": blocks,
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0},
+        }
         if done is not None:
-            out.update(stop_reason=stop_reason(done, calls), stop_sequence=done.stop_sequence, usage=usage(done))
+            out.update(
+                stop_reason=stop_reason(done, calls), stop_sequence=done.stop_sequence, usage=usage(done)
+            )
             out["diffusion"] = done.stats
         return out
 
@@ -129,8 +164,12 @@ def stop_reason(done: Finished, calls: bool) -> str:
 
 def usage(done: Finished) -> dict[str, Any]:
     """Anthropic's counts: ``input_tokens`` are those not read from the (prompt) cache."""
-    return {"input_tokens": done.prompt_tokens - done.cached_tokens, "output_tokens": done.completion_tokens,
-            "cache_read_input_tokens": done.cached_tokens, "cache_creation_input_tokens": 0}
+    return {
+        "input_tokens": done.prompt_tokens - done.cached_tokens,
+        "output_tokens": done.completion_tokens,
+        "cache_read_input_tokens": done.cached_tokens,
+        "cache_creation_input_tokens": 0,
+    }
 
 
 def thinking_block(text: str) -> dict[str, Any]:
@@ -170,24 +209,42 @@ async def _events(msg: Reply, run: bridge.Run) -> AsyncIterator[str]:
                     index, open_kind = index + 1, item.kind
                     block = thinking_block("") if item.kind == "reasoning" else text_block("")
                     yield _sse("content_block_start", {"index": index, "content_block": block})
-                delta = ({"type": "thinking_delta", "thinking": item.text} if item.kind == "reasoning"
-                         else {"type": "text_delta", "text": item.text})
+                delta = (
+                    {"type": "thinking_delta", "thinking": item.text}
+                    if item.kind == "reasoning"
+                    else {"type": "text_delta", "text": item.text}
+                )
                 yield _sse("content_block_delta", {"index": index, "delta": delta})
             elif isinstance(item, End):
                 if open_kind is not None:
                     yield _sse("content_block_stop", {"index": index})
-                if index < 0 and not item.calls:  # an empty answer: one empty text block, as when not streaming
+                if (
+                    index < 0 and not item.calls
+                ):  # an empty answer: one empty text block, as when not streaming
                     index += 1
                     yield _sse("content_block_start", {"index": index, "content_block": text_block("")})
                     yield _sse("content_block_stop", {"index": index})
                 for call in item.calls:
                     index += 1
-                    yield _sse("content_block_start", {"index": index, "content_block": tool_use_block(call, {})})
-                    yield _sse("content_block_delta", {"index": index, "delta": {
-                        "type": "input_json_delta", "partial_json": call["function"]["arguments"]}})
+                    yield _sse(
+                        "content_block_start", {"index": index, "content_block": tool_use_block(call, {})}
+                    )
+                    yield _sse(
+                        "content_block_delta",
+                        {
+                            "index": index,
+                            "delta": {
+                                "type": "input_json_delta",
+                                "partial_json": call["function"]["arguments"],
+                            },
+                        },
+                    )
                     yield _sse("content_block_stop", {"index": index})
                 done = item.done
-                delta = {"stop_reason": stop_reason(done, bool(item.calls)), "stop_sequence": done.stop_sequence}
+                delta = {
+                    "stop_reason": stop_reason(done, bool(item.calls)),
+                    "stop_sequence": done.stop_sequence,
+                }
                 yield _sse("message_delta", {"delta": delta, "usage": usage(done), "diffusion": done.stats})
                 yield _sse("message_stop", {})
     except APIError as e:
@@ -232,18 +289,27 @@ def translate(data: Any) -> tuple[dict[str, Any], list[str]]:
     thinking = data.get("thinking")
     if thinking is not None:
         if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled", "adaptive"):
-            raise APIError(400, 'thinking must be {"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} or '
-                                '{"type": "disabled"}', "thinking")
+            raise APIError(
+                400,
+                'thinking must be {"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} or '
+                '{"type": "disabled"}',
+                "thinking",
+            )
         # Disabled: off explicitly too, over a server default (--chat-template-args) that turns it on.
         kwargs = chat.get("chat_template_kwargs")
-        chat["chat_template_kwargs"] = {"enable_thinking": thinking["type"] != "disabled",
-                                        **(kwargs if isinstance(kwargs, dict) else {})}
+        chat["chat_template_kwargs"] = {
+            "enable_thinking": thinking["type"] != "disabled",
+            **(kwargs if isinstance(kwargs, dict) else {}),
+        }
     fmt = data.get("output_format")
     config = data.get("output_config")
     if config is not None:
         if not isinstance(config, dict):
-            raise APIError(400, 'output_config must be an object such as {"format": {"type": "json_schema", ...}}',
-                           "output_config")
+            raise APIError(
+                400,
+                'output_config must be an object such as {"format": {"type": "json_schema", ...}}',
+                "output_config",
+            )
         fmt = config.get("format") if config.get("format") is not None else fmt
         if config.get("effort") is not None:
             ignored.append("output_config.effort")
@@ -263,7 +329,9 @@ def _message(i: int, message: Any) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
-        raise APIError(400, f"{where}.content must be a string or a list of content blocks", f"{where}.content")
+        raise APIError(
+            400, f"{where}.content must be a string or a list of content blocks", f"{where}.content"
+        )
     parts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -277,8 +345,16 @@ def _message(i: int, message: Any) -> list[dict[str, Any]]:
         elif kind == "tool_use" and role == "assistant":
             if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
                 raise APIError(400, f"{at}: a tool_use block needs an id and a name", at)
-            calls.append({"id": block["id"], "type": "function", "function": {
-                "name": block["name"], "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}})
+            calls.append(
+                {
+                    "id": block["id"],
+                    "type": "function",
+                    "function": {
+                        "name": block["name"],
+                        "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False),
+                    },
+                }
+            )
         elif kind == "tool_result" and role == "user":
             if not isinstance(block.get("tool_use_id"), str):
                 raise APIError(400, f"{at}: a tool_result block needs the tool_use_id it answers", at)
@@ -286,7 +362,9 @@ def _message(i: int, message: Any) -> list[dict[str, Any]]:
             if isinstance(result, list):
                 result = "".join(b["text"] for b in _text_blocks(result, f"{at}.content"))
             if not isinstance(result, str):
-                raise APIError(400, f"{at}.content must be a string or a list of text blocks", f"{at}.content")
+                raise APIError(
+                    400, f"{at}.content must be a string or a list of text blocks", f"{at}.content"
+                )
             if block.get("is_error"):
                 result = f"Error: {result}"
             results.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": result})
@@ -294,8 +372,12 @@ def _message(i: int, message: Any) -> list[dict[str, Any]]:
             continue  # past thoughts are not sent back to the model (chat templates drop them too)
         else:
             allowed = "text, image and tool_result" if role == "user" else "text, tool_use and thinking"
-            raise APIError(400, f"{at}: {role} content blocks of type {kind!r} are not supported by this server: "
-                                f"send {allowed} blocks", f"{at}.type")
+            raise APIError(
+                400,
+                f"{at}: {role} content blocks of type {kind!r} are not supported by this server: "
+                f"send {allowed} blocks",
+                f"{at}.type",
+            )
     if role == "assistant":
         out: dict[str, Any] = {"role": "assistant", "content": parts or None}
         if calls:
@@ -306,7 +388,11 @@ def _message(i: int, message: Any) -> list[dict[str, Any]]:
 
 def _text_blocks(blocks: list[Any], where: str) -> list[dict[str, Any]]:
     for j, block in enumerate(blocks):
-        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+        if (
+            not isinstance(block, dict)
+            or block.get("type") != "text"
+            or not isinstance(block.get("text"), str)
+        ):
             raise APIError(400, f"{where}.{j}: only text blocks are supported here", f"{where}.{j}")
     return blocks
 
@@ -320,8 +406,12 @@ def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
     elif kind == "url" and isinstance(source.get("url"), str):
         url = source["url"]
     else:
-        raise APIError(400, f"{where}: an image block needs a source of type base64 (media_type and data) or url; "
-                            "file sources are not supported", f"{where}.source")
+        raise APIError(
+            400,
+            f"{where}: an image block needs a source of type base64 (media_type and data) or url; "
+            "file sources are not supported",
+            f"{where}.source",
+        )
     return {"type": "image_url", "image_url": {"url": url}}
 
 
@@ -333,8 +423,12 @@ def tools_of(tools: Any) -> list[dict[str, Any]]:
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or tool.get("type", "custom") not in ("custom", None):
             kind = tool.get("type") if isinstance(tool, dict) else None
-            raise APIError(400, f"tools[{i}]: server tools ({kind!r}) are not supported by this server: define "
-                                "client tools (name, description, input_schema)", f"tools.{i}")
+            raise APIError(
+                400,
+                f"tools[{i}]: server tools ({kind!r}) are not supported by this server: define "
+                "client tools (name, description, input_schema)",
+                f"tools.{i}",
+            )
         fn = {"name": tool.get("name"), "parameters": tool.get("input_schema") or {"type": "object"}}
         if tool.get("description") is not None:
             fn["description"] = tool["description"]
@@ -350,12 +444,23 @@ def tool_choice_of(choice: Any) -> Any:
         return "required"
     if kind == "tool" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
-    raise APIError(400, 'tool_choice must be {"type": "auto"}, {"type": "any"}, {"type": "none"} or '
-                        '{"type": "tool", "name": ...}', "tool_choice")
+    raise APIError(
+        400,
+        'tool_choice must be {"type": "auto"}, {"type": "any"}, {"type": "none"} or '
+        '{"type": "tool", "name": ...}',
+        "tool_choice",
+    )
 
 
 def _response_format(fmt: Any) -> dict[str, Any]:
-    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
-        raise APIError(400, 'output_config.format must be {"type": "json_schema", "schema": {...}}',
-                       "output_config.format")
+    if (
+        not isinstance(fmt, dict)
+        or fmt.get("type") != "json_schema"
+        or not isinstance(fmt.get("schema"), dict)
+    ):
+        raise APIError(
+            400,
+            'output_config.format must be {"type": "json_schema", "schema": {...}}',
+            "output_config.format",
+        )
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}

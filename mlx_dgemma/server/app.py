@@ -19,13 +19,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from .. import chat_template
-from ..errors import DGemmaError
-from ..model import Model
-from .guards import HostGuard, check_json_content_type
-from .images import ImagePolicy
-from .output import OutputParser, Piece
-from .protocol import (
+from mlx_dgemma.errors import DGemmaError
+from mlx_dgemma.model.diffusion_gemma import Model
+from mlx_dgemma.prompt import chat_template
+from mlx_dgemma.server.guards import HostGuard, check_json_content_type
+from mlx_dgemma.server.images import ImagePolicy
+from mlx_dgemma.server.output import OutputParser, Piece
+from mlx_dgemma.server.protocol import (
     DEFAULT_MAX_TOKENS,
     IGNORED_HEADER,
     APIError,
@@ -35,8 +35,9 @@ from .protocol import (
     parse,
     plan,
     read_json,
+    request_of,
 )
-from .worker import Busy, Delta, DraftText, Event, Failed, Finished, Job, Worker
+from mlx_dgemma.server.worker import Busy, CanvasPreview, Delta, Event, Failed, Finished, Job, Worker
 
 log = logging.getLogger("mlx_dgemma.server")
 
@@ -66,36 +67,55 @@ class Served:
     context_length: int
     aliases: frozenset[str] = frozenset()
     created: int = 0
+    proposer: Any = None  # the drafter serving every request, or None
+    fast: bool = False  # fast decoding for requests that do not say
 
     def check_model(self, name: str | None) -> None:
         """Accept the served id, an alias, or either behind a ``publisher/`` prefix (LM Studio's ids)."""
         names = {self.model_id, *self.aliases}
         if name is not None and name not in names and name.rstrip("/").rsplit("/", 1)[-1] not in names:
-            raise APIError(404, f"the model {name!r} does not exist: this server serves {self.model_id!r}",
-                           "model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist: this server serves {self.model_id!r}",
+                "model",
+                code="model_not_found",
+            )
 
     def card(self) -> dict[str, Any]:
         """The ``/v1/models`` entry: the context length in the fields that clients read."""
         n = self.context_length
-        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "mlx_dgemma",
-                "context_length": n, "max_model_len": n, "max_context_length": n,
-                "native_context_length": self.model.args.max_position_embeddings,
-                "canvas_length": self.model.args.canvas_length}
+        return {
+            "id": self.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "mlx_dgemma",
+            "context_length": n,
+            "max_model_len": n,
+            "max_context_length": n,
+            "native_context_length": self.model.args.max_position_embeddings,
+            "canvas_length": self.model.args.canvas_length,
+        }
 
 
-def create_app(model: str | Path | None = None, *, context_length: int | None = None, max_concurrency: int = 16,
-               prompt_cache: bool = True, adapter_path: str | Path | None = None,
-               drafter: str | Path | None = "auto",
-               max_body_bytes: int = MAX_BODY_BYTES,
-               request_timeout: float | None = None,
-               strict: bool = False,
-               allowed_origins: list[str] | None = None,
-               allowed_hosts: list[str] | None = None,
-               default_temperature: float | None = None,
-               fast: bool = False,
-               images: ImagePolicy | None = None,
-               max_tokens: int | None = None,
-               chat_template_args: dict[str, Any] | None = None) -> FastAPI:
+def create_app(
+    model: str | Path | None = None,
+    *,
+    context_length: int | None = None,
+    max_concurrency: int = 16,
+    prompt_cache: bool = True,
+    adapter_path: str | Path | None = None,
+    drafter: str | Path | None = "auto",
+    max_body_bytes: int = MAX_BODY_BYTES,
+    request_timeout: float | None = None,
+    strict: bool = False,
+    allowed_origins: list[str] | None = None,
+    allowed_hosts: list[str] | None = None,
+    default_temperature: float | None = None,
+    fast: bool = False,
+    images: ImagePolicy | None = None,
+    max_tokens: int | None = None,
+    chat_template_args: dict[str, Any] | None = None,
+) -> FastAPI:
     """An app serving ``model`` (a folder or hub id; ``None``: the embedded default model).
 
     The model is loaded here, on the worker thread (loading errors are raised here). The worker stops with
@@ -118,12 +138,23 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
     context = native if context_length is None else context_length
     if not canvas < context <= native:
         worker.stop()
-        raise DGemmaError(f"the context length must be between {canvas + 1} (a prompt token plus one canvas) "
-                          f"and the model's native window {native} (got {context})")
+        raise DGemmaError(
+            f"the context length must be between {canvas + 1} (a prompt token plus one canvas) "
+            f"and the model's native window {native} (got {context})"
+        )
     if max_tokens is None:
         max_tokens = -(-DEFAULT_MAX_TOKENS // canvas) * canvas
     model_id, aliases = model_names(model)
-    served = Served(worker.model, worker.tokenizer, model_id, context, aliases, int(time.time()))
+    served = Served(
+        worker.model,
+        worker.tokenizer,
+        model_id,
+        context,
+        aliases,
+        int(time.time()),
+        worker.proposer,
+        worker.fast,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -134,19 +165,35 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
     app.state.served, app.state.worker = served, worker
     _add_error_handlers(app)
     if allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["*"], expose_headers=[IGNORED_HEADER])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=allowed_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=[IGNORED_HEADER],
+        )
     app.add_middleware(HostGuard, allowed=allowed_hosts or ())  # added last: outermost, before CORS
-    app.state.limits = limits = _Limits(max_body_bytes, strict, default_temperature, images=images or ImagePolicy(),
-                                        max_tokens=max_tokens or None,
-                                        template_kwargs=dict(chat_template_args or {}))
+    app.state.limits = limits = _Limits(
+        max_body_bytes,
+        strict,
+        default_temperature,
+        images=images or ImagePolicy(),
+        max_tokens=max_tokens or None,
+        template_kwargs=dict(chat_template_args or {}),
+    )
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         running = worker.running is not None
-        return {"status": "ok", "model": served.model_id, "running": int(running),
-                "queued": worker.queued, "max_concurrency": worker.max_concurrency,
-                **worker.counters, "prompt_cache_reused_tokens": worker.prompt_cache.reused_tokens}
+        return {
+            "status": "ok",
+            "model": served.model_id,
+            "running": int(running),
+            "queued": worker.queued,
+            "max_concurrency": worker.max_concurrency,
+            **worker.counters,
+            "prompt_cache_reused_tokens": worker.prompt_cache.reused_tokens,
+        }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -165,7 +212,10 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
     async def completions(request: Request) -> Any:
         return await _complete("completion", request, served, worker, limits)
 
-    from . import anthropic, responses  # the other APIs: translated into chat requests (bridge.py)
+    from mlx_dgemma.server import (  # the other APIs: translated into chat requests (bridge.py)
+        anthropic,
+        responses,
+    )
 
     responses.register(app)  # POST /v1/responses
     anthropic.register(app)  # POST /v1/messages
@@ -173,8 +223,9 @@ def create_app(model: str | Path | None = None, *, context_length: int | None = 
     return app
 
 
-def check_limits(context_length: int | None, max_concurrency: int, max_body_bytes: int,
-                 request_timeout: float | None) -> None:
+def check_limits(
+    context_length: int | None, max_concurrency: int, max_body_bytes: int, request_timeout: float | None
+) -> None:
     """The server's limits that can be checked before loading the model; ``DGemmaError`` names the bad one."""
     if context_length is not None and context_length < 1:
         raise DGemmaError(f"the context length must be a positive number of tokens (got {context_length})")
@@ -188,12 +239,18 @@ def check_limits(context_length: int | None, max_concurrency: int, max_body_byte
 
 def check_defaults(max_tokens: int | None, chat_template_args: Any) -> None:
     """``--max-tokens`` and ``--chat-template-args``, checked before loading the model: ``DGemmaError`` in one line."""
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
-        raise DGemmaError(f"max_tokens must be a positive number of tokens, or 0 for no default (got {max_tokens!r})")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0
+    ):
+        raise DGemmaError(
+            f"max_tokens must be a positive number of tokens, or 0 for no default (got {max_tokens!r})"
+        )
     if chat_template_args is not None:
         if not isinstance(chat_template_args, dict):
-            raise DGemmaError("--chat-template-args must be a JSON object such as '{\"enable_thinking\": true}' "
-                              f"(got {type(chat_template_args).__name__})")
+            raise DGemmaError(
+                "--chat-template-args must be a JSON object such as '{\"enable_thinking\": true}' "
+                f"(got {type(chat_template_args).__name__})"
+            )
         chat_template.check_kwargs(chat_template_args, "--chat-template-args", DGemmaError)
 
 
@@ -202,10 +259,18 @@ class _Limits:
     max_body_bytes: int
     strict: bool
     temperature: float | None = None  # the server's default (--temp)
-    body_timeout_s: float = 60.0  # a body trickled in more slowly than this is a 408 (a slowloris on the body)
-    images: ImagePolicy = field(default_factory=ImagePolicy)  # image fetches (abandoned with the request), pixels
-    max_tokens: int | None = None  # the answer limit of requests that set none (--max-tokens); None: the context
-    template_kwargs: dict[str, Any] = field(default_factory=dict)  # under each request's own (--chat-template-args)
+    body_timeout_s: float = (
+        60.0  # a body trickled in more slowly than this is a 408 (a slowloris on the body)
+    )
+    images: ImagePolicy = field(
+        default_factory=ImagePolicy
+    )  # image fetches (abandoned with the request), pixels
+    max_tokens: int | None = (
+        None  # the answer limit of requests that set none (--max-tokens); None: the context
+    )
+    template_kwargs: dict[str, Any] = field(
+        default_factory=dict
+    )  # under each request's own (--chat-template-args)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -229,8 +294,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to be larger than ``limit`` bytes."""
-    too_big = APIError(413, f"the request body is larger than {limit} bytes (the server's --max-body-bytes): "
-                            "shorten the prompt", code="request_too_large")
+    too_big = APIError(
+        413,
+        f"the request body is larger than {limit} bytes (the server's --max-body-bytes): shorten the prompt",
+        code="request_too_large",
+    )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
@@ -243,21 +311,36 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _prepare(kind: Kind, body: bytes | dict[str, Any], served: Served,
-             limits: _Limits) -> tuple[Plan, OutputParser | None]:
+def _prepare(
+    kind: Kind, body: bytes | dict[str, Any], served: Served, limits: _Limits
+) -> tuple[Plan, OutputParser | None]:
     """Decode (unless ``body`` is a decoded request already: another API's, translated), validate, template and
     tokenize (CPU work, run on a thread: the event loop stays free)."""
     req = parse(kind, body if isinstance(body, dict) else read_json(body))
     served.check_model(req.model)
     if limits.temperature is not None and req.temperature is None and req.t_max is None and req.t_min is None:
         req.temperature = limits.temperature
-    job_plan = plan(kind, req, served.tokenizer, served.model, served.context_length, limits.strict,
-                    limits.max_tokens, limits.template_kwargs)
+    job_plan = plan(
+        kind,
+        req,
+        served.tokenizer,
+        served.model,
+        served.context_length,
+        limits.strict,
+        limits.max_tokens,
+        limits.template_kwargs,
+    )
+    job_plan.request = request_of(job_plan, served.model, served.tokenizer, served.proposer, served.fast)
     parser = None
     if isinstance(req, ChatRequest) and (job_plan.tools or job_plan.thinking):
         tail = served.tokenizer.decode(job_plan.prompt_ids[-16:])
-        parser = OutputParser(served.tokenizer, thinking=job_plan.thinking, tools=job_plan.tools,
-                              prompt_tail=tail, tool_specs=req.tools)
+        parser = OutputParser(
+            served.tokenizer,
+            thinking=job_plan.thinking,
+            tools=job_plan.tools,
+            prompt_tail=tail,
+            tool_specs=req.tools,
+        )
     return job_plan, parser
 
 
@@ -282,12 +365,19 @@ async def read_body(request: Request, limits: _Limits) -> bytes:
     try:
         return await asyncio.wait_for(_read_body(request, limits.max_body_bytes), limits.body_timeout_s)
     except asyncio.TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
-                       code="request_timeout") from None
+        raise APIError(
+            408, f"the request body did not arrive within {limits.body_timeout_s:g} s", code="request_timeout"
+        ) from None
 
 
-async def submit(kind: Kind, body: bytes | dict[str, Any], request: Request, served: Served, worker: Worker,
-                 limits: _Limits) -> tuple[Plan, OutputParser | None, Job, asyncio.Queue[Event]]:
+async def submit(
+    kind: Kind,
+    body: bytes | dict[str, Any],
+    request: Request,
+    served: Served,
+    worker: Worker,
+    limits: _Limits,
+) -> tuple[Plan, OutputParser | None, Job, asyncio.Queue[Event]]:
     """Validate and template ``body`` (raw or decoded) on a thread, under the image policy, and queue it."""
     job_plan, parser = await limits.images.run(request, _prepare, kind, body, served, limits)
     events: asyncio.Queue[Event] = asyncio.Queue()
@@ -322,15 +412,21 @@ class _Meta:
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def head(self, stream: bool) -> dict[str, Any]:
-        obj = {"chat": "chat.completion.chunk" if stream else "chat.completion"}.get(self.kind, "text_completion")
+        obj = {"chat": "chat.completion.chunk" if stream else "chat.completion"}.get(
+            self.kind, "text_completion"
+        )
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def choice(self, text: str | None, finish_reason: str | None, stream: bool, first: bool = False) -> dict:
         if self.kind == "completion":
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         if not stream:
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": finish_reason}
+            return {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
@@ -353,9 +449,12 @@ class _Meta:
 
 
 def _usage(done: Finished) -> dict[str, Any]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+    }
 
 
 async def _collect(job: Job, events: asyncio.Queue[Event], meta: _Meta, request: Request) -> dict[str, Any]:
@@ -385,15 +484,19 @@ async def _collect(job: Job, events: asyncio.Queue[Event], meta: _Meta, request:
                         choice["message"]["reasoning_content"] = reasoning
                     if calls:
                         choice["message"].update(tool_calls=calls, content=content.strip() or None)
-                out = {**meta.head(stream=False), "choices": [choice], "usage": _usage(event),
-                       "diffusion": event.stats}
+                out = {
+                    **meta.head(stream=False),
+                    "choices": [choice],
+                    "usage": _usage(event),
+                    "diffusion": event.stats,
+                }
                 return {**out, "error": event.error} if event.error else out
     finally:
         job.cancel()  # a no-op once the job is done
 
 
 async def _sse(job: Job, events: asyncio.Queue[Event], meta: _Meta) -> AsyncIterator[str]:
-    """Server-sent events: a chunk per committed canvas (and per draft if asked), then usage and ``[DONE]``.
+    """Server-sent events: a chunk per committed canvas (and per step's preview if asked), then usage and ``[DONE]``.
 
     Starlette cancels this generator when the client disconnects; ``finally`` then cancels the job, which
     the worker notices at its next denoising step.
@@ -409,9 +512,9 @@ async def _sse(job: Job, events: asyncio.Queue[Event], meta: _Meta) -> AsyncIter
                     yield _data({**meta.head(True), "choices": [meta.choice(event.text, None, True)]})
                 elif pieces := meta.pieces(event.text):
                     yield _data({**meta.head(True), "choices": [meta.delta(pieces)]})
-            elif isinstance(event, DraftText):
-                draft = {"text": event.text, "canvas": event.canvas, "step": event.step}
-                yield _data({**meta.head(True), "choices": [], "draft": draft})
+            elif isinstance(event, CanvasPreview):
+                preview = {"text": event.text, "canvas": event.canvas, "step": event.step}
+                yield _data({**meta.head(True), "choices": [], plan.preview_key or "preview": preview})
             elif isinstance(event, Failed):
                 yield _data(event.error.body())
                 break
@@ -421,8 +524,14 @@ async def _sse(job: Job, events: asyncio.Queue[Event], meta: _Meta) -> AsyncIter
                     yield _data({**meta.head(True), "choices": [meta.delta(rest)]})
                 if calls:
                     delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
-                    yield _data({**meta.head(True), "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                                  "finish_reason": None}]})
+                    yield _data(
+                        {
+                            **meta.head(True),
+                            "choices": [
+                                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+                            ],
+                        }
+                    )
                 last = meta.choice(None, "tool_calls" if calls else event.finish_reason, True)
                 final = {**meta.head(True), "choices": [last], "diffusion": event.stats}
                 yield _data({**final, "error": event.error} if event.error else final)

@@ -17,13 +17,22 @@ from typing import Any
 
 from fastapi import Request
 
-from .app import POLL_S, _Meta, read_body, submit
-from .protocol import IGNORED_HEADER, APIError, Plan, read_json
-from .worker import Delta, Event, Failed, Finished, Job
+from mlx_dgemma.server.app import POLL_S, _Meta, read_body, submit
+from mlx_dgemma.server.protocol import IGNORED_HEADER, APIError, Plan, read_json
+from mlx_dgemma.server.worker import Delta, Event, Failed, Finished, Job
 
 # Our request fields (diffusion options and chat extensions) that the other formats pass through unchanged.
-EXTENSIONS = ("seed", "max_denoising_steps", "t_max", "t_min", "entropy_bound", "fast", "chat_template_kwargs",
-              "parse_special_tokens", "stop")
+EXTENSIONS = (
+    "seed",
+    "max_denoising_steps",
+    "t_max",
+    "t_min",
+    "entropy_bound",
+    "fast",
+    "chat_template_kwargs",
+    "parse_special_tokens",
+    "stop",
+)
 
 
 async def read_request(request: Request) -> Any:
@@ -53,7 +62,9 @@ async def start(request: Request, chat: dict[str, Any], ignored: list[str] | tup
     chat path's own ignored sampling fields.
     """
     state = request.app.state
-    job_plan, parser, job, events = await submit("chat", chat, request, state.served, state.worker, state.limits)
+    job_plan, parser, job, events = await submit(
+        "chat", chat, request, state.served, state.worker, state.limits
+    )
     names = [*ignored, *job_plan.ignored]
     headers = {IGNORED_HEADER: ", ".join(names)} if names else {}
     return Run(job, events, _Meta("chat", state.served.model_id, parser), job_plan, headers)
@@ -73,7 +84,7 @@ def renamed(e: APIError, names: dict[str, str]) -> APIError:
     for old, new in names.items():
         message = re.sub(rf"(?<![\w.]){re.escape(old)}\b", new, message)
         if param is not None and (param == old or param.startswith(f"{old}.")):
-            param = new + param[len(old):]
+            param = new + param[len(old) :]
     return APIError(e.status, message, param, e.type, e.code)
 
 
@@ -144,4 +155,3 @@ async def collect(run: Run, request: Request) -> Collected | None:
         else:
             return Collected("".join(content), "".join(reasoning), item.calls, item.done)
     return None
-

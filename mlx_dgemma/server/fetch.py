@@ -51,9 +51,24 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Not public, though some Python versions' ``is_global`` says otherwise.
-_NOT_PUBLIC = [ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "100.64.0.0/10", "192.0.0.0/24", "198.18.0.0/15", "240.0.0.0/4",
-    "::/96", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "fc00::/7", "fe80::/10", "fec0::/10")]
+_NOT_PUBLIC = [
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",
+        "100.64.0.0/10",
+        "192.0.0.0/24",
+        "198.18.0.0/15",
+        "240.0.0.0/4",
+        "::/96",
+        "64:ff9b:1::/48",
+        "100::/64",
+        "2001::/23",
+        "2001:db8::/32",
+        "fc00::/7",
+        "fe80::/10",
+        "fec0::/10",
+    )
+]
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
@@ -89,8 +104,16 @@ def is_public(ip: Address) -> bool:
     inner = embedded_ipv4(ip)
     if inner is not None and not is_public(inner):
         return False
-    bad = (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved
-           or ip.is_unspecified or not ip.is_global or any(ip in n for n in _NOT_PUBLIC if n.version == ip.version))
+    bad = (
+        ip.is_loopback
+        or ip.is_private
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+        or not ip.is_global
+        or any(ip in n for n in _NOT_PUBLIC if n.version == ip.version)
+    )
     if isinstance(ip, ipaddress.IPv6Address):
         bad = bad or ip.is_site_local
     return not bad
@@ -117,7 +140,9 @@ class FetchPolicy:
 
     enabled: bool = True  # False: http(s) image URLs are refused (data: URLs only)
     allow_local: bool = False  # True: any address, loopback and private included
-    allow_hosts: str | Iterable[str] | None = None  # host names, addresses or networks fetched even if private
+    allow_hosts: str | Iterable[str] | None = (
+        None  # host names, addresses or networks fetched even if private
+    )
     timeout: float = FETCH_TIMEOUT
     max_bytes: int = MAX_IMAGE_BYTES
     max_fetches: int = MAX_FETCHES
@@ -130,8 +155,14 @@ class FetchPolicy:
 
     def allows(self, host: str, ip: Address) -> bool:
         inner = embedded_ipv4(ip)
-        return (self.allow_local or is_public(ip) or host.lower().rstrip(".") in self.names
-                or any(a in n for a in (ip, inner) if a is not None for n in self.networks if n.version == a.version))
+        return (
+            self.allow_local
+            or is_public(ip)
+            or host.lower().rstrip(".") in self.names
+            or any(
+                a in n for a in (ip, inner) if a is not None for n in self.networks if n.version == a.version
+            )
+        )
 
 
 def resolve(host: str, port: int) -> list[tuple[int, Any]]:
@@ -298,7 +329,9 @@ def _once(url: str, call: _Call, policy: FetchPolicy) -> tuple[int, str | None, 
     for _, sockaddr in addresses:  # every address must pass: a name may mix public and internal ones
         ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
         if not policy.allows(host, ip):
-            raise FetchError(f"{host!r} resolves to {ip}, which is not a public address (see --allow-image-hosts)")
+            raise FetchError(
+                f"{host!r} resolves to {ip}, which is not a public address (see --allow-image-hosts)"
+            )
     sock, error = None, None
     for family, sockaddr in addresses:
         try:
@@ -320,8 +353,9 @@ def _once(url: str, call: _Call, policy: FetchPolicy) -> tuple[int, str | None, 
         sock.close()
 
 
-def _exchange(sock: socket.socket, parts: Any, host: str, port: int, scheme: str, call: _Call,
-              max_bytes: int) -> tuple[int, str | None, bytes]:
+def _exchange(
+    sock: socket.socket, parts: Any, host: str, port: int, scheme: str, call: _Call, max_bytes: int
+) -> tuple[int, str | None, bytes]:
     conn = http.client.HTTPConnection(host, port)
     conn.sock = sock  # already connected, to the checked address: ``connect`` (a second lookup) never runs
     default = 443 if scheme == "https" else 80

@@ -12,12 +12,12 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
-from ..distributed import agree, broadcast_array, broadcast_json, launched_group
-from ..multimodal import ImagePrompt
-from .protocol import Plan
+from mlx_dgemma.prompt.multimodal import ImagePrompt
+from mlx_dgemma.runtime.distributed import agree, broadcast_array, broadcast_json, launched_group
+from mlx_dgemma.server.protocol import Plan
 
 if TYPE_CHECKING:
-    from .worker import Job, Worker
+    from mlx_dgemma.server.worker import Job, Worker
 
 log = logging.getLogger("mlx_dgemma.server")
 _PIXELS = ("pixel_values", "image_position_ids")  # ImagePrompt's arrays
@@ -34,9 +34,12 @@ def announce(plan: Plan | None) -> None:
     images = plan.image_prompt
     data = dataclasses.asdict(dataclasses.replace(plan, image_prompt=None))
     if images is not None:  # the arrays follow the JSON
-        data["image_prompt"] = {"ids": [int(i) for i in images.ids], "digests": list(images.digests),
-                                "soft_tokens": [int(n) for n in images.soft_tokens],
-                                "starts": [int(i) for i in images.starts]}
+        data["image_prompt"] = {
+            "ids": [int(i) for i in images.ids],
+            "digests": list(images.digests),
+            "soft_tokens": [int(n) for n in images.soft_tokens],
+            "starts": [int(i) for i in images.starts],
+        }
     broadcast_json(data, group)
     if images is not None:
         for name in _PIXELS:
@@ -51,7 +54,7 @@ def cancelled(job: Job) -> bool:
 
 def follow(worker: Worker) -> None:
     """On a rank other than 0, on the worker thread: serve rank 0's plans, answering no one, until told to stop."""
-    from .worker import Job
+    from mlx_dgemma.server.worker import Job
 
     group = launched_group()
     assert group is not None

@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from .protocol import APIError
+from mlx_dgemma.server.protocol import APIError
 
 LOCAL_NAMES = ("localhost",)
 
@@ -50,8 +50,12 @@ class HostGuard:
         allowed = [host_name(a) if a.strip() != "*" else "*" for a in allowed if a.strip()]
         self.any = "*" in allowed
         own = socket.gethostname().lower().rstrip(".")
-        self.names = frozenset({*LOCAL_NAMES, own, f"{own}.local", *(a for a in allowed if not a.startswith("*"))})
-        self.suffixes = tuple(a[1:] for a in allowed if a.startswith("*."))  # "*.example.com" -> ".example.com"
+        self.names = frozenset(
+            {*LOCAL_NAMES, own, f"{own}.local", *(a for a in allowed if not a.startswith("*"))}
+        )
+        self.suffixes = tuple(
+            a[1:] for a in allowed if a.startswith("*.")
+        )  # "*.example.com" -> ".example.com"
 
     def allows(self, header: str | None) -> bool:
         if header is None or self.any:  # no Host: not a browser (HTTP/1.0; h11 refuses HTTP/1.1 without one)
@@ -66,9 +70,13 @@ class HostGuard:
             if len(headers) > 1 or not self.allows(header):
                 shown = header if len(headers) == 1 else f"{len(headers)} Host headers"
                 name = host_name(header) if header else "NAME"
-                error = APIError(400, f"the Host header {shown!r} is not a name of this server (a web page may be "
-                                      f"rebinding its name to it): start the server with --allowed-hosts {name} "
-                                      "to serve it", code="host_not_allowed")
+                error = APIError(
+                    400,
+                    f"the Host header {shown!r} is not a name of this server (a web page may be "
+                    f"rebinding its name to it): start the server with --allowed-hosts {name} "
+                    "to serve it",
+                    code="host_not_allowed",
+                )
                 await JSONResponse(error.body(), status_code=400)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -77,9 +85,19 @@ class HostGuard:
 def check_json_content_type(header: str | None) -> None:
     """``APIError(415)`` unless ``Content-Type`` is ``application/json`` (a charset, if any, UTF-8)."""
     media, *params = (header or "").split(";")
-    charset = next((p.split("=", 1)[1].strip().strip('"').lower() for p in params
-                    if p.split("=", 1)[0].strip().lower() == "charset" and "=" in p), "utf-8")
+    charset = next(
+        (
+            p.split("=", 1)[1].strip().strip('"').lower()
+            for p in params
+            if p.split("=", 1)[0].strip().lower() == "charset" and "=" in p
+        ),
+        "utf-8",
+    )
     if media.strip().lower() != "application/json" or charset not in ("utf-8", "utf8"):
         got = f"{header!r}" if header else "none"
-        raise APIError(415, f"Content-Type must be application/json (got {got}): send the JSON body with "
-                            "'Content-Type: application/json'", code="unsupported_media_type")
+        raise APIError(
+            415,
+            f"Content-Type must be application/json (got {got}): send the JSON body with "
+            "'Content-Type: application/json'",
+            code="unsupported_media_type",
+        )

@@ -21,17 +21,19 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from ..errors import DGemmaError
-from ..image_processing import MAX_IMAGE_PIXELS, declared_size
-from ..multimodal import decode_data_url
-from . import fetch as fetching
-from .protocol import APIError
+from mlx_dgemma.errors import DGemmaError
+from mlx_dgemma.model.image_processing import MAX_IMAGE_PIXELS, declared_size
+from mlx_dgemma.prompt.multimodal import decode_data_url
+from mlx_dgemma.server import fetch as fetching
+from mlx_dgemma.server.protocol import APIError
 
 log = logging.getLogger("mlx_dgemma.server")
 
 IMAGE_PARTS = ("image_url", "input_image", "image")
 REQUEST_PIXELS = MAX_IMAGE_PIXELS  # pixels of one request's images, in all (one image of the largest size)
-PIXELS_IN_FLIGHT = MAX_IMAGE_PIXELS  # pixels the server decodes at once, over all requests (one largest image)
+PIXELS_IN_FLIGHT = (
+    MAX_IMAGE_PIXELS  # pixels the server decodes at once, over all requests (one largest image)
+)
 POLL_S = 0.25  # how often a request that is fetching checks whether its client is still there
 
 T = TypeVar("T")
@@ -48,8 +50,12 @@ class PixelBudget:
     def reserve(self, pixels: int) -> Iterator[None]:
         with self.lock:
             if self.used and self.used + pixels > self.total:
-                raise APIError(429, "the server is decoding other large images: retry shortly",
-                               type_="rate_limit_error", code="server_busy")
+                raise APIError(
+                    429,
+                    "the server is decoding other large images: retry shortly",
+                    type_="rate_limit_error",
+                    code="server_busy",
+                )
             self.used += pixels
         try:
             yield
@@ -61,13 +67,22 @@ class PixelBudget:
 class ImagePolicy:
     """How a server takes images: which URLs it fetches (``FetchPolicy``) and its pixel budgets."""
 
-    def __init__(self, fetch_urls: bool = True, allow_local: bool = False,
-                 allow_hosts: str | Iterable[str] | None = None, timeout: float = fetching.FETCH_TIMEOUT,
-                 max_bytes: int = fetching.MAX_IMAGE_BYTES, max_fetches: int = fetching.MAX_FETCHES,
-                 request_pixels: int = REQUEST_PIXELS, pixels_in_flight: int = PIXELS_IN_FLIGHT):
+    def __init__(
+        self,
+        fetch_urls: bool = True,
+        allow_local: bool = False,
+        allow_hosts: str | Iterable[str] | None = None,
+        timeout: float = fetching.FETCH_TIMEOUT,
+        max_bytes: int = fetching.MAX_IMAGE_BYTES,
+        max_fetches: int = fetching.MAX_FETCHES,
+        request_pixels: int = REQUEST_PIXELS,
+        pixels_in_flight: int = PIXELS_IN_FLIGHT,
+    ):
         if not timeout > 0 or max_fetches < 1 or max_bytes < 1 or request_pixels < 1 or pixels_in_flight < 1:
             raise DGemmaError("the image timeout, fetch count, byte and pixel limits must be positive")
-        self.fetch = fetching.FetchPolicy(fetch_urls, allow_local, allow_hosts, timeout, max_bytes, max_fetches)
+        self.fetch = fetching.FetchPolicy(
+            fetch_urls, allow_local, allow_hosts, timeout, max_bytes, max_fetches
+        )
         self.request_pixels = request_pixels
         self.pixels = PixelBudget(max(pixels_in_flight, request_pixels))
         self.scopes: set[Scope] = set()
@@ -85,7 +100,9 @@ class ImagePolicy:
         scope = Scope(self)
         token = _SCOPE.set(scope)
         try:
-            task = asyncio.ensure_future(asyncio.to_thread(fn, *args))  # the task copies the context: the scope
+            task = asyncio.ensure_future(
+                asyncio.to_thread(fn, *args)
+            )  # the task copies the context: the scope
         finally:
             _SCOPE.reset(token)
         self.scopes.add(scope)
@@ -141,7 +158,9 @@ def image_of(part: dict[str, Any], where: str, max_bytes: int | None = None) -> 
         except ValueError as e:  # GenerationError
             raise APIError(400, f"{where}: {e}", where) from None
         if len(data) > max_bytes:
-            raise APIError(400, f"{where}: the image is {len(data)} bytes, over the {max_bytes}-byte limit", where)
+            raise APIError(
+                400, f"{where}: the image is {len(data)} bytes, over the {max_bytes}-byte limit", where
+            )
         return data
     if url[:8].lower().startswith(("http://", "https://")):
         return fetch(url, where, scope)
@@ -158,32 +177,52 @@ def fetch(url: str, where: str, scope: Scope | None = None) -> bytes:
         host = ""
     shown = host if len(host) <= 80 else host[:77] + "..."
     if not policy.enabled:
-        raise APIError(400, f"{where}: this server does not fetch image URLs (it runs with --no-image-urls): send "
-                            "the image as a data: URL", where)
+        raise APIError(
+            400,
+            f"{where}: this server does not fetch image URLs (it runs with --no-image-urls): send "
+            "the image as a data: URL",
+            where,
+        )
     try:
         if scope.policy.closing:
             raise fetching.FetchError("the server is shutting down")
         return scope.fetch.get(url)
     except fetching.FetchBusy:
-        raise APIError(429, f"{where}: the server is fetching {policy.max_fetches} images already: retry shortly",
-                       where, type_="rate_limit_error", code="server_busy") from None
+        raise APIError(
+            429,
+            f"{where}: the server is fetching {policy.max_fetches} images already: retry shortly",
+            where,
+            type_="rate_limit_error",
+            code="server_busy",
+        ) from None
     except fetching.TooLarge as e:
-        raise APIError(400, f"{where}: the image at {shown} is over the {e.max_bytes}-byte limit: send a smaller "
-                            "image", where) from None
+        raise APIError(
+            400,
+            f"{where}: the image at {shown} is over the {e.max_bytes}-byte limit: send a smaller image",
+            where,
+        ) from None
     except fetching.FetchError as e:
         if scope.policy.closing:
-            raise APIError(503, "the server is shutting down: retry on another server or later",
-                           type_="server_error", code="shutting_down") from None
+            raise APIError(
+                503,
+                "the server is shutting down: retry on another server or later",
+                type_="server_error",
+                code="shutting_down",
+            ) from None
         log.info("image fetch of %r refused or failed: %s", url[:200], e.reason)
-    raise APIError(400, f"{where}: the image could not be fetched from {shown!r}: check that the URL is public and "
-                        f"answers with the image within {policy.timeout:g} s, or send the image as a data: URL",
-                   where, code="image_fetch_failed")
+    raise APIError(
+        400,
+        f"{where}: the image could not be fetched from {shown!r}: check that the URL is public and "
+        f"answers with the image within {policy.timeout:g} s, or send the image as a data: URL",
+        where,
+        code="image_fetch_failed",
+    )
 
 
 def image_prompt(model: Any, ids: list[int], parts: list[tuple[str, dict]]) -> Any:
     """Fetch or decode a request's images, check their declared sizes against the pixel budgets (before any
     pixel is decoded), then process them and expand their placeholders (``multimodal.prepare``)."""
-    from ..multimodal import prepare
+    from mlx_dgemma.prompt.multimodal import prepare
 
     scope = current()
     data = [image_of(part, where) for where, part in parts]
@@ -196,7 +235,11 @@ def image_prompt(model: Any, ids: list[int], parts: list[tuple[str, dict]]) -> A
         total += width * height
     limit = scope.policy.request_pixels
     if total > limit:
-        raise APIError(400, f"messages: the request's images hold {total} pixels, over the server's {limit}-pixel "
-                            "limit per request: send fewer or smaller images", "messages")
+        raise APIError(
+            400,
+            f"messages: the request's images hold {total} pixels, over the server's {limit}-pixel "
+            "limit per request: send fewer or smaller images",
+            "messages",
+        )
     with scope.policy.pixels.reserve(total):
         return prepare(model, ids, data)

@@ -26,21 +26,29 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("mlx_dgemma.server")
 
-_BUSY_BODY = (b'{"error": {"message": "too many open connections: retry shortly", "type": "server_error", '
-              b'"param": null, "code": "too_many_connections"}}')
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
-         b"retry-after: 1\r\ncontent-length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+_BUSY_BODY = (
+    b'{"error": {"message": "too many open connections: retry shortly", "type": "server_error", '
+    b'"param": null, "code": "too_many_connections"}}'
+)
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"retry-after: 1\r\ncontent-length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
 
 MAX_HEADERS = 100  # as Python's http.client
 MAX_HEADER_BYTES = DEFAULT_MAX_INCOMPLETE_EVENT_SIZE  # 16 KiB: h11's bound on headers that arrive in pieces
 
 
 def _too_large(max_headers: int, max_bytes: int) -> bytes:
-    body = (b'{"error": {"message": "the request\'s headers are too large (at most %d headers and %d bytes): send '
-            b'fewer or shorter headers", "type": "invalid_request_error", "param": null, "code": '
-            b'"headers_too_large"}}' % (max_headers, max_bytes))
-    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    body = (
+        b'{"error": {"message": "the request\'s headers are too large (at most %d headers and %d bytes): send '
+        b'fewer or shorter headers", "type": "invalid_request_error", "param": null, "code": '
+        b'"headers_too_large"}}' % (max_headers, max_bytes)
+    )
+    return (
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
 
 
 class _BoundedConnection(h11.Connection):
@@ -58,7 +66,9 @@ class _BoundedConnection(h11.Connection):
         try:
             event = super().next_event()
             if isinstance(event, h11.Request):
-                size = len(event.method) + len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                size = (
+                    len(event.method) + len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                )
                 if len(event.headers) > self.max_headers or size > self.max_bytes:
                     raise h11.RemoteProtocolError("request headers too large", error_status_hint=431)
             return event
@@ -126,7 +136,9 @@ class GuardedH11(H11Protocol):
 
 def guarded_protocol(max_connections: int, header_timeout: float) -> type[GuardedH11]:
     """A ``GuardedH11`` subclass with these limits (uvicorn instantiates the class it is given)."""
-    return type("GuardedH11", (GuardedH11,), {"max_connections": max_connections, "header_timeout": header_timeout})
+    return type(
+        "GuardedH11", (GuardedH11,), {"max_connections": max_connections, "header_timeout": header_timeout}
+    )
 
 
 class FloodLog:
@@ -138,12 +150,20 @@ class FloodLog:
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+        if isinstance(exc, OSError) and exc.errno in (
+            errno.EMFILE,
+            errno.ENFILE,
+            errno.ENOBUFS,
+            errno.ENOMEM,
+        ):
             now = time.monotonic()
             if now - self.last >= self.every_s:
-                log.error("out of file descriptors (%s): refusing connections until some close "
-                          "(%d similar errors not logged); lower --max-connections or raise `ulimit -n`",
-                          exc.strerror, self.missed)
+                log.error(
+                    "out of file descriptors (%s): refusing connections until some close "
+                    "(%d similar errors not logged); lower --max-connections or raise `ulimit -n`",
+                    exc.strerror,
+                    self.missed,
+                )
                 self.last, self.missed = now, 0
             else:
                 self.missed += 1
@@ -187,9 +207,23 @@ class Server(uvicorn.Server):
         await super().startup(sockets)
 
 
-def make_config(app: Any, *, log_level: str = "info", max_connections: int = 512, header_timeout: float = 10.0,
-                keep_alive_s: float = 5.0, graceful_s: float = 3.0, **kw: Any) -> uvicorn.Config:
+def make_config(
+    app: Any,
+    *,
+    log_level: str = "info",
+    max_connections: int = 512,
+    header_timeout: float = 10.0,
+    keep_alive_s: float = 5.0,
+    graceful_s: float = 3.0,
+    **kw: Any,
+) -> uvicorn.Config:
     """The uvicorn configuration the server runs with (also used by ``BackgroundServer``)."""
-    return uvicorn.Config(app, log_level=log_level, http=guarded_protocol(max_connections, header_timeout),
-                          limit_concurrency=max_connections + 1, timeout_keep_alive=keep_alive_s,
-                          timeout_graceful_shutdown=graceful_s, **kw)
+    return uvicorn.Config(
+        app,
+        log_level=log_level,
+        http=guarded_protocol(max_connections, header_timeout),
+        limit_concurrency=max_connections + 1,
+        timeout_keep_alive=keep_alive_s,
+        timeout_graceful_shutdown=graceful_s,
+        **kw,
+    )

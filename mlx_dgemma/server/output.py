@@ -41,8 +41,15 @@ class OutputParser:
     """Feed the answer's text piece by piece; get back content and reasoning pieces, and at the end the
     tool calls (OpenAI's ``tool_calls`` entries). Text that could still begin a marker is held back."""
 
-    def __init__(self, tokenizer: Any, *, thinking: bool, tools: bool, prompt_tail: str = "",
-                 tool_specs: list[dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        thinking: bool,
+        tools: bool,
+        prompt_tail: str = "",
+        tool_specs: list[dict[str, Any]] | None = None,
+    ):
         self.thought = thought_markers(tokenizer) if thinking else None
         self.tool = tool_markers(tokenizer) if tools else None
         self.tool_specs = tool_specs
@@ -69,9 +76,16 @@ class OutputParser:
                 pieces.append(("content", f"{self.tool[0]}{raw}{self.tool[1]}"))  # type: ignore[index]
                 continue
             for call in parsed if isinstance(parsed, list) else [parsed]:
-                calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                              "function": {"name": call["name"],
-                                           "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False)}})
+                calls.append(
+                    {
+                        "id": f"call_{uuid.uuid4().hex[:24]}",
+                        "type": "function",
+                        "function": {
+                            "name": call["name"],
+                            "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False),
+                        },
+                    }
+                )
         return [p for p in pieces if p[1]], calls
 
     def _scan(self, final: bool) -> list[Piece]:

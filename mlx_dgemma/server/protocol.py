@@ -10,30 +10,46 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
-from .. import chat_template
-from ..errors import DGemmaError
-from ..generation import MIN_TEMPERATURE, UNSUPPORTED, sampler_config, temperature_schedule  # noqa: F401
-from ..model import Model
-from ..special_text import PlainText
+from mlx_dgemma.errors import DGemmaError, GrammarBusy
+from mlx_dgemma.model.diffusion_gemma import Model
+from mlx_dgemma.prompt import chat_template
+from mlx_dgemma.prompt.special_text import PlainText
+from mlx_dgemma.request import (  # noqa: F401
+    MIN_TEMPERATURE,
+    UNSUPPORTED,
+    GenerationRequest,
+    prepare,
+    sampler_config,
+    temperature_schedule,
+)
 
 GREEDY_SEED = 0  # temperature 0 without a seed uses this one, so that it is reproducible as clients expect
 
 # Fields that change nothing for us: accepted and ignored.
-IGNORED = frozenset({
-    "user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
-    "safety_identifier", "parallel_tool_calls",
-})
+IGNORED = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "safety_identifier",
+        "parallel_tool_calls",
+    }
+)
 
 # Autoregressive-only sampling knobs that clients (and their SDKs) send by default: ignored unless --strict,
 # and named in the X-Ignored-Fields response header. Fields that change the response's shape stay 400s.
-SAMPLING_ONLY = frozenset({"top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                           "repetition_penalty"})
+SAMPLING_ONLY = frozenset(
+    {"top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"}
+)
 # Fields of ``NEUTRAL`` ignored (and named) unless --strict: they change neither the response's shape nor what
 # it means (a hint we cannot follow, a latency optimisation). The other ``NEUTRAL`` fields stay 400s.
 TOLERATED = SAMPLING_ONLY | {"verbosity", "prediction"}
@@ -70,11 +86,18 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "verbosity": ((), "ask for brevity in the prompt"),
 }
 
+
 class APIError(Exception):
     """An error answered to the client in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type_: str = "invalid_request_error", code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
 
@@ -83,12 +106,18 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
-    """``stream_options``: OpenAI's ``include_usage``, and our ``include_drafts`` extension; other options
-    (``include_obfuscation``, ...) are ignored and named (``--strict``: 400s)."""
+    """``stream_options``: OpenAI's ``include_usage``, and our ``include_previews`` extension (``include_drafts``,
+    its old name, still works and keeps the old chunk key); other options (``include_obfuscation``, ...) are
+    ignored and named (``--strict``: 400s)."""
 
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
+    include_previews: bool = False
     include_drafts: bool = False
+
+    def preview_key(self) -> str | None:
+        """The chunk key of per-step canvas previews: ``preview``, ``draft`` when asked by the old name, or None."""
+        return "preview" if self.include_previews else "draft" if self.include_drafts else None
 
 
 # The shape of chat messages and tools, checked in ``parse`` before anything reads them: a wrong JSON type anywhere
@@ -167,8 +196,12 @@ def _check_strings(data: Any) -> None:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise APIError(400, f"{path or 'the body'} holds a lone UTF-16 surrogate (e.g. \"\\ud800\"): "
-                                    "send valid Unicode text", path or None) from None
+                raise APIError(
+                    400,
+                    f'{path or "the body"} holds a lone UTF-16 surrogate (e.g. "\\ud800"): '
+                    "send valid Unicode text",
+                    path or None,
+                ) from None
 
 
 class _Request(BaseModel):
@@ -186,8 +219,12 @@ class _Request(BaseModel):
     t_max: float | None = Field(None, ge=0)
     t_min: float | None = Field(None, ge=0)
     entropy_bound: float | None = Field(None, gt=0)
-    fast: StrictBool | None = None  # fast decoding (mlx_dgemma.fast); None: the server's --fast default
-    response_format: dict[str, Any] | None = None  # text, json_object, json_schema (+ regex, lark): constrain.py
+    fast: StrictBool | None = (
+        None  # fast decoding (mlx_dgemma.decoding.fast); None: the server's --fast default
+    )
+    response_format: dict[str, Any] | None = (
+        None  # text, json_object, json_schema (+ regex, lark): constrain.py
+    )
 
 
 class ChatRequest(_Request):
@@ -198,7 +235,7 @@ class ChatRequest(_Request):
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     # Our extension: true reads special-token spellings in message text as special tokens (pre-templated text
-    # sent on purpose); by default they are plain text, as OpenAI reads them (``mlx_dgemma.special_text``).
+    # sent on purpose); by default they are plain text, as OpenAI reads them (``mlx_dgemma.prompt.special_text``).
     parse_special_tokens: StrictBool = False
 
 
@@ -219,14 +256,24 @@ class Plan:
     sampler: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
     include_usage: bool = False
-    drafts: bool = False
-    cache_points: tuple[int, ...] = ()  # prompt prefixes worth keeping in the prompt cache (besides the whole)
+    preview_key: str | None = None  # send per-step canvas previews under this chunk key (StreamOptions)
+    cache_points: tuple[
+        int, ...
+    ] = ()  # prompt prefixes worth keeping in the prompt cache (besides the whole)
     tools: bool = False  # parse tool calls out of the answer (the request offered tools)
     thinking: bool = False  # split the thinking channel into reasoning_content (enable_thinking was on)
     ignored: tuple[str, ...] = ()  # autoregressive-only fields ignored (named in X-Ignored-Fields)
     fast: bool | None = None  # fast decoding; None: the server's default
-    image_prompt: Any = None  # mlx_dgemma.multimodal.ImagePrompt of a request with images (ids already expanded)
-    response_format: dict[str, Any] | None = None  # checked by ``response_format_of``
+    image_prompt: Any = (
+        None  # mlx_dgemma.prompt.multimodal.ImagePrompt of a request with images (ids already expanded)
+    )
+    response_format: dict[str, Any] | None = None  # a grammar: the request's, or a forced tool call's
+    format_param: str = (
+        "response_format"  # the field a grammar error names (``tool_choice`` for a forced call)
+    )
+    # The library's request (``request.prepare``), built from the fields above by ``request_of``: on the thread
+    # that plans it (rank 0), on the worker elsewhere. Not sent to other ranks (they build their own).
+    request: GenerationRequest | None = field(default=None, repr=False, compare=False)
 
 
 Kind = Literal["chat", "completion"]
@@ -284,7 +331,7 @@ def check_schema(schema: Any, param: str) -> None:
     anywhere (``"pattern": 5``, ``"minItems": "2"``, ``"properties": []``) is a 400 naming where it is."""
     if schema is None:
         return
-    from ..constrain import ConstraintError, check_json_schema
+    from mlx_dgemma.decoding.constrain import ConstraintError, check_json_schema
 
     try:
         check_json_schema(schema)
@@ -307,8 +354,12 @@ def check_extra_fields(extra: dict[str, Any], strict: bool = True) -> list[str]:
             if not strict:
                 ignored.append(name)
                 continue
-            raise APIError(400, f"unknown field {name!r}: it is not an OpenAI or DiffusionGemma request field "
-                                "(the server runs with --strict)", name)
+            raise APIError(
+                400,
+                f"unknown field {name!r}: it is not an OpenAI or DiffusionGemma request field "
+                "(the server runs with --strict)",
+                name,
+            )
         neutral, why = NEUTRAL[name]
         if not any(_same(value, n) for n in neutral):
             if not strict and name in TOLERATED:
@@ -331,7 +382,9 @@ def schedule(request: _Request, model: Model) -> dict[str, Any]:
     released config, whose 0.8/0.4 is T = 0.8). T = 0 is served as ``MIN_TEMPERATURE``.
     """
     opts: dict[str, Any] = {
-        "max_denoising_steps": request.max_denoising_steps, "t_max": request.t_max, "t_min": request.t_min,
+        "max_denoising_steps": request.max_denoising_steps,
+        "t_max": request.t_max,
+        "t_min": request.t_min,
         "entropy_bound": request.entropy_bound,
     }
     if request.temperature is not None:
@@ -342,12 +395,17 @@ def schedule(request: _Request, model: Model) -> dict[str, Any]:
         with np.errstate(over="ignore"):  # the overflow is what we look for
             finite = opts[name] is None or np.isfinite(np.float32(opts[name]))
         if not finite:
-            raise APIError(400, f"{name}={opts[name]!r} is not a finite 32-bit float: use a value below 3.4e38",
-                           name)
+            raise APIError(
+                400, f"{name}={opts[name]!r} is not a finite 32-bit float: use a value below 3.4e38", name
+            )
     limit = max_steps(model)
     if (request.max_denoising_steps or 0) > limit:
-        raise APIError(400, f"max_denoising_steps={request.max_denoising_steps} is more than this model allows "
-                            f"(at most {limit})", "max_denoising_steps")
+        raise APIError(
+            400,
+            f"max_denoising_steps={request.max_denoising_steps} is more than this model allows "
+            f"(at most {limit})",
+            "max_denoising_steps",
+        )
     try:
         sampler_config(model, **opts)
     except DGemmaError as e:
@@ -375,8 +433,13 @@ def stops_of(request: _Request) -> list[str]:
     return [s for s in stops if s]
 
 
-def chat_prompt_ids(request: ChatRequest, tokenizer: Any, context: int | None = None, images: list | None = None,
-                    placeholder: str = "") -> tuple[list[int], int | None]:
+def chat_prompt_ids(
+    request: ChatRequest,
+    tokenizer: Any,
+    context: int | None = None,
+    images: list | None = None,
+    placeholder: str = "",
+) -> tuple[list[int], int | None]:
     """The chat template applied to the messages (plus tools and ``chat_template_kwargs``), as token ids, and
     where the conversation so far ends in them (before the generation prompt), if it is a prefix.
 
@@ -388,9 +451,16 @@ def chat_prompt_ids(request: ChatRequest, tokenizer: Any, context: int | None = 
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
-    plain = None if request.parse_special_tokens else PlainText(
-        tokenizer, [request.messages, request.tools, request.chat_template_kwargs, template, placeholder])
-    messages = _with_tool_names([_message(i, m, images, placeholder, plain) for i, m in enumerate(request.messages)])
+    plain = (
+        None
+        if request.parse_special_tokens
+        else PlainText(
+            tokenizer, [request.messages, request.tools, request.chat_template_kwargs, template, placeholder]
+        )
+    )
+    messages = _with_tool_names(
+        [_message(i, m, images, placeholder, plain) for i, m in enumerate(request.messages)]
+    )
     kwargs = dict(request.chat_template_kwargs or {})
     try:
         chat_template.check_kwargs(kwargs)
@@ -405,16 +475,21 @@ def chat_prompt_ids(request: ChatRequest, tokenizer: Any, context: int | None = 
     return ids, len(history) if 0 < len(history) < len(ids) and ids[: len(history)] == history else None
 
 
-def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool,
-            kwargs: dict[str, Any], context: int | None = None, plain: PlainText | None = None) -> list[int]:
+def _render(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    generation_prompt: bool,
+    kwargs: dict[str, Any],
+    context: int | None = None,
+    plain: PlainText | None = None,
+) -> list[int]:
     """The template rendered and tokenized; with ``plain``, special-token spellings in message text are text."""
-    # As ``encode_prompt`` does: without enable_thinking, the template's own default (mlx-lm's wrapper would
-    # switch thinking on when it spots thinking tokens in the vocabulary).
-    render = tokenizer if "enable_thinking" in kwargs else getattr(tokenizer, "_tokenizer", tokenizer)
-    template_kwargs = {k: v for k, v in kwargs.items() if k != "tools"}  # tools: set by the server, not the client
+    template_kwargs = {
+        k: v for k, v in kwargs.items() if k != "tools"
+    }  # tools: set by the server, not the client
     tools = kwargs.get("tools")
-    try:  # the template's own code is time-limited (mlx_dgemma.chat_template)
-        text = chat_template.render(render, messages, generation_prompt, template_kwargs, tools)
+    try:  # the template's own code is time-limited (mlx_dgemma.prompt.chat_template)
+        text = chat_template.render(tokenizer, messages, generation_prompt, template_kwargs, tools)
     except chat_template.TemplateTooSlow as e:
         raise APIError(400, str(e), "messages") from None
     except Exception as e:  # jinja raises on messages the template rejects (roles out of order, ...)
@@ -451,40 +526,63 @@ def check_length(tokenizer: Any, text: str, context: int | None, param: str) -> 
     """``APIError(400)`` when ``text`` has more characters than ``context`` of the longest tokens."""
     if context is not None and len(text) > context * max_token_chars(tokenizer):
         at_least = -(-len(text) // max_token_chars(tokenizer))
-        raise APIError(400, f"the prompt has at least {at_least} tokens ({len(text)} characters), but the "
-                            f"context length is {context}: shorten the prompt", param,
-                       code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt has at least {at_least} tokens ({len(text)} characters), but the "
+            f"context length is {context}: shorten the prompt",
+            param,
+            code="context_length_exceeded",
+        )
 
 
 def _tool_choice(request: ChatRequest) -> Any:
     return (request.model_extra or {}).get("tool_choice")
 
 
-def _message(i: int, message: dict[str, Any], images: list | None = None, placeholder: str = "",
-             plain: PlainText | None = None) -> dict[str, Any]:
+def _message(
+    i: int,
+    message: dict[str, Any],
+    images: list | None = None,
+    placeholder: str = "",
+    plain: PlainText | None = None,
+) -> dict[str, Any]:
     """One chat message for the template: text parts joined, ``developer`` read as ``system``; image parts
     (collected into ``images`` when given) become ``placeholder``; the text marked by ``plain`` (read as text)."""
     mark = plain.mark if plain is not None else str
     role = message.get("role")
     if role not in ("system", "developer", "user", "assistant", "tool"):
-        raise APIError(400, f"messages[{i}].role must be system, developer, user, assistant or tool (got {role!r})",
-                       f"messages.{i}.role")
+        raise APIError(
+            400,
+            f"messages[{i}].role must be system, developer, user, assistant or tool (got {role!r})",
+            f"messages.{i}.role",
+        )
     out = {**message, "role": "system" if role == "developer" else role}
     content = message.get("content")
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
-            if images is not None and isinstance(part, dict) and part.get("type") in ("image_url", "input_image"):
+            if (
+                images is not None
+                and isinstance(part, dict)
+                and part.get("type") in ("image_url", "input_image")
+            ):
                 images.append((f"messages.{i}.content.{j}", part))
                 texts.append(placeholder)
                 continue
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported", f"messages.{i}.content")
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise APIError(
+                    400, f"messages[{i}].content: only text parts are supported", f"messages.{i}.content"
+                )
             texts.append(mark(part["text"]))
         out["content"] = "".join(texts)
     elif content is not None and not isinstance(content, str):
-        raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
-                       f"messages.{i}.content")
+        raise APIError(
+            400, f"messages[{i}].content must be a string or a list of text parts", f"messages.{i}.content"
+        )
     elif content is None and role != "assistant":
         raise APIError(400, f"messages[{i}].content is missing", f"messages.{i}.content")
     elif content is not None:
@@ -503,18 +601,26 @@ def _tool_calls_for_template(i: int, calls: Any) -> list[dict[str, Any]]:
     for j, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise APIError(400, f"messages[{i}].tool_calls[{j}] needs function.name", f"messages.{i}.tool_calls")
+            raise APIError(
+                400, f"messages[{i}].tool_calls[{j}] needs function.name", f"messages.{i}.tool_calls"
+            )
         args = fn.get("arguments") or {}
         if isinstance(args, str):
             try:
                 args = json.loads(args)
             except ValueError:
-                raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments is not JSON",
-                               f"messages.{i}.tool_calls.{j}.function.arguments") from None
+                raise APIError(
+                    400,
+                    f"messages[{i}].tool_calls[{j}].function.arguments is not JSON",
+                    f"messages.{i}.tool_calls.{j}.function.arguments",
+                ) from None
         if not isinstance(args, dict):
-            raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object "
-                                f"(got {type(args).__name__}): send the call's arguments as an object",
-                           f"messages.{i}.tool_calls.{j}.function.arguments")
+            raise APIError(
+                400,
+                f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object "
+                f"(got {type(args).__name__}): send the call's arguments as an object",
+                f"messages.{i}.tool_calls.{j}.function.arguments",
+            )
         out.append({**call, "function": {**fn, "arguments": args}})
     return out
 
@@ -532,7 +638,9 @@ def _with_tool_names(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages
 
 
-def completion_prompt_ids(request: CompletionRequest, tokenizer: Any, context: int | None = None) -> list[int]:
+def completion_prompt_ids(
+    request: CompletionRequest, tokenizer: Any, context: int | None = None
+) -> list[int]:
     """The raw prompt (one string or one list of token ids) as token ids."""
     prompt = request.prompt
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
@@ -551,8 +659,9 @@ def completion_prompt_ids(request: CompletionRequest, tokenizer: Any, context: i
     return list(prompt)
 
 
-def max_tokens_of(request: _Request, prompt_tokens: int, context: int, canvas: int,
-                  default: int | None = None) -> int:
+def max_tokens_of(
+    request: _Request, prompt_tokens: int, context: int, canvas: int, default: int | None = None
+) -> int:
     """The exact answer limit; raise ``APIError(400)`` naming both numbers when the prompt does not fit.
 
     Canvases are denoised whole, so the last one needs all its positions: the prompt plus ``max_tokens``
@@ -562,24 +671,40 @@ def max_tokens_of(request: _Request, prompt_tokens: int, context: int, canvas: i
     """
     room = (context - prompt_tokens) // canvas * canvas
     if room <= 0:
-        raise APIError(400, f"the prompt has {prompt_tokens} tokens, but the context length is {context} "
-                            f"(and one {canvas}-token canvas must fit after the prompt): shorten the prompt",
-                       "messages" if isinstance(request, ChatRequest) else "prompt", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt has {prompt_tokens} tokens, but the context length is {context} "
+            f"(and one {canvas}-token canvas must fit after the prompt): shorten the prompt",
+            "messages" if isinstance(request, ChatRequest) else "prompt",
+            code="context_length_exceeded",
+        )
     asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
     if asked is None:
         return room if default is None else min(default, room)
     if asked > room:
         name = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
-        raise APIError(400, f"the context length is {context} tokens, but {prompt_tokens} prompt tokens plus "
-                            f"{name}={asked} (rounded up to {canvas}-token canvases: "
-                            f"{prompt_tokens + math.ceil(asked / canvas) * canvas}) do not fit: "
-                            f"at most {room} new tokens", name, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the context length is {context} tokens, but {prompt_tokens} prompt tokens plus "
+            f"{name}={asked} (rounded up to {canvas}-token canvases: "
+            f"{prompt_tokens + math.ceil(asked / canvas) * canvas}) do not fit: "
+            f"at most {room} new tokens",
+            name,
+            code="context_length_exceeded",
+        )
     return asked
 
 
-def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, model: Model,
-         context: int, strict: bool = True, max_tokens: int | None = None,
-         template_kwargs: dict[str, Any] | None = None) -> Plan:
+def plan(
+    kind: Kind,
+    request: ChatRequest | CompletionRequest,
+    tokenizer: Any,
+    model: Model,
+    context: int,
+    strict: bool = True,
+    max_tokens: int | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> Plan:
     """Everything the worker needs, validated: raises ``APIError`` on any client error.
 
     Not ``strict``: unknown fields, unknown ``stream_options`` and autoregressive-only sampling fields are
@@ -597,8 +722,11 @@ def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, m
         if effort is not None and effort_on is None:
             ignored.append("reasoning_effort")
         switch = {} if effort_on is None else {"enable_thinking": effort_on}  # under the request's own kwargs
-        request.chat_template_kwargs = {**(template_kwargs or {}), **switch,
-                                        **(request.chat_template_kwargs or {})} or None
+        request.chat_template_kwargs = {
+            **(template_kwargs or {}),
+            **switch,
+            **(request.chat_template_kwargs or {}),
+        } or None
     elif effort is not None:
         _thinking_of(effort, None, strict)  # no template: a bad value is still a 400, a good one ignored
         ignored.append("reasoning_effort")
@@ -606,7 +734,9 @@ def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, m
     history, image_prompt = None, None
     if isinstance(request, ChatRequest):
         images: list = [] if getattr(model, "vision_args", None) is not None else None
-        placeholder = tokenizer.convert_ids_to_tokens(model.vision_args.image_token_id) if images is not None else ""
+        placeholder = (
+            tokenizer.convert_ids_to_tokens(model.vision_args.image_token_id) if images is not None else ""
+        )
         ids, history = chat_prompt_ids(request, tokenizer, context, images, placeholder)
         if images:
             image_prompt = _image_prompt(model, ids, images)
@@ -623,11 +753,58 @@ def plan(kind: Kind, request: ChatRequest | CompletionRequest, tokenizer: Any, m
     chat = isinstance(request, ChatRequest)
     tools = chat and bool(request.tools) and _tool_choice(request) != "none"
     thinking = chat and bool((getattr(request, "chat_template_kwargs", None) or {}).get("enable_thinking"))
-    return Plan(ids, max_tokens, stops_of(request), seed_of(request), sampler, request.stream,
-                options.include_usage, options.include_drafts, () if history is None else (history,),
-                tools, thinking, tuple(ignored), fast=request.fast,
-                image_prompt=image_prompt,
-                response_format=response_format_of(request, tokenizer, model, max_tokens, forced))
+    fmt, param = response_format_of(request, tokenizer, forced)
+    return Plan(
+        ids,
+        max_tokens,
+        stops_of(request),
+        seed_of(request),
+        sampler,
+        request.stream,
+        options.include_usage,
+        options.preview_key(),
+        () if history is None else (history,),
+        tools,
+        thinking,
+        tuple(ignored),
+        fast=request.fast,
+        image_prompt=image_prompt,
+        response_format=fmt,
+        format_param=param,
+    )
+
+
+def request_of(
+    plan: Plan, model: Model, tokenizer: Any, proposer: Any = None, fast: bool = False
+) -> GenerationRequest:
+    """The library's request for ``plan`` (``request.prepare``), its grammar compiled here, once, in a bounded
+    slot: a bad schema, or a ``max_tokens`` too small for it, is a 400 before the request is queued.
+    ``proposer``: the server's drafter; ``fast``: fast decoding for a request that does not say."""
+    try:
+        request = prepare(
+            model,
+            tokenizer,
+            None,
+            plan.max_tokens,
+            prompt_ids=plan.prompt_ids,
+            seed=plan.seed,
+            drafter=proposer or "none",
+            fast=fast if plan.fast is None else plan.fast,
+            response_format=plan.response_format,
+            bounded_grammar=True,
+            previews=plan.preview_key is not None,
+            **plan.sampler,
+        )
+    except GrammarBusy as e:
+        raise APIError(
+            429, str(e), plan.format_param, type_="rate_limit_error", code="grammars_busy"
+        ) from None
+    except DGemmaError as e:
+        kind = (plan.response_format or {}).get("type")
+        param = plan.format_param
+        label = param if param == "tool_choice" or not isinstance(kind, str) else f"{param}.{kind}"
+        raise APIError(400, f"{label}: {e}", param) from None
+    return replace(request, images=plan.image_prompt)
 
 
 def knows_thinking(tokenizer: Any) -> bool:
@@ -642,12 +819,19 @@ def _thinking_of(effort: Any, tokenizer: Any, strict: bool) -> bool | None:
     if effort is None:
         return None
     if effort not in EFFORTS:
-        raise APIError(400, f"reasoning_effort must be one of {', '.join(EFFORTS)} (got {json.dumps(effort)[:40]})",
-                       "reasoning_effort")
+        raise APIError(
+            400,
+            f"reasoning_effort must be one of {', '.join(EFFORTS)} (got {json.dumps(effort)[:40]})",
+            "reasoning_effort",
+        )
     if not knows_thinking(tokenizer):
         if strict:
-            raise APIError(400, "reasoning_effort is not supported: this model's chat template has no thinking "
-                                "switch (enable_thinking)", "reasoning_effort")
+            raise APIError(
+                400,
+                "reasoning_effort is not supported: this model's chat template has no thinking "
+                "switch (enable_thinking)",
+                "reasoning_effort",
+            )
         return None
     return EFFORTS[effort]
 
@@ -655,17 +839,23 @@ def _thinking_of(effort: Any, tokenizer: Any, strict: bool) -> bool | None:
 def _stream_options_ignored(request: _Request, strict: bool) -> list[str]:
     """``stream_options`` we do not know (``include_obfuscation``, ...): ignored and named; ``strict``: a 400."""
     options = request.stream_options
-    names = [k for k, v in (options.model_extra or {}).items() if v is not None] if options is not None else []
+    names = (
+        [k for k, v in (options.model_extra or {}).items() if v is not None] if options is not None else []
+    )
     if names and strict:
-        raise APIError(400, f"unknown field 'stream_options.{names[0]}': stream_options takes include_usage and "
-                            "include_drafts (the server runs with --strict)", f"stream_options.{names[0]}")
+        raise APIError(
+            400,
+            f"unknown field 'stream_options.{names[0]}': stream_options takes include_usage and "
+            "include_previews (the server runs with --strict)",
+            f"stream_options.{names[0]}",
+        )
     return [f"stream_options.{k}" for k in names]
 
 
 def _image_prompt(model: Model, ids: list[int], parts: list[tuple[str, dict]]) -> Any:
     """Fetch or decode the images (``server.images``: fetch and pixel limits), process them and expand their
     placeholders."""
-    from .images import image_prompt
+    from mlx_dgemma.server.images import image_prompt
 
     try:
         return image_prompt(model, ids, parts)
@@ -683,37 +873,29 @@ def _forced_tool_choice(request: _Request, extra: dict[str, Any]) -> Any:
     return extra.pop("tool_choice")
 
 
-def response_format_of(request: _Request, tokenizer: Any, model: Model, max_tokens: int,
-                       tool_choice: Any = None) -> dict[str, Any] | None:
-    """The grammar the answer must follow: the request's ``response_format``, or one tool call when
-    ``tool_choice`` forces it (``toolgrammar.py``: the call's arguments under the tool's schema). Compiled here
-    so that a bad schema, or a ``max_tokens`` too small for it, is a 400 before the request is queued."""
+def response_format_of(
+    request: _Request, tokenizer: Any, tool_choice: Any = None
+) -> tuple[dict[str, Any] | None, str]:
+    """The grammar the answer must follow, and the field it comes from: the request's ``response_format``, or
+    one tool call when ``tool_choice`` forces it (``tool_grammar.py``: the call's arguments under the tool's
+    schema). It is compiled with the request (``request_of``)."""
     fmt, param = request.response_format, "response_format"
     if fmt == {"type": "text"}:
         fmt = None
     if tool_choice is not None:
         if fmt is not None:
-            raise APIError(400, "give either response_format or a forced tool_choice, not both", "tool_choice")
-        from ..toolgrammar import tool_call_grammar
+            raise APIError(
+                400, "give either response_format or a forced tool_choice, not both", "tool_choice"
+            )
+        from mlx_dgemma.decoding.tool_grammar import tool_call_grammar
 
         try:
-            fmt, param = {"type": "lark", "lark": tool_call_grammar(request.tools, tool_choice, tokenizer)}, "tool_choice"
+            fmt, param = (
+                {"type": "lark", "lark": tool_call_grammar(request.tools, tool_choice, tokenizer)},
+                "tool_choice",
+            )
         except DGemmaError as e:
-            raise APIError(400, f"tool_choice: {e}".replace("tool_choice: tool_choice", "tool_choice"),
-                           "tool_choice") from None
-    if fmt is None:
-        return None
-    from ..constrain import GrammarBusy, make_constraint
-    from ..generation import eos_ids
-
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    label = param if param == "tool_choice" or not isinstance(kind, str) else f"{param}.{kind}"
-    try:
-        make_constraint(tokenizer, sorted(eos_ids(model, tokenizer)), model.args.pad_token_id or 0,
-                        model.args.vocab_size, max_tokens, model.args.canvas_length, response_format=fmt,
-                        bounded=True)
-    except GrammarBusy as e:
-        raise APIError(429, str(e), param, type_="rate_limit_error", code="grammars_busy") from None
-    except DGemmaError as e:
-        raise APIError(400, f"{label}: {e}", param) from None
-    return fmt
+            raise APIError(
+                400, f"tool_choice: {e}".replace("tool_choice: tool_choice", "tool_choice"), "tool_choice"
+            ) from None
+    return fmt, param

@@ -23,21 +23,43 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from . import bridge
-from .bridge import End, Text
-from .protocol import IGNORED, APIError
-from .worker import Finished
+from mlx_dgemma.server import bridge
+from mlx_dgemma.server.bridge import End, Text
+from mlx_dgemma.server.protocol import IGNORED, APIError
+from mlx_dgemma.server.worker import Finished
 
 STORE_COUNT = 1024  # responses kept for previous_response_id
 STORE_BYTES = 64 * 1024 * 1024  # their conversations' JSON size, in all (an image's data: URL counts in full)
 
 # The request fields translated here; the others are accepted and ignored (named in X-Ignored-Fields, except the
 # metadata that chat also ignores quietly).
-HANDLED = frozenset({"model", "input", "instructions", "previous_response_id", "tools", "tool_choice", "text",
-                     "max_output_tokens", "temperature", "top_p", "top_logprobs", "stream", "store", "reasoning",
-                     "background", "conversation", "prompt", *bridge.EXTENSIONS})
+HANDLED = frozenset(
+    {
+        "model",
+        "input",
+        "instructions",
+        "previous_response_id",
+        "tools",
+        "tool_choice",
+        "text",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "top_logprobs",
+        "stream",
+        "store",
+        "reasoning",
+        "background",
+        "conversation",
+        "prompt",
+        *bridge.EXTENSIONS,
+    }
+)
 NO_THINKING = (None, "none", "minimal")  # reasoning efforts that leave the thinking channel off
-CHAT_NAMES = {"max_tokens": "max_output_tokens", "response_format": "text.format"}  # in the chat path's errors
+CHAT_NAMES = {
+    "max_tokens": "max_output_tokens",
+    "response_format": "text.format",
+}  # in the chat path's errors
 ITEM_TYPES = {"content": "message", "reasoning": "reasoning"}  # the output item of each kind of answer text
 
 
@@ -104,14 +126,19 @@ class Turn:
     def __init__(self, data: dict[str, Any], store: ResponseStore, model: str):
         self.data, self.store, self.model = data, store, model
         self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
-        self.ignored = sorted(k for k, v in data.items() if k not in HANDLED and k not in IGNORED and v is not None)
-        for name, why in (("conversation", "use previous_response_id, or send the conversation as input items"),
-                          ("prompt", "stored prompts are not supported: send instructions and input")):
+        self.ignored = sorted(
+            k for k, v in data.items() if k not in HANDLED and k not in IGNORED and v is not None
+        )
+        for name, why in (
+            ("conversation", "use previous_response_id, or send the conversation as input items"),
+            ("prompt", "stored prompts are not supported: send instructions and input"),
+        ):
             if data.get(name) is not None:
                 raise APIError(400, f"{name} is not supported by this server: {why}", name)
         if data.get("background") not in (None, False):
-            raise APIError(400, "background: true is not supported by this server: send background: false",
-                           "background")
+            raise APIError(
+                400, "background: true is not supported by this server: send background: false", "background"
+            )
         if not isinstance(data.get("store", True), bool):
             raise APIError(400, "store must be true or false", "store")
         self.history, self.history_bytes = self._history(data.get("previous_response_id"))
@@ -124,13 +151,19 @@ class Turn:
         if previous is None:
             return [], 0
         if not isinstance(previous, str):
-            raise APIError(400, "previous_response_id must be a string (a response's id)", "previous_response_id")
+            raise APIError(
+                400, "previous_response_id must be a string (a response's id)", "previous_response_id"
+            )
         entry = self.store.get(previous)
         if entry is None:
-            raise APIError(404, f"previous_response_id {previous!r} is not stored on this server (it was sent with "
-                                "store: false, evicted from the bounded store, or the server restarted): send the "
-                                "conversation as input items", "previous_response_id",
-                           code="previous_response_not_found")
+            raise APIError(
+                404,
+                f"previous_response_id {previous!r} is not stored on this server (it was sent with "
+                "store: false, evicted from the bounded store, or the server restarted): send the "
+                "conversation as input items",
+                "previous_response_id",
+                code="previous_response_not_found",
+            )
         return entry
 
     def _chat(self) -> dict[str, Any]:
@@ -155,7 +188,9 @@ class Turn:
         text = data.get("text")
         if text is not None:
             if not isinstance(text, dict):
-                raise APIError(400, 'text must be an object such as {"format": {"type": "json_schema", ...}}', "text")
+                raise APIError(
+                    400, 'text must be an object such as {"format": {"type": "json_schema", ...}}', "text"
+                )
             if text.get("verbosity") is not None:
                 self.ignored.append("text.verbosity")
             if text.get("format") is not None:
@@ -164,16 +199,19 @@ class Turn:
         if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
             # none/minimal: off explicitly too, over a server default (--chat-template-args) that turns it on.
             kwargs = chat.get("chat_template_kwargs")
-            chat["chat_template_kwargs"] = {"enable_thinking": reasoning["effort"] not in NO_THINKING,
-                                            **(kwargs if isinstance(kwargs, dict) else {})}
+            chat["chat_template_kwargs"] = {
+                "enable_thinking": reasoning["effort"] not in NO_THINKING,
+                **(kwargs if isinstance(kwargs, dict) else {}),
+            }
         elif reasoning is not None and not isinstance(reasoning, dict):
             raise APIError(400, 'reasoning must be an object such as {"effort": "low"}', "reasoning")
         return chat
 
     # --- the answer ------------------------------------------------------------------------------------------
 
-    def output(self, content: str, reasoning: str, calls: list[dict[str, Any]],
-               status: str = "completed") -> list[dict[str, Any]]:
+    def output(
+        self, content: str, reasoning: str, calls: list[dict[str, Any]], status: str = "completed"
+    ) -> list[dict[str, Any]]:
         """The output items of a whole answer."""
         items = []
         if reasoning:
@@ -194,8 +232,13 @@ class Turn:
         size = self.history_bytes + len(json.dumps(new, ensure_ascii=False))
         self.store.put(self.id, [*self.history, *new], size)
 
-    def body(self, done: Finished | None, output: list[dict[str, Any]], status: str | None = None,
-             error: dict[str, Any] | None = None) -> dict[str, Any]:
+    def body(
+        self,
+        done: Finished | None,
+        output: list[dict[str, Any]],
+        status: str | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """The ``response`` object; ``done`` None: still in progress (``usage`` null)."""
         data = self.data
         incomplete = None
@@ -208,18 +251,29 @@ class Turn:
         text = data.get("text") if isinstance(data.get("text"), dict) else {}
         reasoning = data.get("reasoning") if isinstance(data.get("reasoning"), dict) else {}
         out = {
-            "id": self.id, "object": "response", "created_at": self.created, "status": status or "in_progress",
-            "background": False, "error": error, "incomplete_details": incomplete,
-            "instructions": data.get("instructions"), "max_output_tokens": data.get("max_output_tokens"),
-            "model": self.model, "output": output,
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status or "in_progress",
+            "background": False,
+            "error": error,
+            "incomplete_details": incomplete,
+            "instructions": data.get("instructions"),
+            "max_output_tokens": data.get("max_output_tokens"),
+            "model": self.model,
+            "output": output,
             "parallel_tool_calls": data.get("parallel_tool_calls", True),
             "previous_response_id": data.get("previous_response_id"),
             "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
-            "store": data.get("store", True), "temperature": data.get("temperature"),
+            "store": data.get("store", True),
+            "temperature": data.get("temperature"),
             "text": {"format": text.get("format") or {"type": "text"}},
-            "tool_choice": data.get("tool_choice") or "auto", "tools": data.get("tools") or [],
-            "top_p": data.get("top_p"), "truncation": data.get("truncation") or "disabled",
-            "usage": usage(done) if done is not None else None, "user": data.get("user"),
+            "tool_choice": data.get("tool_choice") or "auto",
+            "tools": data.get("tools") or [],
+            "top_p": data.get("top_p"),
+            "truncation": data.get("truncation") or "disabled",
+            "usage": usage(done) if done is not None else None,
+            "user": data.get("user"),
             "metadata": data.get("metadata") or {},
         }
         if done is not None:
@@ -229,9 +283,13 @@ class Turn:
 
 
 def usage(done: Finished) -> dict[str, Any]:
-    return {"input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": done.cached_tokens},
-            "output_tokens": done.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+    return {
+        "input_tokens": done.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": done.cached_tokens},
+        "output_tokens": done.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
 
 
 def _id(prefix: str) -> str:
@@ -252,10 +310,18 @@ def message_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
     return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
 
 
-def call_item(item_id: str, call: dict[str, Any], status: str, arguments: str | None = None) -> dict[str, Any]:
+def call_item(
+    item_id: str, call: dict[str, Any], status: str, arguments: str | None = None
+) -> dict[str, Any]:
     fn = call["function"]
-    return {"id": item_id, "type": "function_call", "call_id": call["id"], "name": fn["name"],
-            "arguments": fn["arguments"] if arguments is None else arguments, "status": status}
+    return {
+        "id": item_id,
+        "type": "function_call",
+        "call_id": call["id"],
+        "name": fn["name"],
+        "arguments": fn["arguments"] if arguments is None else arguments,
+        "status": status,
+    }
 
 
 # --- streaming ---------------------------------------------------------------------------------------------------
@@ -284,9 +350,16 @@ class _Stream:
         else:
             self.open = message_item(_id("msg"), None, "in_progress")
             part = text_part("")
-        return [self.event("response.output_item.added", output_index=index, item=self.open),
-                self.event("response.content_part.added", item_id=self.open["id"], output_index=index,
-                           content_index=0, part=part)]
+        return [
+            self.event("response.output_item.added", output_index=index, item=self.open),
+            self.event(
+                "response.content_part.added",
+                item_id=self.open["id"],
+                output_index=index,
+                content_index=0,
+                part=part,
+            ),
+        ]
 
     def delta(self, text: str) -> str:
         assert self.open is not None
@@ -304,12 +377,16 @@ class _Stream:
         where = {"item_id": item["id"], "output_index": index, "content_index": 0}
         if item["type"] == "reasoning":
             done = reasoning_item(item["id"], self.text, status)
-            out = [self.event("response.reasoning_text.done", **where, text=self.text),
-                   self.event("response.content_part.done", **where, part=done["content"][0])]
+            out = [
+                self.event("response.reasoning_text.done", **where, text=self.text),
+                self.event("response.content_part.done", **where, part=done["content"][0]),
+            ]
         else:
             done = message_item(item["id"], self.text, status)
-            out = [self.event("response.output_text.done", **where, text=self.text, logprobs=[]),
-                   self.event("response.content_part.done", **where, part=done["content"][0])]
+            out = [
+                self.event("response.output_text.done", **where, text=self.text, logprobs=[]),
+                self.event("response.content_part.done", **where, part=done["content"][0]),
+            ]
         self.items.append(done)
         self.open = None
         return [*out, self.event("response.output_item.done", output_index=index, item=done)]
@@ -319,12 +396,21 @@ class _Stream:
         done = call_item(item_id, call, "completed")
         self.items.append(done)
         where = {"item_id": item_id, "output_index": index}
-        return [self.event("response.output_item.added", output_index=index,
-                           item=call_item(item_id, call, "in_progress", arguments="")),
-                self.event("response.function_call_arguments.delta", **where, delta=done["arguments"]),
-                self.event("response.function_call_arguments.done", **where, name=done["name"],
-                           arguments=done["arguments"]),
-                self.event("response.output_item.done", output_index=index, item=done)]
+        return [
+            self.event(
+                "response.output_item.added",
+                output_index=index,
+                item=call_item(item_id, call, "in_progress", arguments=""),
+            ),
+            self.event("response.function_call_arguments.delta", **where, delta=done["arguments"]),
+            self.event(
+                "response.function_call_arguments.done",
+                **where,
+                name=done["name"],
+                arguments=done["arguments"],
+            ),
+            self.event("response.output_item.done", output_index=index, item=done),
+        ]
 
 
 async def _events(turn: Turn, run: bridge.Run) -> AsyncIterator[str]:
@@ -380,13 +466,18 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
     for i, item in enumerate(items):
         where = f"input.{i}"
         if not isinstance(item, dict):
-            raise APIError(400, f"{where} must be an object (a message or a function_call(_output) item)", where)
+            raise APIError(
+                400, f"{where} must be an object (a message or a function_call(_output) item)", where
+            )
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
-                raise APIError(400, f"{where}.role must be user, system, developer or assistant (got {role!r})",
-                               f"{where}.role")
+                raise APIError(
+                    400,
+                    f"{where}.role must be user, system, developer or assistant (got {role!r})",
+                    f"{where}.role",
+                )
             out.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
             for key in ("call_id", "name"):
@@ -395,8 +486,11 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
             arguments = item.get("arguments", "{}")
             if not isinstance(arguments, str):
                 raise APIError(400, f"{where}.arguments must be a JSON string", f"{where}.arguments")
-            call = {"id": item["call_id"], "type": "function",
-                    "function": {"name": item["name"], "arguments": arguments or "{}"}}
+            call = {
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": arguments or "{}"},
+            }
             if out and out[-1]["role"] == "assistant":  # the calls of one answer: one assistant message
                 out[-1].setdefault("tool_calls", []).append(call)
             else:
@@ -408,14 +502,19 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
             if isinstance(output, list):
                 output = "".join(p["text"] for p in _parts(output, f"{where}.output", images=False))
             if not isinstance(output, str):
-                raise APIError(400, f"{where}.output must be a string or a list of input_text parts",
-                               f"{where}.output")
+                raise APIError(
+                    400, f"{where}.output must be a string or a list of input_text parts", f"{where}.output"
+                )
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
         elif kind == "reasoning":
             continue  # past thoughts are not sent back to the model (chat templates drop them too)
         else:
-            raise APIError(400, f"{where}: items of type {kind!r} are not supported by this server: send message, "
-                                "function_call and function_call_output items", f"{where}.type")
+            raise APIError(
+                400,
+                f"{where}: items of type {kind!r} are not supported by this server: send message, "
+                "function_call and function_call_output items",
+                f"{where}.type",
+            )
     return out
 
 
@@ -442,13 +541,18 @@ def _parts(parts: list[Any], where: str, images: bool = True) -> list[dict[str, 
             if isinstance(url, dict):
                 url = url.get("url")
             if not isinstance(url, str) or not url:
-                raise APIError(400, f"{at}: an input_image needs image_url (a data: URL or an http(s) URL); file_id "
-                                    "is not supported", at)
+                raise APIError(
+                    400,
+                    f"{at}: an input_image needs image_url (a data: URL or an http(s) URL); file_id "
+                    "is not supported",
+                    at,
+                )
             out.append({"type": "input_image", "image_url": url})
         else:
             allowed = "input_text and input_image" if images else "input_text"
-            raise APIError(400, f"{at}: content parts of type {kind!r} are not supported here: send {allowed} "
-                                "parts", at)
+            raise APIError(
+                400, f"{at}: content parts of type {kind!r} are not supported here: send {allowed} parts", at
+            )
     return out
 
 
@@ -460,8 +564,11 @@ def tools_of(tools: Any) -> list[dict[str, Any]]:
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind != "function":
-            raise APIError(400, f"tools[{i}]: only function tools are supported by this server (got {kind!r})",
-                           f"tools.{i}.type")
+            raise APIError(
+                400,
+                f"tools[{i}]: only function tools are supported by this server (got {kind!r})",
+                f"tools.{i}.type",
+            )
         fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
         out.append({"type": "function", "function": fn})
     return out
@@ -472,18 +579,26 @@ def tool_choice_of(choice: Any) -> Any:
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
-    raise APIError(400, 'tool_choice must be "auto", "none", "required" or {"type": "function", "name": ...}',
-                   "tool_choice")
+    raise APIError(
+        400,
+        'tool_choice must be "auto", "none", "required" or {"type": "function", "name": ...}',
+        "tool_choice",
+    )
 
 
 def response_format_of(fmt: Any) -> dict[str, Any]:
     """``text.format`` as chat's ``response_format`` (json_schema's fields move under ``json_schema``)."""
     if not isinstance(fmt, dict):
-        raise APIError(400, 'text.format must be an object such as {"type": "json_schema", "schema": {...}}',
-                       "text.format")
+        raise APIError(
+            400,
+            'text.format must be an object such as {"type": "json_schema", "schema": {...}}',
+            "text.format",
+        )
     if fmt.get("type") == "json_schema":
         spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
         if "schema" not in spec:
-            raise APIError(400, 'text.format json_schema needs "schema" (a JSON schema)', "text.format.schema")
+            raise APIError(
+                400, 'text.format json_schema needs "schema" (a JSON schema)', "text.format.schema"
+            )
         return {"type": "json_schema", "json_schema": spec}
     return fmt  # text, json_object, and our regex and lark grammars, as chat takes them

@@ -12,29 +12,29 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
-from .. import multimodal
-from ..cache import DiffusionCache, FullKVCache, WindowKVCache
-from ..distributed import is_leader
-from ..drafter import make_proposer
-from ..errors import DGemmaError
-from ..generation import Commit, Done, Draft, stream_generate
-from ..loader import load
-from ..loop import prefill
-from ..model import Model
-from .follow import announce, cancelled, follow
-from .protocol import APIError, Plan
+from mlx_dgemma.decoding.block_loop import prefill
+from mlx_dgemma.drafter import make_proposer
+from mlx_dgemma.errors import DGemmaError
+from mlx_dgemma.generation import Commit, Done, Preview, run
+from mlx_dgemma.model.cache import DiffusionCache, FullKVCache, WindowKVCache
+from mlx_dgemma.model.diffusion_gemma import Model
+from mlx_dgemma.model.loader import load
+from mlx_dgemma.prompt import multimodal
+from mlx_dgemma.runtime.distributed import is_leader
+from mlx_dgemma.server.follow import announce, cancelled, follow
+from mlx_dgemma.server.protocol import APIError, Plan, request_of
 
 log = logging.getLogger("mlx_dgemma.server")
 _clock = time.monotonic  # the request timeout's clock (a test replaces it)
 
 
-# Events a job emits, in order: zero or more Delta/DraftText, then one Finished or Failed.
+# Events a job emits, in order: zero or more Delta/CanvasPreview, then one Finished or Failed.
 @dataclass
 class Delta:
     """New answer text (committed, and past any stop sequence that could still be forming)."""
@@ -43,8 +43,8 @@ class Delta:
 
 
 @dataclass
-class DraftText:
-    """The canvas being denoised after one step (the ``include_drafts`` extension): a preview, not final."""
+class CanvasPreview:
+    """The canvas being denoised after one step (the ``include_previews`` extension): not final."""
 
     text: str
     canvas: int
@@ -67,7 +67,7 @@ class Failed:
     error: APIError
 
 
-Event = Delta | DraftText | Finished | Failed
+Event = Delta | CanvasPreview | Finished | Failed
 
 
 @dataclass(eq=False)  # compared and hashed by identity: the worker keeps a set of the jobs holding a slot
@@ -91,8 +91,12 @@ class Job:
             self.on_release(self)
 
 
-_SHUTTING_DOWN = APIError(503, "the server is shutting down: retry on another server or later",
-                          type_="server_error", code="shutting_down")
+_SHUTTING_DOWN = APIError(
+    503,
+    "the server is shutting down: retry on another server or later",
+    type_="server_error",
+    code="shutting_down",
+)
 
 
 class Busy(Exception):
@@ -191,8 +195,10 @@ class PromptCache:
     def take(self, ids: list[int]) -> tuple[DiffusionCache, list[Entry]]:
         """A cache holding the longest kept prefix of ``ids`` (its ``offset`` says how long; else an empty
         cache), and the kept entries that are prefixes of ``ids``, still valid for this conversation."""
-        matches = sorted((e for e in self.entries if len(e[0]) <= len(ids) and ids[: len(e[0])] == e[0]),
-                         key=lambda e: len(e[0]))
+        matches = sorted(
+            (e for e in self.entries if len(e[0]) <= len(ids) and ids[: len(e[0])] == e[0]),
+            key=lambda e: len(e[0]),
+        )
         if not matches:
             return self.model.make_cache(), []
         held, cache = matches[-1]
@@ -212,12 +218,19 @@ class Worker:
     thread that made them, so a model loaded elsewhere could not be evaluated here.
     """
 
-    def __init__(self, model: str | Path | None, max_concurrency: int = 16, prompt_cache: bool = True,
-                 adapter_path: str | Path | None = None, drafter: str | Path | None = "auto",
-                 request_timeout: float | None = None, fast: bool = False):
+    def __init__(
+        self,
+        model: str | Path | None,
+        max_concurrency: int = 16,
+        prompt_cache: bool = True,
+        adapter_path: str | Path | None = None,
+        drafter: str | Path | None = "auto",
+        request_timeout: float | None = None,
+        fast: bool = False,
+    ):
         self.max_concurrency, self._use_prompt_cache = max_concurrency, prompt_cache
         self.request_timeout = request_timeout  # seconds of generation per request; None: no limit
-        self.fast = fast  # fast decoding for requests that do not say (mlx_dgemma.fast)
+        self.fast = fast  # fast decoding for requests that do not say (mlx_dgemma.decoding.fast)
         self.proposer: Any = None  # the drafter serving every request (mlx_dgemma.drafter), or None
         self.model: Model  # these three are set on the worker thread, before start() returns
         self.tokenizer: Any
@@ -231,8 +244,9 @@ class Worker:
         self._ready = threading.Event()
         self._stopping = False
         self._load_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, args=(model, adapter_path, drafter),
-                                        name="mlx_dgemma-worker", daemon=True)
+        self._thread = threading.Thread(
+            target=self._main, args=(model, adapter_path, drafter), name="mlx_dgemma-worker", daemon=True
+        )
 
     def start(self) -> None:
         """Start the thread and wait until it has loaded the model; re-raise a loading error here."""
@@ -277,8 +291,10 @@ class Worker:
         """Queue a job; raise ``Busy`` when ``max_concurrency`` jobs are already queued or running."""
         with self._lock:
             if self._active >= self.max_concurrency:
-                raise Busy(f"the server is busy: {self._active} requests are queued or running "
-                           f"(--max-concurrency {self.max_concurrency}); retry shortly")
+                raise Busy(
+                    f"the server is busy: {self._active} requests are queued or running "
+                    f"(--max-concurrency {self.max_concurrency}); retry shortly"
+                )
             self._active += 1
             job = Job(plan, emit, on_release=self._free)
             self._slots.add(job)
@@ -297,7 +313,9 @@ class Worker:
         job.release()
         job.emit(event)
 
-    def _main(self, model: str | Path | None, adapter_path: str | Path | None, drafter: str | Path | None) -> None:
+    def _main(
+        self, model: str | Path | None, adapter_path: str | Path | None, drafter: str | Path | None
+    ) -> None:
         try:
             self._serve_all(model, adapter_path, drafter)
         finally:
@@ -306,8 +324,9 @@ class Worker:
             # "error:" line. This CPU hit it in 5 runs of 6 of a bad --adapter-path.
             mx.clear_streams()
 
-    def _serve_all(self, model: str | Path | None, adapter_path: str | Path | None,
-                   drafter: str | Path | None) -> None:
+    def _serve_all(
+        self, model: str | Path | None, adapter_path: str | Path | None, drafter: str | Path | None
+    ) -> None:
         try:
             self.model, self.tokenizer = load(model, adapter_path=adapter_path)
             self.prompt_cache = PromptCache(self.model, self._use_prompt_cache)
@@ -339,8 +358,12 @@ class Worker:
             except Exception as e:  # one bad request must never take the worker down
                 log.exception("generation failed")
                 self.counters["failed"] += 1
-                self._answer(job, Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}",
-                                                  type_="server_error")))
+                self._answer(
+                    job,
+                    Failed(
+                        APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error")
+                    ),
+                )
             finally:
                 self.running = None
                 job.release()
@@ -357,11 +380,10 @@ class Worker:
         cache, kept, cached = self._prefill(ids, job.plan.cache_points, images, keys)
         answer = _Answer(job, self.tokenizer, len(ids), cached)
         deadline = None if self.request_timeout is None else _clock() + self.request_timeout
-        events = stream_generate(self.model, self.tokenizer, None, job.plan.max_tokens, prompt_ids=ids, cache=cache,
-                                 seed=job.plan.seed, drafts=True, drafter=self.proposer or "none",
-                                 fast=self.fast if job.plan.fast is None else job.plan.fast,
-                                 response_format=job.plan.response_format,
-                                 **job.plan.sampler)
+        request = job.plan.request or request_of(
+            job.plan, self.model, self.tokenizer, self.proposer, self.fast
+        )
+        events = run(self.model, self.tokenizer, replace(request, cache=cache))
         finished = False
         try:
             for event in events:
@@ -369,8 +391,10 @@ class Worker:
                     self._cancelled(job)
                     return
                 if deadline is not None and _clock() > deadline:
-                    answer.cut(f"the answer was cut after --request-timeout {self.request_timeout:g} s: "
-                               "ask for fewer max_tokens or max_denoising_steps")
+                    answer.cut(
+                        f"the answer was cut after --request-timeout {self.request_timeout:g} s: "
+                        "ask for fewer max_tokens or max_denoising_steps"
+                    )
                     break
                 if answer.on(event):
                     finished = True
@@ -380,10 +404,13 @@ class Worker:
             events.close()
             # After an error the live cache may be half-written: keep only the prompt's copies then.
             encoded = (keys + answer.tokens)[: cache.offset]
-            self.prompt_cache.keep([*kept, (encoded, cache)] if finished and len(encoded) > len(ids) else kept)
+            self.prompt_cache.keep(
+                [*kept, (encoded, cache)] if finished and len(encoded) > len(ids) else kept
+            )
 
-    def _prefill(self, ids: list[int], points: tuple[int, ...], images: Any = None,
-                 keys: list[int] | None = None) -> tuple[DiffusionCache, list[Entry], int]:
+    def _prefill(
+        self, ids: list[int], points: tuple[int, ...], images: Any = None, keys: list[int] | None = None
+    ) -> tuple[DiffusionCache, list[Entry], int]:
         """A cache holding ``ids``, the entries to keep (those reused, and a copy at each of ``points`` and at
         the end of the prompt), and how many tokens came from the prompt cache. ``keys``: what the prompt
         cache matches (``ids`` with each image's tokens keyed by its content)."""
@@ -403,7 +430,7 @@ class Worker:
 
 
 class _Answer:
-    """Turns the library's events for one job into the job's events: drafts, text, and the finish."""
+    """Turns the library's events for one job into the job's events: previews, text, and the finish."""
 
     def __init__(self, job: Job, tokenizer: Any, prompt_tokens: int, cached: int):
         self.job, self.tokenizer, self.prompt_tokens, self.cached = job, tokenizer, prompt_tokens, cached
@@ -411,23 +438,26 @@ class _Answer:
         self.tokens: list[int] = []
         self.passes = self.canvases = 0
 
-    def on(self, event: Draft | Commit | Done) -> bool:
+    def on(self, event: Preview | Commit | Done) -> bool:
         """Handle one event; True once the answer is finished."""
-        if isinstance(event, Draft):
-            self.passes += 1
-            if self.job.plan.drafts:
-                self.job.emit(DraftText(event.canvas_text, event.canvas_index, event.step))
+        if isinstance(event, Preview):
+            self.job.emit(CanvasPreview(event.canvas_text, event.canvas_index, event.step))
             return False
         if isinstance(event, Commit):
             self.canvases += 1
+            self.passes += event.decoder_passes
             self.tokens += event.tokens
             self._send(self.scanner.feed(event.text))
             if self.scanner.stop_end is None:
                 return False
-            self._finish("stop", tokens_through(self.tokenizer, self.tokens, self.scanner.stop_end),
-                         stop_sequence=self.scanner.matched)
+            self._finish(
+                "stop",
+                tokens_through(self.tokenizer, self.tokens, self.scanner.stop_end),
+                stop_sequence=self.scanner.matched,
+            )
             return True
         self._send(self.scanner.flush())
+        self.canvases, self.passes = event.stats.canvases, event.stats.decoder_passes
         self._finish(event.finish_reason, event.stats.generated_tokens)
         return True
 
@@ -442,10 +472,19 @@ class _Answer:
         if text:
             self.job.emit(Delta(text))
 
-    def _finish(self, reason: str, completion_tokens: int, error: dict[str, Any] | None = None,
-                stop_sequence: str | None = None) -> None:
-        stats = {"canvases": self.canvases, "decoder_passes": self.passes,
-                 "tokens_per_forward": round(completion_tokens / max(self.passes, 1), 3)}
+    def _finish(
+        self,
+        reason: str,
+        completion_tokens: int,
+        error: dict[str, Any] | None = None,
+        stop_sequence: str | None = None,
+    ) -> None:
+        stats = {
+            "canvases": self.canvases,
+            "decoder_passes": self.passes,
+            "tokens_per_forward": round(completion_tokens / max(self.passes, 1), 3),
+        }
         self.job.release()  # before the answer goes out (see Worker._answer)
-        self.job.emit(Finished(reason, self.prompt_tokens, completion_tokens, self.cached, stats, error,
-                               stop_sequence))
+        self.job.emit(
+            Finished(reason, self.prompt_tokens, completion_tokens, self.cached, stats, error, stop_sequence)
+        )

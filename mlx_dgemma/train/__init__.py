@@ -3,11 +3,11 @@
 ``load_adapters(model, path)`` applies adapters written by ``mlx_dgemma.train`` to a loaded model.
 """
 
-from .data import Example, data_files, load_jsonl
-from .errors import TrainError
-from .lora import LoRAConfig, apply_lora, fuse_lora, load_adapters, prepare_full, save_fused
-from .objective import ObjectiveConfig, training_loss
-from .trainer import TrainConfig, Trainer, TrainResult
+from mlx_dgemma.errors import TrainError
+from mlx_dgemma.train.data import Example, data_files, load_jsonl
+from mlx_dgemma.train.lora import LoRAConfig, apply_lora, fuse_lora, load_adapters, prepare_full, save_fused
+from mlx_dgemma.train.objective import ObjectiveConfig, training_loss
+from mlx_dgemma.train.trainer import TrainConfig, Trainer, TrainResult
 
 __all__ = [
     "Example",

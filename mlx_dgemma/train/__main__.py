@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from mlx_dgemma.train.cli import main
 
 sys.exit(main())

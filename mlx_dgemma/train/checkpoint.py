@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import TrainError
+from mlx_dgemma.errors import TrainError
 
 POINTER = "checkpoint.json"
 PREFIX = "checkpoint-"

@@ -12,16 +12,26 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .errors import TrainError
+from mlx_dgemma.errors import TrainError
 
 # mlx-lm's key -> our flag's dest
-RENAMED = {"adapter_path": "out", "learning_rate": "lr", "num_layers": "lora_layers",
-           "grad_accumulation_steps": "grad_accum", "steps_per_report": "report_every", "steps_per_eval": "val_every"}
+RENAMED = {
+    "adapter_path": "out",
+    "learning_rate": "lr",
+    "num_layers": "lora_layers",
+    "grad_accumulation_steps": "grad_accum",
+    "steps_per_report": "report_every",
+    "steps_per_eval": "val_every",
+}
 # mlx-lm keys that do not change what this trainer does (accepted, ignored)
 IGNORED = {"config", "max_seq_length", "trust_remote_code", "clear_cache_threshold"}
 # mlx-lm keys with no equivalent: refused unless left empty
-UNSUPPORTED = {"resume_adapter_file": "use --resume with the same --out", "report_to": "not supported",
-               "project_name": "not supported", "hf_dataset": "give --data a local folder"}
+UNSUPPORTED = {
+    "resume_adapter_file": "use --resume with the same --out",
+    "report_to": "not supported",
+    "project_name": "not supported",
+    "hf_dataset": "give --data a local folder",
+}
 LORA_KEYS = {"rank", "alpha", "scale", "dropout"}
 
 
@@ -73,11 +83,15 @@ def _lora_parameters(value: Any, path: Path) -> list[tuple[str, Any]]:
     if not isinstance(value, dict):
         raise TrainError(f"{path}: lora_parameters must be a mapping (rank, scale or alpha, dropout)")
     if value.get("keys"):
-        raise TrainError(f"{path}: lora_parameters.keys is not supported: choose modules with lora_targets "
-                         "(attn, mlp, experts, self_conditioning)")
+        raise TrainError(
+            f"{path}: lora_parameters.keys is not supported: choose modules with lora_targets "
+            "(attn, mlp, experts, self_conditioning)"
+        )
     unknown = sorted(set(value) - LORA_KEYS - {"keys"})
     if unknown:
-        raise TrainError(f"{path}: unknown key lora_parameters.{unknown[0]}; use rank, scale or alpha, dropout")
+        raise TrainError(
+            f"{path}: unknown key lora_parameters.{unknown[0]}; use rank, scale or alpha, dropout"
+        )
     out = [(k, value[k]) for k in ("rank", "dropout", "alpha") if k in value]
     if "scale" in value and "alpha" not in value:  # mlx-lm gives the scale; ours is alpha / rank
         scale, rank = value["scale"], value.get("rank", 8)
@@ -124,7 +138,11 @@ def _convert(action: argparse.Action, value: Any, key: str, path: Path) -> Any:
         converted = action.type(str(value)) if callable(action.type) else str(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError):
         kind = getattr(action.type, "__name__", "value")
-        raise TrainError(f"{path}: {key} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind} (got {value!r})") from None
+        raise TrainError(
+            f"{path}: {key} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind} (got {value!r})"
+        ) from None
     if action.choices is not None and converted not in action.choices:
-        raise TrainError(f"{path}: {key} must be one of {', '.join(map(str, action.choices))} (got {value!r})")
+        raise TrainError(
+            f"{path}: {key} must be one of {', '.join(map(str, action.choices))} (got {value!r})"
+        )
     return converted

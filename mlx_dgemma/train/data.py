@@ -6,7 +6,7 @@ One JSON object per line (blank lines are skipped), either form:
 * ``{"prompt": "...", "completion": "...", "system": "..." (optional)}``
 
 The prompt is exactly what generation feeds the encoder: the chat template over every message but the last, with
-the generation prompt (``generation.encode_prompt``). The answer is the last (assistant) message's text followed
+the generation prompt (``request.encode_prompt``). The answer is the last (assistant) message's text followed
 by the template's end-of-turn token, i.e. the tokens generation must produce, up to the EOS that stops it. Only
 the final assistant turn is supervised; earlier turns are part of the prompt (NeMo's recipe is single-turn SFT).
 A tokenizer without a chat template takes ``prompt``/``completion`` records as raw text, the answer ending in EOS.
@@ -24,9 +24,8 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from ..errors import DGemmaError
-from ..generation import encode_prompt
-from .errors import TrainError
+from mlx_dgemma.errors import DGemmaError, TrainError
+from mlx_dgemma.request import encode_prompt
 
 ROLES = ("system", "user", "assistant", "model", "developer", "tool")
 
@@ -52,9 +51,13 @@ def data_files(path: str | Path) -> tuple[Path, Path | None]:
     if path.is_dir():
         train, valid = path / "train.jsonl", path / "valid.jsonl"
         if not train.is_file():
-            raise TrainError(f"no train.jsonl in {path}: put the training records there (one JSON object a line)")
+            raise TrainError(
+                f"no train.jsonl in {path}: put the training records there (one JSON object a line)"
+            )
         return train, valid if valid.is_file() else None
-    raise TrainError(f"data not found: {path} (give a folder with train.jsonl [and valid.jsonl], or a .jsonl file)")
+    raise TrainError(
+        f"data not found: {path} (give a folder with train.jsonl [and valid.jsonl], or a .jsonl file)"
+    )
 
 
 def test_file(path: str | Path) -> Path:
@@ -89,10 +92,14 @@ def load_jsonl(
                 example = encode_record(json.loads(line), tokenizer, eos)
                 _check_fits(example, max_positions, canvas_length)
             except UnicodeDecodeError as e:
-                raise TrainError(f"{path.name} line {number}: not UTF-8 text (byte {raw[e.start]:#04x} at "
-                                 f"position {e.start}): save the file as UTF-8") from None
+                raise TrainError(
+                    f"{path.name} line {number}: not UTF-8 text (byte {raw[e.start]:#04x} at "
+                    f"position {e.start}): save the file as UTF-8"
+                ) from None
             except json.JSONDecodeError as e:
-                raise TrainError(f"{path.name} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise TrainError(
+                    f"{path.name} line {number}: not valid JSON ({e.msg} at column {e.colno})"
+                ) from None
             except (ValueError, DGemmaError, TemplateError) as e:
                 raise TrainError(f"{path.name} line {number}: {_one_line(e)}") from None
             examples.append(example)
@@ -115,7 +122,9 @@ def encode_record(record: Any, tokenizer: Any, eos_ids: set[int]) -> Example:
         prompt = encode_prompt(tokenizer, record["prompt"], use_chat_template=False)
         end = [_first_eos(tokenizer, eos_ids)]
     else:
-        raise ValueError("chat messages need a chat template, and this tokenizer has none: use prompt/completion")
+        raise ValueError(
+            "chat messages need a chat template, and this tokenizer has none: use prompt/completion"
+        )
     answer = list(tokenizer.encode(answer_text, add_special_tokens=False)) + end
     return Example(list(prompt), answer)
 
@@ -127,7 +136,7 @@ def record_messages(record: Any) -> list[dict[str, Any]]:
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise ValueError("'messages' must be a list of {\"role\": ..., \"content\": ...} objects")
+            raise ValueError('\'messages\' must be a list of {"role": ..., "content": ...} objects')
         for i, m in enumerate(messages):
             if m["role"] not in ROLES:
                 raise ValueError(f"message {i + 1} has role {m['role']!r}: use one of {', '.join(ROLES)}")
@@ -141,8 +150,11 @@ def record_messages(record: Any) -> list[dict[str, Any]]:
         if not record["prompt"].strip():
             raise ValueError("the prompt is empty")
         system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-        return [*system, {"role": "user", "content": record["prompt"]},
-                {"role": "assistant", "content": record["completion"]}]
+        return [
+            *system,
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["completion"]},
+        ]
     raise ValueError(f"expected 'messages' or 'prompt' and 'completion', found keys {sorted(record)}")
 
 
@@ -156,7 +168,9 @@ def message_text(message: dict[str, Any]) -> str:
     raise ValueError("a message's 'content' must be a string or a list of text parts")
 
 
-def turn_end(tokenizer: Any, messages: list[dict[str, Any]], answer_text: str, eos_ids: set[int]) -> list[int]:
+def turn_end(
+    tokenizer: Any, messages: list[dict[str, Any]], answer_text: str, eos_ids: set[int]
+) -> list[int]:
     """The tokens the chat template writes after the answer, up to and including the first EOS id.
 
     For Gemma templates this is the end-of-turn token, which the generation loop stops at.
@@ -178,8 +192,10 @@ def _check_text(value: Any) -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ValueError(f"the text holds an unpaired surrogate {value[e.start]!r} (at character {e.start}): "
-                             "write the character itself, or a valid \\u pair") from None
+            raise ValueError(
+                f"the text holds an unpaired surrogate {value[e.start]!r} (at character {e.start}): "
+                "write the character itself, or a valid \\u pair"
+            ) from None
     elif isinstance(value, dict):
         for v in value.values():
             _check_text(v)

@@ -33,8 +33,11 @@ def _checkpointed(cls: type[nn.Module]) -> type[nn.Module]:
         # Objects the layer reads and changes (its KV cache) hold arrays the gradient must flow through: they go
         # in and out of the checkpoint explicitly (arrays it only captured would get no gradient), and the
         # recomputation starts from the state the first call saw (or it would append its keys twice).
-        objects = [a for a in (*args, *kwargs.values())
-                   if hasattr(a, "__dict__") and not isinstance(a, (mx.array, nn.Module))]
+        objects = [
+            a
+            for a in (*args, *kwargs.values())
+            if hasattr(a, "__dict__") and not isinstance(a, (mx.array, nn.Module))
+        ]
         before = [dict(vars(o)) for o in objects]
 
         def inner(params: Any, arrays: list[dict[str, mx.array]], *args: Any, **kwargs: Any) -> Any:
@@ -44,7 +47,9 @@ def _checkpointed(cls: type[nn.Module]) -> type[nn.Module]:
             self.update(params)  # the recomputation must see the parameters the gradient is taken for
             return cls.__call__(self, *args, **kwargs), [_arrays(o) for o in objects]
 
-        out, after = mx.checkpoint(inner)(self.trainable_parameters(), [_arrays(o) for o in objects], *args, **kwargs)
+        out, after = mx.checkpoint(inner)(
+            self.trainable_parameters(), [_arrays(o) for o in objects], *args, **kwargs
+        )
         for obj, state in zip(objects, after):
             vars(obj).update(state)
         return out

@@ -1,6 +1,6 @@
 """Training-side adapter work: full fine-tuning setup, writing adapter files, and fusing.
 
-The LoRA layers and :func:`load_adapters` live in ``mlx_dgemma.adapters`` (loading needs them, training builds on
+The LoRA layers and :func:`load_adapters` live in ``mlx_dgemma.model.adapters`` (loading needs them, training builds on
 them); they are re-exported here.
 """
 
@@ -17,7 +17,8 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-from ..adapters import (  # noqa: F401  (re-exported: the training package's public names)
+from mlx_dgemma.errors import TrainError
+from mlx_dgemma.model.adapters import (  # noqa: F401  (re-exported: the training package's public names)
     ADAPTER_FILE,
     CONFIG_FILE,
     DEFAULT_TARGETS,
@@ -34,8 +35,7 @@ from ..adapters import (  # noqa: F401  (re-exported: the training package's pub
     read_adapter_config,
     trainable_weights,
 )
-from ..model import Model
-from .errors import TrainError
+from mlx_dgemma.model.diffusion_gemma import Model
 
 
 def prepare_full(model: Model, train_router: bool = False) -> Model:
@@ -43,8 +43,10 @@ def prepare_full(model: Model, train_router: bool = False) -> Model:
 
     NeMo's recipe keeps the router frozen during fine-tuning; training from scratch needs ``train_router=True``.
     """
-    if any(isinstance(m, (nn.QuantizedLinear, QuantizedSwitchLinear, nn.QuantizedEmbedding))
-           for _, m in model.named_modules()):
+    if any(
+        isinstance(m, (nn.QuantizedLinear, QuantizedSwitchLinear, nn.QuantizedEmbedding))
+        for _, m in model.named_modules()
+    ):
         raise TrainError("full fine-tuning needs an unquantized model: use LoRA on a quantized one (QLoRA)")
     model.unfreeze()
     model.model.encoder.freeze()  # only the encoder's layer_scalar buffers live there
@@ -55,13 +57,20 @@ def prepare_full(model: Model, train_router: bool = False) -> Model:
     return model
 
 
-def adapter_config(fine_tune_type: str, lora: LoRAConfig | None, num_layers: int, **extra: Any) -> dict[str, Any]:
+def adapter_config(
+    fine_tune_type: str, lora: LoRAConfig | None, num_layers: int, **extra: Any
+) -> dict[str, Any]:
     """The ``adapter_config.json`` dict (mlx-lm's keys, plus our targets and alpha)."""
     config: dict[str, Any] = {"fine_tune_type": fine_tune_type, "num_layers": num_layers}
     if lora is not None:
         config["num_layers"] = lora.num_layers if lora.num_layers is not None else num_layers
-        config["lora_parameters"] = {"rank": lora.rank, "alpha": lora.alpha, "scale": lora.scale,
-                                     "dropout": lora.dropout, "targets": list(lora.targets)}
+        config["lora_parameters"] = {
+            "rank": lora.rank,
+            "alpha": lora.alpha,
+            "scale": lora.scale,
+            "dropout": lora.dropout,
+            "targets": list(lora.targets),
+        }
     return {**config, **extra}
 
 
@@ -78,7 +87,11 @@ def fuse_lora(model: Model, dequantize: bool = False) -> Model:
     A quantized base layer is re-quantized as it was, which rounds the whole layer again (lossy: the result
     drifts from the adapter model); ``dequantize`` instead dequantizes every quantized layer of the model.
     """
-    fused = [(name, m.fuse(dequantize=dequantize)) for name, m in model.named_modules() if isinstance(m, LORA_TYPES)]
+    fused = [
+        (name, m.fuse(dequantize=dequantize))
+        for name, m in model.named_modules()
+        if isinstance(m, LORA_TYPES)
+    ]
     if fused:
         model.update_modules(tree_unflatten(fused))
     if dequantize:
@@ -112,7 +125,9 @@ def save_fused(
         for key in ("quantization", "quantization_config"):
             config.pop(key, None)
     if getattr(model, "vision_args", None) is None and config.get("vision_config"):
-        config["vision_config"] = None  # no tower in the weights written: mlx-vlm would otherwise refuse the folder
+        config["vision_config"] = (
+            None  # no tower in the weights written: mlx-vlm would otherwise refuse the folder
+        )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_model(out, model)
     return out
@@ -120,11 +135,13 @@ def save_fused(
 
 def stored_dtype(folder: Path) -> mx.Dtype:
     """The dtype a checkpoint stores its embedding in (read from the file header, no weights loaded)."""
-    from ..loader import load_weights
+    from mlx_dgemma.model.loader import load_weights
 
     weights = load_weights(folder)
     floating = [(k, v.dtype) for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)]
-    return next((d for k, d in floating if "embed_tokens.weight" in k), floating[0][1] if floating else mx.float32)
+    return next(
+        (d for k, d in floating if "embed_tokens.weight" in k), floating[0][1] if floating else mx.float32
+    )
 
 
 def _atomic(path: Path, write) -> None:

@@ -45,10 +45,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..cache import DiffusionCache, FullKVCache, WindowKVCache
-from ..model import Model
-from .data import Example, num_canvases
-from .errors import TrainError
+from mlx_dgemma.errors import TrainError
+from mlx_dgemma.model.cache import DiffusionCache, FullKVCache, WindowKVCache
+from mlx_dgemma.model.diffusion_gemma import Model
+from mlx_dgemma.train.data import Example, num_canvases
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,13 @@ class ObjectiveConfig:
         if not 0.0 < self.eps < 1.0:
             raise TrainError(f"eps must be in (0, 1) (got {self.eps})")
         if not 0.0 <= self.self_conditioning_p <= 1.0:
-            raise TrainError(f"the self-conditioning probability must be in [0, 1] (got {self.self_conditioning_p})")
+            raise TrainError(
+                f"the self-conditioning probability must be in [0, 1] (got {self.self_conditioning_p})"
+            )
         if not (0.0 <= self.encoder_loss_weight < float("inf")):
-            raise TrainError(f"the encoder loss weight must be a number >= 0 (got {self.encoder_loss_weight})")
+            raise TrainError(
+                f"the encoder loss weight must be a number >= 0 (got {self.encoder_loss_weight})"
+            )
 
 
 @dataclass
@@ -144,7 +148,9 @@ def split_batch(
     return parts
 
 
-def sample_noise(targets: np.ndarray, vocab_size: int, rng: np.random.Generator, cfg: ObjectiveConfig) -> Noise:
+def sample_noise(
+    targets: np.ndarray, vocab_size: int, rng: np.random.Generator, cfg: ObjectiveConfig
+) -> Noise:
     """Corrupt each row at its own level ``t ~ U(eps, 1)`` with uniform random tokens; draw self-conditioning."""
     B, C = targets.shape
     t = cfg.eps + (1.0 - cfg.eps) * rng.random(B)
@@ -176,11 +182,16 @@ def keep_all_cache(model: Model) -> DiffusionCache:
     """Per-layer caches that keep every position (sliding layers too), so any prefix can be read back."""
     everything = 1 << 30  # a window no sequence reaches: the encoder's masks still apply the real window
     return DiffusionCache(
-        [WindowKVCache(everything) if model.args.is_sliding(i) else GrowingKVCache() for i in range(len(model.layers))]
+        [
+            WindowKVCache(everything) if model.args.is_sliding(i) else GrowingKVCache()
+            for i in range(len(model.layers))
+        ]
     )
 
 
-def prefix_view(model: Model, cache: DiffusionCache, batch: Batch, rows: np.ndarray | None = None) -> DiffusionCache:
+def prefix_view(
+    model: Model, cache: DiffusionCache, batch: Batch, rows: np.ndarray | None = None
+) -> DiffusionCache:
     """What inference's cache would hold after encoding ``prompt + answer[:k*C]`` of each of ``rows`` (all if None).
 
     Read-only: the decoder never writes it.

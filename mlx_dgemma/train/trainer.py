@@ -31,13 +31,13 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
-from ..model import Model
-from .checkpoint import current, publish, write_checkpoint
-from .data import Example
-from .errors import TrainError
-from .grad_checkpoint import checkpoint_layers
-from .lora import ADAPTER_FILE, CONFIG_FILE, trainable_weights
-from .objective import (
+from mlx_dgemma.errors import TrainError
+from mlx_dgemma.model.diffusion_gemma import Model
+from mlx_dgemma.train.checkpoint import current, publish, write_checkpoint
+from mlx_dgemma.train.data import Example
+from mlx_dgemma.train.grad_checkpoint import checkpoint_layers
+from mlx_dgemma.train.lora import ADAPTER_FILE, CONFIG_FILE, trainable_weights
+from mlx_dgemma.train.objective import (
     Batch,
     Noise,
     ObjectiveConfig,
@@ -81,11 +81,22 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise TrainError(f"unknown optimizer {self.optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in ("constant", "cosine"):
-            raise TrainError(f"unknown learning-rate schedule {self.lr_schedule!r}: choose constant or cosine")
-        for name, least in (("iters", 0), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("val_every", 0),
-                            ("save_every", 0), ("report_every", 1)):
+            raise TrainError(
+                f"unknown learning-rate schedule {self.lr_schedule!r}: choose constant or cosine"
+            )
+        for name, least in (
+            ("iters", 0),
+            ("batch_size", 1),
+            ("grad_accum", 1),
+            ("warmup", 0),
+            ("val_every", 0),
+            ("save_every", 0),
+            ("report_every", 1),
+        ):
             if getattr(self, name) < least:
-                raise TrainError(f"{name.replace('_', '-')} must be at least {least} (got {getattr(self, name)})")
+                raise TrainError(
+                    f"{name.replace('_', '-')} must be at least {least} (got {getattr(self, name)})"
+                )
         if self.val_batches < 1 and self.val_batches != -1:
             raise TrainError(f"val-batches must be at least 1, or -1 for all (got {self.val_batches})")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -131,8 +142,15 @@ class Progress:
     def start(self, step: int) -> None:
         """Show the bar at ``step`` (a resumed run's) before the first, slowest step runs."""
         if self.live and self.bar is None:
-            self.bar = tqdm(total=self.total, initial=step, file=self.out, desc="train", unit="step",
-                            dynamic_ncols=True, leave=True)
+            self.bar = tqdm(
+                total=self.total,
+                initial=step,
+                file=self.out,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                leave=True,
+            )
 
     def update(self, log: StepLog) -> None:
         self.window = [*self.window[-(self.every - 1) :], log]
@@ -143,8 +161,10 @@ class Progress:
             self.bar.set_postfix_str(f"loss {loss:.4f}, {tps:,.0f} tok/s", refresh=False)
             self.bar.update(log.step - self.bar.n)
         elif log.step % self.every == 0 or log.step == self.total:
-            self.line(f"step {log.step}/{self.total}  loss {loss:.4f}  {tps:,.0f} tok/s  "
-                      f"(diffusion {log.diffusion:.4f}, encoder {log.encoder:.4f})")
+            self.line(
+                f"step {log.step}/{self.total}  loss {loss:.4f}  {tps:,.0f} tok/s  "
+                f"(diffusion {log.diffusion:.4f}, encoder {log.encoder:.4f})"
+            )
 
     def line(self, text: str) -> None:
         """A line of its own (validation, checkpoint), above the bar on a terminal."""
@@ -170,8 +190,10 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
             ramp = optim.linear_schedule(0.0, cfg.learning_rate, cfg.warmup)
             lr = optim.join_schedules([ramp, decay], [cfg.warmup])
     elif cfg.warmup:
-        lr = optim.join_schedules([optim.linear_schedule(0.0, cfg.learning_rate, cfg.warmup),
-                                   lambda _: cfg.learning_rate], [cfg.warmup])
+        lr = optim.join_schedules(
+            [optim.linear_schedule(0.0, cfg.learning_rate, cfg.warmup), lambda _: cfg.learning_rate],
+            [cfg.warmup],
+        )
     if cfg.optimizer == "adamw":
         return optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
@@ -214,11 +236,15 @@ class Trainer:
         self.seconds = 0.0  # spent in training steps, resumed runs' included
         if cfg.grad_checkpoint:
             checkpoint_layers(model)
-        self._by_length: np.ndarray | None = None  # example indices sorted by length, when batches are grouped
+        self._by_length: np.ndarray | None = (
+            None  # example indices sorted by length, when batches are grouped
+        )
         if cfg.group_by_length:
             if len(self.train_set) < cfg.batch_size:
-                raise TrainError(f"group-by-length needs at least one full batch: {len(self.train_set)} examples, "
-                                 f"batch size {cfg.batch_size}")
+                raise TrainError(
+                    f"group-by-length needs at least one full batch: {len(self.train_set)} examples, "
+                    f"batch size {cfg.batch_size}"
+                )
             lengths = [len(e.prompt) + len(e.answer) for e in self.train_set]
             self._by_length = np.argsort(lengths, kind="stable")
         self._loss_and_grad = nn.value_and_grad(model, self._loss)
@@ -239,13 +265,19 @@ class Trainer:
             indices = self._by_length[b * cfg.batch_size : (b + 1) * cfg.batch_size].tolist()
         else:
             indices = example_indices(len(self.train_set), cfg.seed, number * cfg.batch_size, cfg.batch_size)
-        return self._prepare([self.train_set[i] for i in indices], np.random.default_rng([cfg.seed, step, micro]))
+        return self._prepare(
+            [self.train_set[i] for i in indices], np.random.default_rng([cfg.seed, step, micro])
+        )
 
-    def _prepare(self, examples: Sequence[Example], rng: np.random.Generator) -> tuple[list[Batch], list[Noise]]:
+    def _prepare(
+        self, examples: Sequence[Example], rng: np.random.Generator
+    ) -> tuple[list[Batch], list[Noise]]:
         args = self.model.args
         canvases = choose_canvases(examples, args.canvas_length, rng)
         parts = split_batch(examples, canvases, args.canvas_length, args.pad_token_id, self.fill_id)
-        return parts, [sample_noise(np.array(b.targets), args.vocab_size, rng, self.cfg.objective) for b in parts]
+        return parts, [
+            sample_noise(np.array(b.targets), args.vocab_size, rng, self.cfg.objective) for b in parts
+        ]
 
     def train_step(self, step: int) -> StepLog:
         """Accumulate the gradients of ``grad_accum`` micro-batches, clip, and take one optimizer step."""
@@ -276,10 +308,15 @@ class Trainer:
         if math.isfinite(loss) and math.isfinite(grad_norm):
             return
         what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
-        kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.out}" if self.saved_step
-                is not None else "no checkpoint was written")
-        raise TrainError(f"step {step}: {what}, not a finite number: training stopped; {kept}; lower the learning "
-                         f"rate (now {self.cfg.learning_rate:g}) or raise --warmup")
+        kept = (
+            f"the last good checkpoint (step {self.saved_step}) is kept in {self.out}"
+            if self.saved_step is not None
+            else "no checkpoint was written"
+        )
+        raise TrainError(
+            f"step {step}: {what}, not a finite number: training stopped; {kept}; lower the learning "
+            f"rate (now {self.cfg.learning_rate:g}) or raise --warmup"
+        )
 
     def validate(self) -> float | None:
         """Mean loss over the first ``val_batches`` batches of the validation set, with fixed noise."""
@@ -314,8 +351,9 @@ class Trainer:
             with _DeferredInterrupt() as interrupt:
                 while self.step < cfg.iters:
                     logs.append(self._one_step())
-                    if self.valid_set and ((cfg.val_every and self.step % cfg.val_every == 0)
-                                           or self.step == cfg.iters):
+                    if self.valid_set and (
+                        (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.iters
+                    ):
                         vals.append((self.step, self.validate()))
                         self.val_history.append(vals[-1])
                         self._say(f"step {self.step}: validation loss {vals[-1][1]:.4f}")
@@ -323,7 +361,9 @@ class Trainer:
                         self.save()
                     if interrupt.requested:
                         self.save()
-                        self._say(f"interrupted: checkpoint at step {self.step} in {self.out} (continue with --resume)")
+                        self._say(
+                            f"interrupted: checkpoint at step {self.step} in {self.out} (continue with --resume)"
+                        )
                         raise KeyboardInterrupt
         finally:
             if self.progress:
@@ -348,8 +388,13 @@ class Trainer:
     def _identity(self) -> dict[str, Any]:
         """What must not change between a run and its resumption for the data order to stay the same."""
         c = self.cfg
-        return {"seed": c.seed, "batch_size": c.batch_size, "grad_accum": c.grad_accum,
-                "train_examples": len(self.train_set), "group_by_length": c.group_by_length}
+        return {
+            "seed": c.seed,
+            "batch_size": c.batch_size,
+            "grad_accum": c.grad_accum,
+            "train_examples": len(self.train_set),
+            "group_by_length": c.group_by_length,
+        }
 
     def save(self) -> None:
         """Write the checkpoint (adapters, optimizer state, trainer state) as one atomic unit; see ``checkpoint.py``.
@@ -359,18 +404,30 @@ class Trainer:
         weights = trainable_weights(self.model)
         finite = not weights or mx.stack([mx.isfinite(v).all() for v in weights.values()]).all().item()
         if not finite:
-            raise TrainError(f"step {self.step}: the weights are no longer finite numbers, so they were not saved; "
-                             f"the last good checkpoint (step {self.saved_step}) is kept in {self.out}; lower the "
-                             "learning rate")
+            raise TrainError(
+                f"step {self.step}: the weights are no longer finite numbers, so they were not saved; "
+                f"the last good checkpoint (step {self.saved_step}) is kept in {self.out}; lower the "
+                "learning rate"
+            )
         state = dict(tree_flatten(self.optimizer.state))
-        trainer_state = {"step": self.step, **self._identity(), "config": _jsonable(asdict(self.cfg)),
-                         "history": self.history, "val_history": self.val_history, "seconds": self.seconds}
-        folder = write_checkpoint(self.out, self.step, {
-            ADAPTER_FILE: lambda p: mx.save_safetensors(str(p), weights),
-            CONFIG_FILE: lambda p: p.write_text(json.dumps(self.adapter_config, indent=2) + "\n"),
-            OPTIMIZER_FILE: lambda p: mx.save_safetensors(str(p), state),
-            STATE_FILE: lambda p: p.write_text(json.dumps(trainer_state) + "\n"),
-        })
+        trainer_state = {
+            "step": self.step,
+            **self._identity(),
+            "config": _jsonable(asdict(self.cfg)),
+            "history": self.history,
+            "val_history": self.val_history,
+            "seconds": self.seconds,
+        }
+        folder = write_checkpoint(
+            self.out,
+            self.step,
+            {
+                ADAPTER_FILE: lambda p: mx.save_safetensors(str(p), weights),
+                CONFIG_FILE: lambda p: p.write_text(json.dumps(self.adapter_config, indent=2) + "\n"),
+                OPTIMIZER_FILE: lambda p: mx.save_safetensors(str(p), state),
+                STATE_FILE: lambda p: p.write_text(json.dumps(trainer_state) + "\n"),
+            },
+        )
         publish(folder, self.out, (ADAPTER_FILE, CONFIG_FILE))
         self.saved_step = self.step
 
@@ -383,22 +440,33 @@ class Trainer:
             raise TrainError(f"nothing to resume in {self.out}: no checkpoint there (start without --resume)")
         missing = [f for f in (ADAPTER_FILE, OPTIMIZER_FILE, STATE_FILE) if not (folder / f).is_file()]
         if missing:
-            raise TrainError(f"cannot resume {folder}: {missing[0]} is missing (an incomplete checkpoint); "
-                             "start again without --resume")
-        state = {"group_by_length": False, **json.loads((folder / STATE_FILE).read_text())}  # older checkpoints
+            raise TrainError(
+                f"cannot resume {folder}: {missing[0]} is missing (an incomplete checkpoint); "
+                "start again without --resume"
+            )
+        state = {
+            "group_by_length": False,
+            **json.loads((folder / STATE_FILE).read_text()),
+        }  # older checkpoints
         changed = [k for k, v in self._identity().items() if state.get(k) != v]
         if changed:
             k = changed[0]
-            raise TrainError(f"cannot resume {self.out}: {k} was {state.get(k)}, now {self._identity()[k]}; "
-                             "resume with the same data, --seed, --batch-size, --grad-accum and --group-by-length")
+            raise TrainError(
+                f"cannot resume {self.out}: {k} was {state.get(k)}, now {self._identity()[k]}; "
+                "resume with the same data, --seed, --batch-size, --grad-accum and --group-by-length"
+            )
         weights = mx.load(str(folder / ADAPTER_FILE))
         if set(weights) != set(trainable_weights(self.model)):
-            raise TrainError(f"cannot resume {self.out}: its adapters do not match this run's --lora/--full settings")
+            raise TrainError(
+                f"cannot resume {self.out}: its adapters do not match this run's --lora/--full settings"
+            )
         self.model.load_weights(list(weights.items()), strict=False)
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / OPTIMIZER_FILE)).items()))
         self.step = self.saved_step = int(state["step"])
         if folder != self.out:
-            publish(folder, self.out, (ADAPTER_FILE, CONFIG_FILE))  # if a crash came between pointer and publish
+            publish(
+                folder, self.out, (ADAPTER_FILE, CONFIG_FILE)
+            )  # if a crash came between pointer and publish
         self.history = [tuple(h) for h in state.get("history", [])]
         self.val_history = [tuple(h) for h in state.get("val_history", [])]
         self.seconds = float(state.get("seconds", 0.0))

@@ -291,10 +291,14 @@ def run_generate(model: Model, spec: dict, gen: torch.Generator, prompts: dict) 
     out = {"gen_start": random_ids(gen, (1, canvas_len), vocab)}
     kwargs = {"max_denoising_steps": 1, "max_new_tokens": canvas_len, "return_dict_in_generate": False}
     prompt = prompts["prompt"]
-    out["gen_tokens"] = model.generate(prompt, decoder_input_ids=out["gen_start"], **kwargs)[:, prompt.shape[1] :]
+    out["gen_tokens"] = model.generate(prompt, decoder_input_ids=out["gen_start"], **kwargs)[
+        :, prompt.shape[1] :
+    ]
     out["gen_batch_start"] = random_ids(gen, (2, canvas_len), vocab)
     prompt, mask = prompts["batch_prompt"], prompts["batch_mask"]
-    sequences = model.generate(prompt, attention_mask=mask, decoder_input_ids=out["gen_batch_start"], **kwargs)
+    sequences = model.generate(
+        prompt, attention_mask=mask, decoder_input_ids=out["gen_batch_start"], **kwargs
+    )
     out["gen_batch_tokens"] = sequences[:, prompt.shape[1] :]
     return out
 

@@ -51,8 +51,14 @@ from make_fixture import (
 )
 
 VISION = {
-    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-    "num_key_value_heads": 1, "head_dim": 16, "patch_size": 16, "pooling_kernel_size": 3,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "patch_size": 16,
+    "pooling_kernel_size": 3,
     "position_embedding_size": 160,
 }
 BUDGET = 70  # soft tokens per image in the model scenarios: blocks of 45-64 tokens, longer than the window
@@ -61,28 +67,47 @@ TURN1 = [(120, 200), (400, 90)]
 TURN2 = [(50, 50)]
 # Processor checks: (height, width, mode, budget).
 PROCESSOR_CASES = [
-    (120, 200, "RGB", 70), (400, 90, "RGB", 140), (20, 600, "RGB", 70), (333, 333, "RGBA", 280),
-    (64, 48, "L", 560), (50, 50, "RGB", 1120), (768, 1024, "RGB", 280), (48, 48, "RGB", 70),
+    (120, 200, "RGB", 70),
+    (400, 90, "RGB", 140),
+    (20, 600, "RGB", 70),
+    (333, 333, "RGBA", 280),
+    (64, 48, "L", 560),
+    (50, 50, "RGB", 1120),
+    (768, 1024, "RGB", 280),
+    (48, 48, "RGB", 70),
 ]
 
 
 def build_config(spec: dict) -> DiffusionGemmaConfig:
-    text = DiffusionGemmaTextConfig(**{**SPECIAL_TOKENS, **spec["text"],
-                                       "use_bidirectional_attention": spec.get("bidirectional")})
-    vision = Gemma4VisionConfig(**{**VISION, **spec.get("vision", {}),
-                                   "use_clipped_linears": bool(spec.get("clipped")),
-                                   "standardize": bool(spec.get("standardize"))})
+    text = DiffusionGemmaTextConfig(
+        **{**SPECIAL_TOKENS, **spec["text"], "use_bidirectional_attention": spec.get("bidirectional")}
+    )
+    vision = Gemma4VisionConfig(
+        **{
+            **VISION,
+            **spec.get("vision", {}),
+            "use_clipped_linears": bool(spec.get("clipped")),
+            "standardize": bool(spec.get("standardize")),
+        }
+    )
     vocab = text.vocab_size
-    return DiffusionGemmaConfig(text_config=text, vision_config=vision, boi_token_id=vocab - 3,
-                                eoi_token_id=vocab - 2, image_token_id=vocab - 1,
-                                canvas_length=spec["canvas_length"])
+    return DiffusionGemmaConfig(
+        text_config=text,
+        vision_config=vision,
+        boi_token_id=vocab - 3,
+        eoi_token_id=vocab - 2,
+        image_token_id=vocab - 1,
+        canvas_length=spec["canvas_length"],
+    )
 
 
 @torch.no_grad()
 def randomise_vision_(model: Model, gen: torch.Generator, clipped: bool) -> None:
     """Trained-like magnitudes for the tower: q/k norms near head_dim**-0.25 (scale 1.0 attention)."""
     encoder = model.model.encoder
-    for name, p in list(encoder.vision_tower.named_parameters()) + list(encoder.embed_vision.named_parameters()):
+    for name, p in list(encoder.vision_tower.named_parameters()) + list(
+        encoder.embed_vision.named_parameters()
+    ):
         if name.endswith("norm.weight"):
             is_qk = name.endswith(("q_norm.weight", "k_norm.weight"))
             uniform_(p, gen, p.numel() ** -0.25 if is_qk else 1.0)
@@ -129,7 +154,9 @@ def image_prompt(gen: torch.Generator, config: DiffusionGemmaConfig, counts: lis
     vocab = config.text_config.vocab_size
     parts = [random_ids(gen, (5,), vocab)]
     for n in counts:
-        parts.append(torch.tensor([config.boi_token_id] + [config.image_token_id] * n + [config.eoi_token_id]))
+        parts.append(
+            torch.tensor([config.boi_token_id] + [config.image_token_id] * n + [config.eoi_token_id])
+        )
         parts.append(random_ids(gen, (4,), vocab))
     return torch.cat(parts)[None]
 
@@ -140,17 +167,28 @@ def encode_images(model: Model, ids: torch.Tensor, cache, types: torch.Tensor, p
     past = cache.get_seq_length()
     position_ids = torch.arange(past, past + ids.shape[1])[None]
     mapping = model.model.encoder.create_masks_for_generate(
-        config=model.config, inputs_embeds=torch.empty((1, ids.shape[1], 0)),
-        attention_mask=torch.ones((1, past + ids.shape[1]), dtype=torch.bool), past_key_values=cache,
-        position_ids=position_ids, mm_token_type_ids=types,
+        config=model.config,
+        inputs_embeds=torch.empty((1, ids.shape[1], 0)),
+        attention_mask=torch.ones((1, past + ids.shape[1]), dtype=torch.bool),
+        past_key_values=cache,
+        position_ids=position_ids,
+        mm_token_type_ids=types,
     )
-    model.model.encoder(input_ids=ids, pixel_values=pixels, image_position_ids=positions, attention_mask=mapping,
-                        past_key_values=cache, position_ids=position_ids, use_cache=True)
+    model.model.encoder(
+        input_ids=ids,
+        pixel_values=pixels,
+        image_position_ids=positions,
+        attention_mask=mapping,
+        past_key_values=cache,
+        position_ids=position_ids,
+        use_cache=True,
+    )
 
 
 def process(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    res = Gemma4ImageProcessorPil(max_soft_tokens=BUDGET)(images=[Image.fromarray(i) for i in images],
-                                                          return_tensors="pt")
+    res = Gemma4ImageProcessorPil(max_soft_tokens=BUDGET)(
+        images=[Image.fromarray(i) for i in images], return_tensors="pt"
+    )
     return res["pixel_values"], res["image_position_ids"], list(res["num_soft_tokens_per_image"])
 
 
@@ -194,7 +232,9 @@ def record_model(model: Model, spec: dict, gen: torch.Generator, rng: np.random.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--spec", required=True)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()

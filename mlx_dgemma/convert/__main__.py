@@ -1,0 +1,7 @@
+"""``python -m mlx_dgemma.convert``."""
+
+import sys
+
+from mlx_dgemma.convert.cli import main
+
+sys.exit(main())
