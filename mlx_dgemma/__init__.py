@@ -4,6 +4,7 @@ from mlx_dgemma.runtime.platform import use_fast_blas
 
 use_fast_blas()  # must run before mlx is imported
 
+from mlx_dgemma.batching import BatchResponse, batch_generate, stream_batch_generate  # noqa: E402
 from mlx_dgemma.decoding.fast import FastConfig  # noqa: E402
 from mlx_dgemma.decoding.sampler import SamplerConfig  # noqa: E402
 from mlx_dgemma.errors import CheckpointError, DGemmaError, GenerationError  # noqa: E402
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",
+    "BatchResponse",
     "CheckpointError",
     "Commit",
     "DGemmaError",
@@ -42,11 +44,13 @@ __all__ = [
     "Preview",
     "Response",
     "SamplerConfig",
+    "batch_generate",
     "generate",
     "load",
     "load_model",
     "load_tokenizer",
     "prepare",
     "run",
+    "stream_batch_generate",
     "stream_generate",
 ]

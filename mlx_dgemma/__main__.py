@@ -9,6 +9,7 @@ import sys
 
 COMMANDS = {  # command -> module with main(); the console script is ``mlx_dgemma.<command>``
     "generate": "mlx_dgemma.cli.generate",
+    "chat": "mlx_dgemma.cli.chat",
     "convert": "mlx_dgemma.convert.cli",
     "server": "mlx_dgemma.server.cli",
     "train": "mlx_dgemma.train.cli",

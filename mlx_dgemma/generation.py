@@ -17,7 +17,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_dgemma.decoding.block_loop import CommitEvent, StepEvent, generate_tokens, prefill
+from mlx_dgemma.decoding.block_loop import CommitEvent, StepEvent, generate_steps, prefill, prefill_steps
+from mlx_dgemma.decoding.canvas import Pass, Pause, Steps, solo
 from mlx_dgemma.decoding.fast import FastDenoiser
 from mlx_dgemma.decoding.verify import DraftSession
 from mlx_dgemma.errors import GenerationError
@@ -25,7 +26,7 @@ from mlx_dgemma.model.cache import DiffusionCache
 from mlx_dgemma.model.diffusion_gemma import Model
 from mlx_dgemma.prompt import multimodal
 from mlx_dgemma.request import GenerationRequest, Prompt, prepare
-from mlx_dgemma.runtime.memory import wired
+from mlx_dgemma.runtime.memory import wired_limit
 
 
 @dataclass
@@ -152,8 +153,15 @@ def stream_generate(
 
 
 def run(model: Model, tokenizer: Any, request: GenerationRequest) -> Iterator[Preview | Commit | Done]:
-    """Decode a prepared request (:func:`~mlx_dgemma.request.prepare`): encode the rest of its prompt, then
-    denoise and commit canvases until an end token or ``max_tokens``, streaming events."""
+    """Decode a prepared request (:func:`~mlx_dgemma.request.prepare`) alone: the events of :func:`run_steps`,
+    each decoder pass computed at once."""
+    return solo(model, run_steps(model, tokenizer, request))
+
+
+def run_steps(model: Model, tokenizer: Any, request: GenerationRequest) -> Steps:
+    """Decode a prepared request as a generator of the canvas loop (``decoding.canvas``): encode the rest of its
+    prompt, then denoise and commit canvases until an end token or ``max_tokens``. Yields the events, and the
+    decoder ``Pass``es and ``Pause``s its driver handles (``canvas.solo``, or ``mlx_dgemma.batching``)."""
     cache = request.cache if request.cache is not None else model.make_cache()
     session = None
     if request.proposer is not None:
@@ -168,35 +176,37 @@ def run(model: Model, tokenizer: Any, request: GenerationRequest) -> Iterator[Pr
     if request.images is not None:
         multimodal.prefill(model, request.images, cache)
     elif encoded:
-        prefill(model, mx.array([request.ids[cache.offset :]], dtype=mx.int32), cache)
+        yield from prefill_steps(model, mx.array([request.ids[cache.offset :]], dtype=mx.int32), cache)
     prompt_time = time.perf_counter() - start
     meter = _Meter(request.prompt_tokens, encoded / max(prompt_time, 1e-9), start + prompt_time)
     denoiser = FastDenoiser(request.fast, request.eos) if request.fast is not None else None
-    events = wired(
+    steps = generate_steps(
         model,
-        generate_tokens(
-            model,
-            cache,
-            request.max_tokens,
-            request.sampler,
-            seed=request.seed,
-            adaptive_stopping=request.adaptive_stopping,
-            eos_ids=list(request.eos),
-            drafts=session,
-            denoiser=denoiser,
-            constraint=request.constraint,
-        ),
+        cache,
+        request.max_tokens,
+        request.sampler,
+        seed=request.seed,
+        adaptive_stopping=request.adaptive_stopping,
+        eos_ids=list(request.eos),
+        drafts=session,
+        denoiser=denoiser,
+        constraint=request.constraint,
     )
     answer = _Answer(tokenizer, set(request.eos), request.max_tokens, meter)
-    try:
-        for event in events:
-            out = answer.on(event, request.previews)
-            if out is not None:
-                yield out
-            if answer.reason == "stop":
-                break
-    finally:
-        events.close()
+    with wired_limit(model):
+        try:
+            while answer.reason != "stop":
+                item = next(steps, None)
+                if item is None:
+                    break
+                if isinstance(item, (Pass, Pause)):
+                    yield item  # for the driver: it computes a Pass before resuming this
+                    continue
+                out = answer.on(item, request.previews)
+                if out is not None:
+                    yield out
+        finally:
+            steps.close()
     if request.keep_answer:
         # Hold the whole answer, as mlx-lm's cache does: the last canvas is never encoded by the loop.
         _encode_tail(model, cache, answer.tail)
@@ -215,6 +225,7 @@ class _Answer:
         self.reason = "length"
 
     def on(self, event: StepEvent | CommitEvent, previews: bool) -> Preview | Commit | None:
+        """The API's event for one of the block loop's (``None`` for a step not shown)."""
         room = self.max_tokens - len(self.text.tokens)
         if isinstance(event, StepEvent):
             if not previews:

@@ -16,7 +16,7 @@ from typing import Any
 import mlx.core as mx
 from jinja2 import TemplateError
 
-from mlx_dgemma.decoding.constrain import Constraint, make_constraint
+from mlx_dgemma.decoding.constrain import Constraint, FillInMiddle, make_constraint
 from mlx_dgemma.decoding.fast import FastConfig
 from mlx_dgemma.decoding.sampler import SamplerConfig
 from mlx_dgemma.decoding.verify import Proposer, VerifyConfig
@@ -94,7 +94,7 @@ class GenerationOptions:
     fast: bool | FastConfig = False
     response_format: dict[str, Any] | None = None
     json_schema: Any = None
-    infill: str | None = None
+    infill: str | FillInMiddle | None = None  # a template, or fill-in-the-middle before a suffix
     bounded_grammar: bool = False  # compile the grammar in a bounded slot (the server, off its worker)
     previews: bool = False
     drafts: bool | None = None  # the old name of previews
@@ -309,6 +309,7 @@ def encode_prompt(
     *,
     parse_special_tokens: bool = False,
     keep_special: Sequence[str] = (),
+    generation_prompt: bool = True,
 ) -> list[int]:
     """Token ids of a prompt, as mlx-lm takes prompts: token ids (a list or ``mx.array``) are used as given; a
     string that already starts with the template's BOS or a turn marker is encoded as is; any other string or a
@@ -317,7 +318,9 @@ def encode_prompt(
     Text that goes through the template (messages' content, ``system``, a plain string) is read as text: a
     special token's spelling in it (``<start_of_turn>``, ...) is not that token, so it cannot forge a turn
     (``mlx_dgemma.prompt.special_text``), except the spellings in ``keep_special`` (the image placeholder).
-    ``parse_special_tokens=True`` reads them as special tokens, as a pre-templated text means them."""
+    ``parse_special_tokens=True`` reads them as special tokens, as a pre-templated text means them.
+    ``generation_prompt=False`` leaves out the template's generation prompt: the conversation so far, which the
+    rendering of its next turn extends (``mlx_dgemma.cli.chat`` keeps its encoder cache there)."""
     ids = _token_ids(prompt)
     if ids is not None:
         return ids
@@ -349,7 +352,7 @@ def encode_prompt(
         kwargs["enable_thinking"] = thinking
     try:
         # Reserved kwargs refused, the template's own code time-limited (mlx_dgemma.prompt.chat_template).
-        text = chat_template.render(tokenizer, messages, True, kwargs)
+        text = chat_template.render(tokenizer, messages, generation_prompt, kwargs)
     except TemplateError as e:  # raised on purpose for messages the template rejects (unknown role, ...)
         raise GenerationError(f"the chat template rejected the messages: {e}") from None
     if plain is not None:

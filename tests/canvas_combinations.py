@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent
 DEMO24 = ROOT / "fixtures" / "demo24"
 GOLDEN = ROOT / "fixtures" / "canvas_combinations.json"
 PROMPT = "Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi."
-SCHEMA_FILE = ROOT.parent / "scripts" / "record_schema.json"
+SCHEMA_FILE = ROOT.parent / "demo" / "record_schema.json"
 # The record with its values left as holes: the fixed text spans both 24-token canvases of the answer.
 INFILL = '{"name": "{{2}}", "age": {{1}}, "city": "{{2}}", "job": "{{2}}", "languages": ["{{2}}", "{{2}}"]}'
 

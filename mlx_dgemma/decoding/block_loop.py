@@ -11,63 +11,58 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import mlx.core as mx
 
-from mlx_dgemma.decoding.canvas import CommitEvent, Start, StepEvent, Stepper, attach, run_canvas
+from mlx_dgemma.decoding.canvas import (
+    PAUSE,
+    CommitEvent,
+    Start,
+    StepEvent,
+    Stepper,
+    Steps,
+    attach,
+    canvas_steps,
+    solo,
+)
 from mlx_dgemma.decoding.constrain import Constraint
-from mlx_dgemma.decoding.hooks import Blind, Constrained, Held, draft_hooks
-from mlx_dgemma.decoding.sampler import SamplerConfig, StepOutput, finalize_canvas
+from mlx_dgemma.decoding.hooks import Constrained, draft_hooks
+from mlx_dgemma.decoding.sampler import SamplerConfig, finalize_canvas
 from mlx_dgemma.decoding.steppers import ReferenceStepper, sampler_step
-from mlx_dgemma.decoding.verify import DraftSession, Proposal
+from mlx_dgemma.decoding.verify import DraftSession
 from mlx_dgemma.model.cache import DiffusionCache
 from mlx_dgemma.model.diffusion_gemma import Model
 
-__all__ = ["CommitEvent", "StepEvent", "denoise_canvas", "generate_tokens", "prefill", "sampler_step"]
+__all__ = [
+    "CommitEvent",
+    "StepEvent",
+    "generate_steps",
+    "generate_tokens",
+    "prefill",
+    "prefill_steps",
+    "sampler_step",
+]
 
 PREFILL_CHUNK = 2048  # encoder positions per call: bounds the activations of a long prompt
 
 
 def prefill(model: Model, prompt: mx.array, cache: DiffusionCache, mask: mx.array | None = None) -> None:
     """Encode a prompt into ``cache`` in chunks (the encoder is causal, so chunking changes nothing)."""
+    for _ in prefill_steps(model, prompt, cache, mask):
+        pass
+
+
+def prefill_steps(
+    model: Model, prompt: mx.array, cache: DiffusionCache, mask: mx.array | None = None
+) -> Steps:
+    """:func:`prefill` as a generator of the canvas loop: a ``PAUSE`` after each chunk, so that a batch runs the
+    other requests' passes between the chunks of a long prompt."""
     for start in range(0, prompt.shape[1], PREFILL_CHUNK):
         end = start + PREFILL_CHUNK
         model.encode(prompt[:, start:end], cache, None if mask is None else mask[:, start:end])
         mx.eval(cache.state_arrays())
-
-
-def denoise_canvas(
-    model: Model,
-    cache: DiffusionCache,
-    cfg: SamplerConfig,
-    key: mx.array,
-    canvas_index: int = 0,
-    start: mx.array | None = None,
-    adaptive_stopping: bool = True,
-    step_fn: Callable[..., StepOutput] | None = None,
-    history: mx.array | None = None,
-    blind: Proposal | None = None,
-    hold: Proposal | None = None,
-) -> Iterator[StepEvent | CommitEvent]:
-    """Denoise one canvas with the reference's stepper; yields a ``StepEvent`` per step, then the raw argmax as a
-    commit (``run_canvas`` with ``ReferenceStepper``). ``start`` replaces the uniform random starting canvas (the
-    reference's ``decoder_input_ids``), ``history`` the empty history of the stability test; ``blind`` / ``hold``:
-    a draft verified blind / held after every pass (``decoding.hooks``). ``step_fn`` replaces the sampler step.
-    """
-    shape = (cache[0].keys.shape[0], model.args.canvas_length, model.args.vocab_size)
-    hooks = ([Blind(blind)] if blind is not None else []) + ([Held(hold)] if hold is not None else [])
-    begin = Start(
-        canvas_index,
-        cfg,
-        key,
-        shape,
-        canvas=start,
-        history=history,
-        hooks=tuple(hooks),
-        adaptive=adaptive_stopping,
-    )
-    return run_canvas(model, cache, ReferenceStepper(step_fn=step_fn), begin)
+        yield PAUSE
 
 
 def canvas_start(
@@ -114,7 +109,43 @@ def generate_tokens(
     denoiser: Stepper | None = None,
     constraint: Constraint | None = None,
 ) -> Iterator[StepEvent | CommitEvent]:
-    """Generate up to ``max_tokens`` tokens after the prompt already encoded in ``cache`` (see ``prefill``).
+    """Generate up to ``max_tokens`` tokens after the prompt already encoded in ``cache`` (see ``prefill``): the
+    events of :func:`generate_steps` with each decoder pass computed at once (``canvas.solo``)."""
+    return solo(
+        model,
+        generate_steps(
+            model,
+            cache,
+            max_tokens,
+            cfg,
+            seed,
+            start,
+            adaptive_stopping,
+            eos_ids,
+            compiled,
+            drafts,
+            denoiser,
+            constraint,
+        ),
+    )
+
+
+def generate_steps(
+    model: Model,
+    cache: DiffusionCache,
+    max_tokens: int,
+    cfg: SamplerConfig,
+    seed: int | None = None,
+    start: mx.array | None = None,
+    adaptive_stopping: bool = True,
+    eos_ids: list[int] | None = None,
+    compiled: bool | None = None,
+    drafts: DraftSession | None = None,
+    denoiser: Stepper | None = None,
+    constraint: Constraint | None = None,
+) -> Steps:
+    """The block loop as a generator of the canvas loop (``canvas.Steps``): yields every canvas's ``Pass``es and
+    ``StepEvent``s and each ``CommitEvent``.
 
     Each committed canvas is finalized as the reference does (everything after the first EOS becomes
     pad; a finished row stops) and encoded into the cache before the next canvas is denoised. The caller
@@ -142,9 +173,7 @@ def generate_tokens(
             constraint,
             drafts,
         )
-        for event in run_canvas(model, cache, stepper, begin):
-            if isinstance(event, StepEvent):
-                yield event
+        event = yield from canvas_steps(model, cache, stepper, begin)
         tokens, finished = finalize_canvas(event.tokens, finished, eos_ids or a.eos_token_id, a.pad_token_id)
         mx.eval(tokens, finished)
         if constraint is not None:

@@ -10,13 +10,17 @@ A canvas is denoised by ``run_canvas``, whatever the decoding variant:
   drafter's guard, which may hand the loop a fresh ``Start`` to restart from).
 
 Every variant shares one state, ``CanvasState``. The loop's state is per ``Row``: its step, sampler settings,
-random key, live positions and hooks, so that rows at different steps with different settings can later share a
-decoder pass (a ``Row`` holds the B rows of one request, denoised in lockstep).
+random key, live positions and hooks (a ``Row`` holds the B rows of one request, denoised in lockstep).
+
+The loop does not run the decoder itself: a stepper *yields* a ``Pass`` (``Model.denoise``'s arguments) and
+reads its logits from ``Pass.result`` when resumed. ``solo`` computes each pass at once (one request); ``mlx_dgemma.batching`` gathers the
+passes of several requests, each at its own step, into one ``Model.denoise_rows`` call. Either way the code
+that decides every step is this one loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Protocol
 
@@ -24,6 +28,60 @@ import mlx.core as mx
 
 from mlx_dgemma.decoding.sampler import SamplerConfig, init_history, initial_canvas
 from mlx_dgemma.model.cache import DiffusionCache, StaleKV
+
+
+@dataclass
+class Pass:
+    """A decoder pass a stepper asks for: the arguments of ``Model.denoise``. Its driver sets ``result`` (the
+    logits) before resuming the stepper, so that a generator wrapping the loop passes it on as it is."""
+
+    canvas: mx.array  # int32 [B, S]: the canvas, or its tokens at ``positions``
+    cache: DiffusionCache
+    self_conditioning_logits: mx.array | None = None
+    soft: mx.array | None = None
+    positions: mx.array | None = None
+    stale: StaleKV | None = None
+    capped: bool = True
+    result: mx.array | None = None
+
+    def run(self, model: Any) -> mx.array:
+        """This pass alone: ``Model.denoise``."""
+        return model.denoise(
+            self.canvas,
+            self.cache,
+            self.self_conditioning_logits,
+            soft=self.soft,
+            positions=self.positions,
+            stale=self.stale,
+            capped=self.capped,
+        )
+
+
+class Pause:
+    """Yielded between chunks of long work (a prompt's prefill), so that a batch driver can run the other
+    requests' passes in between. ``solo`` skips it."""
+
+
+PAUSE = Pause()
+
+# A generator of the loop: yields events, ``Pass``es (their ``result`` set by the driver) and ``Pause``s.
+Steps = Generator[Any, None, Any]
+
+
+def solo(model: Any, steps: Steps) -> Generator[Any, None, Any]:
+    """Drive ``steps`` alone: compute each ``Pass`` at once; yield every event; return what ``steps`` returns."""
+    try:
+        while True:
+            try:
+                item = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            if isinstance(item, Pass):
+                item.result = item.run(model)
+            elif not isinstance(item, Pause):
+                yield item
+    finally:
+        steps.close()
 
 
 @dataclass
@@ -112,11 +170,13 @@ class Row:
 
 
 class Stepper(Protocol):
-    """One denoising step of a decoding variant."""
+    """One denoising step of a decoding variant: ``step`` yields its decoder ``Pass`` and returns the new row."""
 
     def start(self, model: Any, cache: DiffusionCache, start: Start) -> Row: ...
 
-    def step(self, model: Any, cache: DiffusionCache, row: Row, key: mx.array) -> Row: ...
+    def step(
+        self, model: Any, cache: DiffusionCache, row: Row, key: mx.array
+    ) -> Generator[Pass, None, Row]: ...
 
     def finish(self, model: Any, cache: DiffusionCache, row: Row) -> None: ...
 
@@ -172,7 +232,15 @@ def live(frozen: mx.array, done: mx.array) -> mx.array:
 def run_canvas(
     model: Any, cache: DiffusionCache, stepper: Stepper, start: Start
 ) -> Iterator[StepEvent | CommitEvent]:
-    """Denoise one canvas against ``cache``: a ``StepEvent`` per step, then the raw argmax as a ``CommitEvent``.
+    """Denoise one canvas alone (:func:`canvas_steps` driven by :func:`solo`): a ``StepEvent`` per step, then the
+    raw argmax as a ``CommitEvent``."""
+    commit = yield from solo(model, canvas_steps(model, cache, stepper, start))
+    yield commit
+
+
+def canvas_steps(model: Any, cache: DiffusionCache, stepper: Stepper, start: Start) -> Steps:
+    """Denoise one canvas against ``cache``: yields each step's ``Pass`` and ``StepEvent``; returns the raw argmax
+    as a ``CommitEvent``.
 
     Each step: the stepper's pass and sampler step, then every hook in order; one host read a step (all done?
     how many positions live?). A hook that sets ``Row.restart`` has the canvas start over from that ``Start``
@@ -181,7 +249,7 @@ def run_canvas(
     row = stepper.start(model, cache, start)
     while row.step > 0:
         key, step_key = mx.random.split(row.key)
-        row = stepper.step(model, cache, replace(row, key=key), step_key)
+        row = yield from stepper.step(model, cache, replace(row, key=key), step_key)
         for hook in row.hooks:
             row = hook.after_step(row)
         # Evaluated with the state, so that reading them is the step's one host round-trip (no second sync).
@@ -197,6 +265,6 @@ def run_canvas(
         row = replace(row, step=row.step - 1, live=active)
     stepper.finish(model, cache, row)
     s = row.start
-    yield CommitEvent(
+    return CommitEvent(
         s.index, row.state.argmax, row.state.done, row.passes, drafted=s.drafted, restarted=s.restarted
     )

@@ -16,11 +16,12 @@ tokenizer and checks a run of tokens, or computes an allowed-token bitmask, in m
 Cost: the projection reads the step's argmax (C ints) back to the host every step, and a logits row for
 each position whose argmax the grammar rejects. That is a host round-trip per denoising step, paid only in
 constrained mode (the unconstrained loop syncs once per step for its stopping test anyway);
-``scripts/bench_constrain.py`` measures it against a decoder pass.
+``python -m benchmarks.constrain`` measures it against a decoder pass.
 
 Infill (:class:`InfillConstraint`): a template whose fixed tokens are written into the canvas before every
 decoder pass and into every argmax, so they are never re-noised and always committed; the model fills the
-holes around them.
+holes around them. Fill-in-the-middle (:class:`FillInMiddle`, :class:`MiddleConstraint`): the answer is an open
+hole of at most ``max_tokens`` tokens, with the suffix held right after it in the same canvas.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -58,6 +60,14 @@ COMPILE_SLOTS = 2
 NEED_LIMIT = (
     4096  # the most tokens the shortest-answer search walks (each step is bounded by the engine's fuel)
 )
+# A canvas whose projection has replaced some of the model's answer tokens in this many steps in a row closes the
+# answer (``decoding.hooks.Constrained``): the model does not want what the grammar demands (a forced tool call on
+# a model that never learnt tool calls), and denoising on would fight it to the canvas's last step, canvas after
+# canvas, up to max_tokens. 48 is the released model's whole step budget a canvas. Measured (this 2-core CPU):
+# the demo model's records under their schema (24 held-out items, no drafter) fought at most 7 steps in a row; the
+# 24-token demo model held to ``age <= 30`` against its prompt's 34 (``tests/canvas_combinations.py``) fights 32-40
+# steps and then settles. 16 would close that answer too, with the same tokens in 17 passes instead of 41.
+FOUGHT_STEPS = 48
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,6 +307,15 @@ class Constraint:
     def commit(self, tokens: Sequence[int]) -> None:
         """Advance past a committed (finalized) canvas."""
 
+    # Bounded answers (``decoding.hooks.Constrained`` counts the steps): whether the last projection replaced a
+    # token of the model's answer, whether the answer is closing, and the request to close it.
+    overrode = False
+    closing = False
+
+    def close(self) -> bool:
+        """Close the answer from now on, as soon as the constraint allows (``False``: it cannot be closed)."""
+        return False
+
 
 def _allowed(bitmask: bytes, vocab: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(bitmask, dtype=np.uint8), bitorder="little")[:vocab].astype(bool)
@@ -306,6 +325,14 @@ def _best(row: np.ndarray, allowed: np.ndarray) -> int:
     if not allowed.any():
         raise ConstraintError("the grammar allows no token here: it cannot be completed with this tokenizer")
     return int(np.argmax(np.where(allowed[: row.shape[0]], row, -np.inf)))
+
+
+def _overrode(argmax: np.ndarray, projected: np.ndarray, eos: set[int]) -> bool:
+    """Whether the projection replaced a token of the model's answer (up to its end token; the pad after the end
+    does not count: the model need not write it)."""
+    ends = np.flatnonzero(np.isin(projected, list(eos)))
+    stop = int(ends[0]) + 1 if len(ends) else len(projected)
+    return bool((projected[:stop] != argmax[:stop]).any())
 
 
 class GrammarConstraint(Constraint):
@@ -333,6 +360,47 @@ class GrammarConstraint(Constraint):
         self.min_length = self.need(self.matcher, min(max(4 * max_tokens, 256), NEED_LIMIT))
         # Positions this close to max_tokens check that the answer can still be closed in time.
         self.tail = canvas_length + (self.min_length or 0)
+        self.overrode = self.closing = False
+
+    def close(self) -> bool:
+        """From now on each projection ends the answer at the greedy closing completion from the committed text
+        (:meth:`need`): a model token is kept only where that completion still fits after it, and the end token
+        is written as soon as the grammar allows one. The hook that bounds a fought-over canvas calls this."""
+        self.closing = True
+        return True
+
+    def _end(self, offset: int) -> int:
+        """The answer position the projection of the canvas at ``offset`` must close the answer by: ``max_tokens``,
+        or while closing the end of the shortest completion found (its end token included)."""
+        if not self.closing:
+            return self.max_tokens
+        m, room = self.matcher.deep_copy(), min(max(self.max_tokens - offset, 0), NEED_LIMIT)
+        for length in range(room + 1):
+            words = np.frombuffer(m.compute_bitmask(), dtype=np.uint32)
+            if m.is_stopped() or (words[self.eos >> 5] >> (self.eos & 31)) & 1:
+                return min(self.max_tokens, offset + length + 1)
+            m.consume_token(self._closer(m, words))
+        return self.max_tokens
+
+    def _closer(self, m: Any, words: np.ndarray) -> int:
+        """While closing, the next token of the shortest completion: of the cheapest allowed token of each closing
+        class, the one after which :meth:`need` is shortest (ties: the cheaper). A look ahead of one token, where
+        :meth:`need` alone takes a few tokens of string content for closers first (a ``"`` inside Gemma 4's
+        ``<|"|>`` strings, which only ``<`` closes). The cheapest allowed token when no completion is found."""
+        order = self.order[: self.finite]
+        cand = order[((words[order >> 5] >> (order & 31).astype(np.uint32)) & 1).astype(bool)]
+        if not len(cand):
+            raise ConstraintError(
+                "the grammar allows no token here: it cannot be completed with this tokenizer"
+            )
+        _, first = np.unique(self.klass[cand], return_index=True)
+        best, best_len = int(cand[0]), None
+        for t in sorted(int(c) for c in cand[first]):
+            after = m.deep_copy()
+            n = self.need(after, NEED_LIMIT) if after.consume_token(t) else None
+            if n is not None and (best_len is None or (n, self.cost[t]) < (best_len, self.cost[best])):
+                best, best_len = t, n
+        return best
 
     def need(self, m: Any, limit: int) -> int | None:
         """Tokens a greedy closing completion takes from matcher state ``m`` (closing tokens first, so near
@@ -371,14 +439,14 @@ class GrammarConstraint(Constraint):
         out = argmax.astype(np.int32).copy()  # an EOS keeps the model's own id; the grammar sees self.eos
         is_eos = np.isin(out, list(self.eos_set))
         seq = np.where(is_eos, self.eos, out)
-        i, n = 0, len(out)
-        free = max(0, min(n, self.max_tokens - self.tail - offset))  # positions before the budget's tail
+        i, n, end = 0, len(out), self._end(offset)
+        free = max(0, min(n, end - self.tail - offset))  # positions before the budget's tail
         while i < n:
             if self.ended:
                 out[i:] = self.pad
                 break
             if i >= free:
-                if not self._tail_token(m, out, seq, is_eos, i, offset, row):
+                if not self._tail_token(m, out, seq, is_eos, i, end - offset, row):
                     break
                 i += 1
                 continue
@@ -398,6 +466,7 @@ class GrammarConstraint(Constraint):
                 break
             m.consume_token(int(out[i]))
             i += 1
+        self.overrode = _overrode(argmax, out, self.eos_set)
         return out
 
     def _tail_token(
@@ -407,13 +476,20 @@ class GrammarConstraint(Constraint):
         seq: np.ndarray,
         is_eos: np.ndarray,
         i: int,
-        offset: int,
+        room: int,
         row: Callable[[int], np.ndarray],
     ) -> bool:
-        """Project position ``i`` near the budget's end; ``False`` once the answer has ended there."""
-        left = self.max_tokens - offset - i  # positions left, this one included
+        """Project position ``i`` near the budget's end, ``room`` positions after the canvas's start; ``False`` once
+        the answer has ended there. While closing, the end token goes in as soon as the grammar allows it, and past
+        ``room`` (the greedy completion is an estimate) the closing tokens go on until it does."""
+        left = room - i  # positions left, this one included
+        if self.closing:
+            left = max(left, 1)
         bitmask = m.compute_bitmask()
         allowed = _allowed(bitmask, self.vocab)
+        if self.closing and allowed[self.eos] and not is_eos[i]:
+            out[i], out[i + 1 :] = self.eos, self.pad
+            return False
         if left <= 0 or m.is_stopped() or (is_eos[i] and allowed[self.eos]):
             if left > 0:
                 out[i] = out[i] if is_eos[i] else _best(row(i), allowed)
@@ -424,7 +500,8 @@ class GrammarConstraint(Constraint):
             ranked = np.where(allowed, row(i), -np.inf)
             t = int(np.argmax(ranked))
             if not self._fits(m, t, left - 1):  # the model's best allowed does not fit either: close
-                cheapest = self._cheapest(np.frombuffer(bitmask, dtype=np.uint32), self._skip())
+                words = np.frombuffer(bitmask, dtype=np.uint32)
+                cheapest = self._closer(m, words) if self.closing else self._cheapest(words, self._skip())
                 t = self.eos if allowed[self.eos] or cheapest is None else cheapest
                 k = int(self.klass[t])
                 self._closing = (k, self._closing[1] + 1 if k == self._closing[0] else 1)
@@ -575,6 +652,100 @@ def parse_infill(
     return segments
 
 
+@dataclass(frozen=True)
+class FillInMiddle:
+    """Fill-in-the-middle, as ``infill=FillInMiddle(suffix)``: the prompt is the text before the gap, and the
+    answer is the middle, at most ``max_tokens`` tokens, that leads into ``suffix`` (text, or token ids as given).
+
+    The answer's first canvas holds a hole of ``max_tokens`` positions, then the suffix's tokens, held fixed,
+    then the end token: the decoder, bidirectional over the canvas, sees the suffix while it writes every position
+    of the middle, in the document's order. The middle ends at the first end token or pad the model writes in
+    the hole (:class:`MiddleConstraint`), else it fills the hole. The suffix is never part of the answer. Both
+    must fit in one canvas: ``max_tokens`` plus the suffix's tokens at most ``canvas_length``."""
+
+    suffix: str | Sequence[int]
+
+
+class MiddleConstraint(InfillConstraint):
+    """:class:`FillInMiddle`'s constraint: an open hole of ``size`` positions, then ``suffix`` held, then the
+    end token (pad after it), in one canvas.
+
+    In the hole the model may end the middle: its first end token or pad there is the end, written as the end
+    token the model ranks best (so that the answer stops there, as any answer stops at its end token; a committed
+    pad would be text). The positions after it are left to the model (the commit pads them, as after any end
+    token): forcing pad over them from an early, uncertain step would empty the middle. Before the end, special
+    tokens are refused as in any hole."""
+
+    def __init__(
+        self, size: int, suffix: list[int], eos_ids: Sequence[int], pad_id: int, special: np.ndarray
+    ):
+        super().__init__([(None, size), (suffix, 0)], eos_ids, pad_id, special)
+        self.size = size
+
+    def project(self, offset: int, argmax: np.ndarray, row: Callable[[int], np.ndarray]) -> np.ndarray:
+        hole = min(max(self.size - offset, 0), len(argmax))  # the hole's positions in this canvas
+        after = super().project(offset + hole, argmax[hole:], lambda i: row(hole + i))
+        out = argmax[:hole].astype(np.int32).copy()
+        for i, token in enumerate(out):
+            if token < len(self.special) and self.eos_mask[token]:
+                break
+            if token == self.pad:  # the end, written as the end token
+                out[i] = _best(row(i), self.eos_mask)
+                break
+            if token < len(self.special) and self.special[token]:
+                out[i] = _best(row(i), ~self.special)
+        return np.concatenate([out, after.astype(np.int32)])
+
+
+def middle_constraint(
+    fim: FillInMiddle,
+    tokenizer: Any,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    special: np.ndarray,
+    max_tokens: int,
+    canvas_length: int,
+) -> MiddleConstraint:
+    """The constraint of a :class:`FillInMiddle` request; one-line errors for a suffix that is empty, is not text
+    or token ids of this vocabulary, or does not fit beside a middle of ``max_tokens`` in one canvas."""
+    suffix = fim.suffix
+    if isinstance(suffix, str):
+        ids = list(tokenizer.encode(suffix, add_special_tokens=False))
+    elif isinstance(suffix, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in suffix):
+        ids = list(suffix)
+        if any(not 0 <= t < len(special) for t in ids):
+            raise ConstraintError(f"the suffix has token ids outside the vocabulary (0..{len(special) - 1})")
+    else:
+        raise ConstraintError(f"the suffix must be text or token ids (got {type(suffix).__name__})")
+    if not ids:
+        raise ConstraintError("the suffix is empty: fill-in-the-middle needs text after the gap")
+    if len(ids) >= canvas_length:
+        raise ConstraintError(
+            f"the suffix has {len(ids)} tokens, but it shares one {canvas_length}-token canvas with the "
+            f"middle (so that the model sees it while writing the middle): send at most "
+            f"{canvas_length - 1} tokens of it (its beginning)"
+        )
+    if max_tokens + len(ids) > canvas_length:
+        raise ConstraintError(
+            f"max_tokens={max_tokens} plus the suffix's {len(ids)} tokens do not fit in the "
+            f"{canvas_length}-token canvas the middle and the suffix share: lower max_tokens to at most "
+            f"{canvas_length - len(ids)} or shorten the suffix"
+        )
+    return MiddleConstraint(max_tokens, ids, eos_ids, pad_id, special)
+
+
+_SPECIAL: dict[tuple[int, int], np.ndarray] = {}
+
+
+def special_tokens(llt: Any, vocab: int) -> np.ndarray:
+    """Which of the ``vocab`` ids are special tokens (bool), computed once per tokenizer: a loop over the
+    released model's 262,144 ids is not something to repeat for every infill request."""
+    key = (id(llt), vocab)
+    if key not in _SPECIAL:
+        _SPECIAL[key] = np.array([llt.is_special_token(t) for t in range(vocab)], dtype=bool)
+    return _SPECIAL[key]
+
+
 def make_constraint(
     tokenizer: Any,
     eos_ids: Sequence[int],
@@ -584,7 +755,7 @@ def make_constraint(
     canvas_length: int,
     response_format: dict[str, Any] | None = None,
     json_schema: Any = None,
-    infill: str | None = None,
+    infill: str | FillInMiddle | None = None,
     bounded: bool = False,
 ) -> Constraint | None:
     """The constraint for these options, checked against ``max_tokens``; ``None`` when unconstrained.
@@ -597,9 +768,11 @@ def make_constraint(
             "infill and a response format cannot be combined: write the structure into the infill template"
         )
     eos_ids = list(eos_ids)
+    if isinstance(infill, FillInMiddle):
+        special = special_tokens(ll_tokenizer(tokenizer, eos_ids, vocab_size), vocab_size)
+        return middle_constraint(infill, tokenizer, eos_ids, pad_id, special, max_tokens, canvas_length)
     if infill is not None:
-        llt = ll_tokenizer(tokenizer, eos_ids, vocab_size)
-        special = np.array([llt.is_special_token(t) for t in range(vocab_size)], dtype=bool)
+        special = special_tokens(ll_tokenizer(tokenizer, eos_ids, vocab_size), vocab_size)
         c = InfillConstraint(parse_infill(infill, tokenizer, max_tokens), eos_ids, pad_id, special)
         if c.length > max_tokens:
             raise ConstraintError(

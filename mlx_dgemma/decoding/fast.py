@@ -34,17 +34,14 @@ act on it through the same hooks as on the reference's (``decoding.hooks``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
-from mlx_dgemma.decoding.canvas import CanvasState, Row, Start, first_row, live
-from mlx_dgemma.decoding.constrain import Constraint, project_canvas
-from mlx_dgemma.decoding.hooks import logits_row, rewrite
+from mlx_dgemma.decoding.canvas import CanvasState, Pass, Row, Start, first_row
 from mlx_dgemma.decoding.sampler import (
     SamplerConfig,
     accept_mask,
@@ -154,18 +151,8 @@ def sparse_soft(model: Model, values: mx.array, ids: mx.array) -> mx.array:
     return h * mx.array(decoder.embed_scale, dtype=h.dtype)
 
 
-def softcap(model: Model, raw: mx.array) -> mx.array:
-    """The final soft-cap, as ``Model.logits`` applies it (``model.softcap``)."""
-    return _softcap(raw, model.args.final_logit_softcapping)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # One fast sampler step (pure on arrays, compilable: one trace per bucket size)
-
-
-class StepResult(NamedTuple):
-    state: FastState
-    active: mx.array  # int32 scalar: most positions any unfinished row still has to denoise
 
 
 def fast_step(
@@ -179,7 +166,7 @@ def fast_step(
     softcapping: float,
     eos: tuple[int, ...],
     adaptive: bool,
-) -> StepResult:
+) -> FastState:
     """One step on the decoder's raw logits ``raw`` [B, S, V] for canvas ``positions`` [B, S].
 
     With every technique off (``FastConfig.off()``) and all positions given, this is the reference's
@@ -212,9 +199,7 @@ def fast_step(
         stop = stop | mx.all(frozen, axis=-1)
     finished = state.done | stop if adaptive else state.done
     kept = accepted | frozen
-    return StepResult(
-        FastState(canvas, argmax, frozen, kept, ent, history, finished, sc), live(frozen, finished)
-    )
+    return FastState(canvas, argmax, frozen, kept, ent, history, finished, sc)
 
 
 def _draw(
@@ -268,24 +253,6 @@ def _freeze(
     return frozen, canvas, ent
 
 
-def project(
-    state: FastState, raw: mx.array, positions: mx.array, constraint: Constraint, offset: int
-) -> FastState:
-    """A fast step's argmax projected onto ``constraint`` (batch of one row), as ``decoding.hooks.Constrained``
-    projects every step: ranked by this pass's ``raw`` logits at the ``positions`` it computed, else by the kept
-    top-k; every position the projection changes, and every held one whose canvas token differs, is written into
-    the canvas and unfrozen."""
-    argmax = np.asarray(state.argmax[0]).astype(np.int32)
-    projected, write = project_canvas(
-        constraint,
-        offset,
-        argmax,
-        np.asarray(state.canvas[0]),
-        logits_row(state, (raw, positions), raw.shape[-1]),
-    )
-    return rewrite(state, projected, write)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Fast mode's stepper of the canvas loop
 
@@ -305,9 +272,9 @@ class FastDenoiser:
     passes: int = 0
     exact: list[float] = field(default_factory=list)  # per committed canvas (and row), with config.check
     sizes: dict[int, int] = field(default_factory=dict)  # passes run at each decoder input size
-    _steps: dict[Any, Callable[..., StepResult]] = field(default_factory=dict, repr=False)
+    _steps: dict[Any, Callable[..., FastState]] = field(default_factory=dict, repr=False)
 
-    def step_fn(self, model: Model, cfg: SamplerConfig, adaptive: bool) -> Callable[..., StepResult]:
+    def step_fn(self, model: Model, cfg: SamplerConfig, adaptive: bool) -> Callable[..., FastState]:
         key = (id(model), cfg, adaptive)
         if key not in self._steps:
             eos = tuple(self.eos_ids or _as_list(model.args.eos_token_id))
@@ -335,17 +302,21 @@ class FastDenoiser:
         row = first_row(start, sc, start.kept if fcfg.freeze_drafts else None)
         return replace(row, stale=StaleKV(C) if fcfg.sparse else None)
 
-    def step(self, model: Model, cache: DiffusionCache, row: Row, key: mx.array) -> Row:
+    def step(
+        self, model: Model, cache: DiffusionCache, row: Row, key: mx.array
+    ) -> Generator[Pass, None, Row]:
         """One pass over the live positions (all of them on a first or refresh pass), then the fast step."""
         fcfg, s = self.config, row.state
         positions = self._positions(row)
         tokens = mx.take_along_axis(s.canvas, positions, axis=1)
         soft = None if row.first else self._soft(model, s.sc, positions)
         sparse = dict(positions=positions, stale=row.stale) if fcfg.sparse else {}
-        raw = model.denoise(tokens, cache, soft=soft, capped=False, **sparse)
+        request = Pass(tokens, cache, soft=soft, capped=False, **sparse)
+        yield request
+        raw = request.result
         passes = row.passes + (~s.done).astype(mx.int32)
         step = self.step_fn(model, row.cfg, row.start.adaptive)
-        state = step(raw, positions, s, mx.array(row.step, dtype=mx.int32), key).state
+        state = step(raw, positions, s, mx.array(row.step, dtype=mx.int32), key)
         size = positions.shape[1]
         self.passes += 1
         self.sizes[size] = self.sizes.get(size, 0) + 1

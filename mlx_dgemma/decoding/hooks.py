@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_dgemma.decoding.canvas import CanvasState, Hook, Row, Start, attach
-from mlx_dgemma.decoding.constrain import Constraint, project_canvas, start_canvas
+from mlx_dgemma.decoding.constrain import FOUGHT_STEPS, Constraint, project_canvas, start_canvas
 from mlx_dgemma.decoding.verify import (
     Proposal,
     VerifyConfig,
@@ -32,10 +32,17 @@ from mlx_dgemma.decoding.verify import (
 
 @dataclass
 class Constrained(Hook):
-    """A grammar or infill ``constraint`` on the canvas at answer position ``offset`` (batch of one row)."""
+    """A grammar or infill ``constraint`` on the canvas at answer position ``offset`` (batch of one row).
+
+    Bounded: after ``FOUGHT_STEPS`` steps in a row in which the projection replaced some of the model's answer
+    tokens, the step is projected again with the answer closing (``Constraint.close``: the shortest completion,
+    then the end token) and the canvas stops denoising; so does every later canvas's first step while the answer
+    is still closing. A forced answer the model fights thus takes at most ``FOUGHT_STEPS`` passes, plus one a
+    canvas if its shortest completion spills over."""
 
     constraint: Constraint
     offset: int
+    fought: int = 0  # steps in a row in which the projection overrode the model
     persists = True
 
     def begin(self, start: Start) -> Start:
@@ -49,15 +56,17 @@ class Constrained(Hook):
         """The one more host read a step: the argmax and, where the grammar rejects it, a logits row."""
         s = row.state
         mx.eval(s.argmax, s.canvas, s.sc, row.last or ())
-        argmax = np.asarray(s.argmax[0]).astype(np.int32)
-        projected, write = project_canvas(
-            self.constraint,
-            self.offset,
-            argmax,
-            np.asarray(s.canvas[0]),
-            logits_row(s, row.last, row.start.shape[2]),
-        )
-        return replace(row, state=rewrite(s, projected, write))
+        argmax, canvas = np.asarray(s.argmax[0]).astype(np.int32), np.asarray(s.canvas[0])
+        logits = logits_row(s, row.last, row.start.shape[2])
+        c = self.constraint
+        projected, write = project_canvas(c, self.offset, argmax, canvas, logits)
+        self.fought = self.fought + 1 if c.overrode else 0
+        if not c.closing and self.fought >= FOUGHT_STEPS and c.close():
+            projected, write = project_canvas(c, self.offset, argmax, canvas, logits)
+        state = rewrite(s, projected, write)
+        if c.closing:  # the answer is closed (or closing) in this canvas: it stops here
+            state = state._replace(done=mx.ones_like(state.done))
+        return replace(row, state=state)
 
 
 def logits_row(state: CanvasState, last: tuple[mx.array, mx.array] | None, vocab: int):

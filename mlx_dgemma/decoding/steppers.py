@@ -5,14 +5,14 @@ Fast mode's stepper is ``mlx_dgemma.decoding.fast.FastDenoiser`` (a sparse pass 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import mlx.core as mx
 
-from mlx_dgemma.decoding.canvas import Row, Start, first_row
+from mlx_dgemma.decoding.canvas import Pass, Row, Start, first_row
 from mlx_dgemma.decoding.sampler import SamplerConfig, StepOutput, denoise_step
 from mlx_dgemma.model.cache import DiffusionCache
 
@@ -55,11 +55,13 @@ class ReferenceStepper:
     def start(self, model: Any, cache: DiffusionCache, start: Start) -> Row:
         return first_row(start, (), None)
 
-    def step(self, model: Any, cache: DiffusionCache, row: Row, key: mx.array) -> Row:
+    def step(self, model: Any, cache: DiffusionCache, row: Row, key: mx.array) -> Generator[Pass, None, Row]:
         s = row.state
         sc = s.sc[0] if s.sc else None
         passes = row.passes + (~s.done).astype(mx.int32)
-        logits = model.denoise(s.canvas, cache, sc)
+        request = Pass(s.canvas, cache, sc)
+        yield request
+        logits = request.result
         out = self._step(row.cfg)(logits, s.canvas, s.argmax, sc, s.done, s.history, row.step, key)
         done = out.done if row.start.adaptive else s.done
         state = s._replace(

@@ -18,7 +18,7 @@ noise, exactly the reference's first pass, and a drafted token enters the next d
 that pass's argmax (the stability history is still seeded with the draft). The target, trained on canvases whose
 un-noised tokens are always right, tends to keep a plausible token it is shown; blind, a draft wrong everywhere
 changes nothing, and no restart is needed. A partly right draft still steers: every agreeing position is accepted
-after the first pass, sure or not (``scripts/eval_drafter.py --blind`` measures what that costs).
+after the first pass, sure or not (``python -m demo.eval_drafter --blind`` measures what that costs).
 
 ``hold`` (``VerifyConfig(hold=True)``) keeps the draft in play after the first pass. The reference's sampler
 re-noises every position it does not accept, so without it a draft the target agrees with is mostly thrown away
@@ -33,6 +33,7 @@ can save passes, never lower the bar.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    """How drafts are verified (``scripts/eval_drafter.py`` measures the trade-offs)."""
+    """How drafts are verified (``python -m demo.eval_drafter`` measures the trade-offs)."""
 
     # Fraction of drafted positions re-noised before the target's first pass. Measured on the demo model with
     # perfect drafts: 0 commits every canvas in 1 pass, 0.1 in 1.6, 0.25 in 2.0 (the target is less sure of
@@ -138,10 +139,13 @@ class DraftSession:
         config: VerifyConfig | None = None,
         ends: Sequence[int] = (),
     ):
-        self.proposer, self.config, self.ends = proposer, config or VerifyConfig(), tuple(ends)
+        # A proposer keeps one generation's state (``begin``/``commit``: a drafter's context, lookup's ids): each
+        # session drafts with its own shallow copy, sharing the weights, so that generations may run together.
+        self.proposer = copy.copy(proposer)
+        self.config, self.ends = config or VerifyConfig(), tuple(ends)
         self.active = True
         self.drafted = self.restarted = 0
-        proposer.begin(prompt_ids)
+        self.proposer.begin(prompt_ids)
 
     def propose(self, model: Model, cache: DiffusionCache) -> Proposal | None:
         """The proposer's draft of the next canvas, or None (switched off, or nothing to propose).

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from mlx.utils import tree_flatten
 
 from mlx_dgemma.drafter.model import Drafter, DrafterArgs
 from mlx_dgemma.errors import DrafterError
+from mlx_dgemma.train.checkpoint import write_folder
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "drafter.safetensors"
 MODEL_TYPE = "mlx_dgemma_drafter"
@@ -34,21 +34,21 @@ def target_identity(model: Any) -> dict[str, Any]:
 
 
 def save_drafter(drafter: Drafter, model: Any, folder: Path, extra: dict[str, Any] | None = None) -> None:
-    """Write ``folder`` atomically (a ``.tmp`` sibling renamed into place)."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / WEIGHTS_FILE), dict(tree_flatten(drafter.parameters())))
+    """Write ``folder`` atomically: training's folder writer (a temporary sibling, fsync-ed, renamed into place)."""
+    weights = dict(tree_flatten(drafter.parameters()))
     config = {
         "model_type": MODEL_TYPE,
         "drafter": drafter.args.to_dict(),
         "target": target_identity(model),
         **(extra or {}),
     }
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.replace(folder)
+    write_folder(
+        folder,
+        {
+            WEIGHTS_FILE: lambda p: mx.save_safetensors(str(p), weights),
+            CONFIG_FILE: lambda p: p.write_text(json.dumps(config, indent=2) + "\n"),
+        },
+    )
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:

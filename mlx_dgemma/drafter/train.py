@@ -11,13 +11,15 @@
    the target's frozen LM head; AdamW with a cosine schedule; 5% of the samples held out for canvas accuracy.
 3. ``--out``: the drafter folder (config records the target it was trained for), written atomically.
 
-Checkpoints (weights, optimizer, step) go to ``--work`` (default ``<out>.work/``) every ``--save-every`` steps;
-``--resume`` continues there.
+Checkpoints (weights, optimizer, step) go to ``--work`` (default ``<out>.work/``) every ``--save-every`` steps,
+in training's layout (``mlx_dgemma.train.checkpoint``: a step folder named by ``checkpoint.json``); ``--resume``
+continues there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -26,18 +28,24 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
 from mlx_dgemma import load
 from mlx_dgemma.cli.shared import run_cli
-from mlx_dgemma.drafter.checkpoint import DrafterError, save_drafter
+from mlx_dgemma.drafter.checkpoint import WEIGHTS_FILE, DrafterError, save_drafter
 from mlx_dgemma.drafter.distill import SAMPLES_FILE, Samples, collect, collect_from_data, read_prompts
 from mlx_dgemma.drafter.model import Drafter, DrafterArgs
+from mlx_dgemma.train import TrainConfig
+from mlx_dgemma.train.checkpoint import current, write_checkpoint
+from mlx_dgemma.train.trainer import OPTIMIZER_FILE, STATE_FILE, Progress, StepLog, make_optimizer
 
 HELD_OUT = 0.05
+LOSS_WINDOW = 25  # steps the reported loss averages
+REPORT_EVERY = 100  # steps between plain progress lines when the output is piped
+WEIGHT_DECAY = 0.01
+LEGACY_CHECKPOINT = "checkpoint.safetensors"  # the work folder's checkpoint before training's layout
 
 
 def default_target_layers(num_layers: int) -> list[int]:
@@ -89,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="record the probability from which the drafter drafts a position (default 0: every one; "
-        "choose it by measuring, e.g. scripts/eval_drafter.py --split valid --confidence 0.9)",
+        "choose it by measuring, e.g. python -m demo.eval_drafter --split valid --confidence 0.9)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <out>.work/")
@@ -177,10 +185,10 @@ def run(args: argparse.Namespace) -> int:
         samples.save(samples_file)
     mx.random.seed(args.seed)
     drafter = Drafter(dargs)
-    trainer = DrafterTrainer(drafter, model, samples, args.iters, args.batch_size, args.lr, args.seed, work)
+    trainer = DrafterTrainer(drafter, model, samples, train_config(args), work)
     if args.resume and trainer.resume():
         print(f"resuming at step {trainer.step}")
-    stats = trainer.run(args.save_every)
+    stats = trainer.run(Progress(args.iters, sys.stdout, every=REPORT_EVERY, mean_of=LOSS_WINDOW))
     extra = {"propose": {"confidence": args.confidence}} if args.confidence else {}
     save_drafter(drafter, model, out, {"training": stats, **extra})
     print(
@@ -190,11 +198,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def progress_bar(total: int, desc: str, unit: str, initial: int = 0) -> tqdm:
-    """A tqdm bar on a terminal; disabled when the output is piped (the caller prints plain lines then)."""
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The loop's settings in training's terms: AdamW, cosine decay to a tenth of ``--lr``, no clipping."""
+    return TrainConfig(
+        iters=args.iters,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        optimizer="adamw",
+        weight_decay=WEIGHT_DECAY,
+        lr_schedule="cosine",
+        grad_clip=None,
+        save_every=args.save_every,
+        seed=args.seed,
+    )
+
+
+def progress_bar(total: int, desc: str, unit: str) -> tqdm:
+    """The distillation's bar on a terminal; disabled when the output is piped (the caller prints lines then)."""
     return tqdm(
         total=total,
-        initial=initial,
         desc=desc,
         unit=unit,
         file=sys.stdout,
@@ -211,20 +233,20 @@ def _advance(bar: tqdm, done: int, postfix: str, total: int | None = None) -> No
 
 
 class DrafterTrainer:
-    """Trains ``drafter`` on ``samples`` through ``model``'s frozen embedding and LM head; resumable."""
+    """Trains ``drafter`` on ``samples`` through ``model``'s frozen embedding and LM head; resumable.
 
-    def __init__(
-        self, drafter, model, samples, iters: int, batch_size: int, lr: float, seed: int, work: Path
-    ):
-        self.drafter, self.model, self.samples = drafter, model, samples
-        self.iters, self.batch_size, self.seed, self.work = iters, batch_size, seed, work
+    Training's pieces do the rest: ``make_optimizer`` (AdamW, cosine decay to a tenth), ``Progress`` (the bar
+    or plain lines) and ``write_checkpoint`` (one atomic step folder in ``work``, named by ``checkpoint.json``).
+    """
+
+    def __init__(self, drafter, model, samples, cfg: TrainConfig, work: Path):
+        self.drafter, self.model, self.samples, self.cfg, self.work = drafter, model, samples, cfg, work
         self.features = np.array(samples.features)
         self.canvases = np.array(samples.canvases)
-        order = np.random.default_rng(seed).permutation(len(samples))
+        order = np.random.default_rng(cfg.seed).permutation(len(samples))
         held = max(1, int(HELD_OUT * len(samples)))
         self.valid_idx, self.train_idx = order[:held], order[held:]
-        schedule = optim.cosine_decay(lr, max(iters, 1), lr / 10)
-        self.optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+        self.optimizer = make_optimizer(cfg)
         self.step = 0
         self.loss_and_grad = nn.value_and_grad(drafter, self.loss)
 
@@ -254,15 +276,15 @@ class DrafterTrainer:
     def loss(self, feats, valid, tokens, targets):
         return nn.losses.cross_entropy(self.logits(feats, valid, tokens), targets).mean()
 
-    def train_step(self) -> float:
-        rng = np.random.default_rng([self.seed, self.step])
-        idx = rng.choice(self.train_idx, size=min(self.batch_size, len(self.train_idx)), replace=False)
+    def train_step(self) -> StepLog:
+        start, rng = time.perf_counter(), np.random.default_rng([self.cfg.seed, self.step])
+        idx = rng.choice(self.train_idx, size=min(self.cfg.batch_size, len(self.train_idx)), replace=False)
         feats, valid, targets = self.batch(idx)
         loss, grads = self.loss_and_grad(feats, valid, self.inputs(targets, rng), targets)
         self.optimizer.update(self.drafter, grads)
         mx.eval(loss, self.drafter.parameters(), self.optimizer.state)
         self.step += 1
-        return float(loss.item())
+        return StepLog(self.step, float(loss.item()), None, None, targets.size, time.perf_counter() - start)
 
     def accuracy(self) -> tuple[float, float]:
         """(whole-canvas, token) accuracy of first-pass drafts on the held-out samples."""
@@ -275,24 +297,24 @@ class DrafterTrainer:
             hits, tokens, whole = hits + same.sum(), tokens + same.size, whole + same.all(axis=1).sum()
         return whole / len(self.valid_idx), hits / tokens
 
-    def run(self, save_every: int, report_every: int = 100) -> dict[str, Any]:
-        """Train to ``iters``; a tqdm bar on a terminal, else a plain line every ``report_every`` steps."""
+    def run(self, progress: Progress) -> dict[str, Any]:
+        """Train to ``cfg.iters``, saving every ``cfg.save_every`` steps; returns the run's statistics."""
         start, losses = time.perf_counter(), []
         self.drafter.train()
-        with progress_bar(self.iters, "train", "step", initial=self.step) as bar:
-            while self.step < self.iters:
+        progress.start(self.step)
+        try:
+            while self.step < self.cfg.iters:
                 losses.append(self.train_step())
-                mean = sum(losses[-25:]) / len(losses[-25:])
-                _advance(bar, self.step, f"loss {mean:.4f}")
-                if bar.disable and (self.step % report_every == 0 or self.step == self.iters):
-                    print(f"step {self.step}/{self.iters}  loss {mean:.4f}", flush=True)
-                if save_every and self.step % save_every == 0:
+                progress.update(losses[-1])
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                     self.save()
+        finally:
+            progress.close()
         self.drafter.eval()
         whole, token = self.accuracy()
         return {
             "steps": self.step,
-            "final_loss": sum(losses[-25:]) / max(len(losses[-25:]), 1),
+            "final_loss": sum(s.loss for s in losses[-LOSS_WINDOW:]) / max(len(losses[-LOSS_WINDOW:]), 1),
             "seconds": round(time.perf_counter() - start, 1),
             "samples": len(self.samples),
             "prompts": self.samples.prompts,
@@ -302,24 +324,37 @@ class DrafterTrainer:
         }
 
     def save(self) -> None:
-        tmp = self.work / "checkpoint.tmp.safetensors"
-        weights = {f"drafter.{k}": v for k, v in tree_flatten(self.drafter.parameters())}
-        weights |= {f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)}
-        mx.save_safetensors(str(tmp), weights, metadata={"step": str(self.step)})
-        tmp.replace(self.work / "checkpoint.safetensors")
+        """The drafter's weights, the optimizer's state and the step, as one checkpoint of training's layout."""
+        weights = dict(tree_flatten(self.drafter.parameters()))
+        state = dict(tree_flatten(self.optimizer.state))
+        write_checkpoint(
+            self.work,
+            self.step,
+            {
+                WEIGHTS_FILE: lambda p: mx.save_safetensors(str(p), weights),
+                OPTIMIZER_FILE: lambda p: mx.save_safetensors(str(p), state),
+                STATE_FILE: lambda p: p.write_text(json.dumps({"step": self.step}) + "\n"),
+            },
+        )
+        (self.work / LEGACY_CHECKPOINT).unlink(missing_ok=True)  # superseded
 
     def resume(self) -> bool:
-        file = self.work / "checkpoint.safetensors"
-        if not file.is_file():
+        """Load the checkpoint in ``work`` (or one written before step folders); False when there is none."""
+        folder = current(self.work)
+        if folder is not None:
+            weights = mx.load(str(folder / WEIGHTS_FILE))
+            state = mx.load(str(folder / OPTIMIZER_FILE))
+            step = json.loads((folder / STATE_FILE).read_text())["step"]
+        elif (self.work / LEGACY_CHECKPOINT).is_file():
+            arrays, metadata = mx.load(str(self.work / LEGACY_CHECKPOINT), return_metadata=True)
+            weights = {k.removeprefix("drafter."): v for k, v in arrays.items() if k.startswith("drafter.")}
+            state = {k.removeprefix("optimizer."): v for k, v in arrays.items() if k.startswith("optimizer.")}
+            step = metadata["step"]
+        else:
             return False
-        arrays, metadata = mx.load(str(file), return_metadata=True)
-        self.drafter.load_weights(
-            [(k[len("drafter.") :], v) for k, v in arrays.items() if k.startswith("drafter.")]
-        )
-        self.optimizer.state = tree_unflatten(
-            [(k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")]
-        )
-        self.step = int(metadata["step"])
+        self.drafter.load_weights(list(weights.items()))
+        self.optimizer.state = tree_unflatten(list(state.items()))
+        self.step = int(step)
         return True
 
 

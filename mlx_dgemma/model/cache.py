@@ -13,6 +13,9 @@ layer's class by name in that module's namespace (``globals()[name]``): we regis
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import mlx.core as mx
 import mlx_lm.models.cache as mlx_lm_cache
 from mlx_lm.models.cache import KVCache, _BaseCache
@@ -126,6 +129,31 @@ class DiffusionCache(list):
         return arrays + ([self.valid] if self.valid is not None else []) + self.features
 
 
+def copy_cache(cache: DiffusionCache) -> DiffusionCache:
+    """A cache that shares no mutable object with ``cache``.
+
+    MLX arrays are immutable, but mlx-lm's ``KVCache`` writes into its pre-allocated buffer by slice
+    assignment, which rebinds the array *object* it holds: a shallow copy would see later writes. Fresh
+    layer objects holding fresh slices are enough (no data is copied).
+    """
+    layers: list[FullKVCache | WindowKVCache] = []
+    for c in cache:
+        if isinstance(c, WindowKVCache):
+            new_w = WindowKVCache(c.window)
+            new_w.keys, new_w.values, new_w.offset = c.keys, c.values, c.offset
+            layers.append(new_w)
+        else:
+            new_f = FullKVCache()
+            if c.keys is not None:
+                new_f.keys, new_f.values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+            new_f.offset = c.offset
+            layers.append(new_f)
+    out = DiffusionCache(layers)
+    out.valid, out.capture, out.features = cache.valid, cache.capture, list(cache.features)
+    mx.eval(out.state_arrays())
+    return out
+
+
 class StaleKV:
     """Fast decoding's canvas keys/values: per layer, those of every canvas position ``[B, H, C, D]`` from the
     last pass that computed it. A sparse pass (``Model.denoise(positions=...)``) writes its own positions' in and
@@ -173,3 +201,19 @@ class CanvasKV:
         v = mx.put_along_axis(store[1], mx.broadcast_to(idx, values.shape), values, axis=2)
         self.stale.stores[self.layer] = (k, v)
         return self.cache.fetch(k, v)
+
+
+class Rows:
+    """One layer's caches for a decoder pass over several requests (``Model.denoise_rows``). The pass's tokens are
+    the requests' canvases side by side, [1, sum of B*S]; ``split`` cuts a projection back into each request's
+    [B, S, ...] part, paired with the layer cache (or sparse view) and the padding mask it attends with."""
+
+    def __init__(self, caches: list[Any], shapes: list[tuple[int, int]], masks: list[mx.array | None]):
+        self.caches, self.shapes, self.masks = caches, shapes, masks
+
+    def split(self, *arrays: mx.array) -> Iterator[tuple[tuple[mx.array, ...], Any, mx.array | None]]:
+        start = 0
+        for cache, (b, n), mask in zip(self.caches, self.shapes, self.masks):
+            part = tuple(a[:, start : start + b * n].reshape(b, n, *a.shape[2:]) for a in arrays)
+            yield part, cache, mask
+            start += b * n

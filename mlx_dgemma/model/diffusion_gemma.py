@@ -10,7 +10,9 @@ Reference: transformers 5.23 ``models/diffusion_gemma/modeling_diffusion_gemma.p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import MappingProxyType
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,7 +21,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from mlx_dgemma.model import vision as V
-from mlx_dgemma.model.cache import DiffusionCache, FullKVCache, StaleKV, WindowKVCache
+from mlx_dgemma.model.cache import DiffusionCache, FullKVCache, Rows, StaleKV, WindowKVCache
 from mlx_dgemma.model.config import ModelArgs
 
 
@@ -180,19 +182,42 @@ class Attention(nn.Module):
         self.rope = initialize_rope(self.head_dim, rope["rope_theta"], False, rope)
 
     def __call__(
-        self, x: mx.array, cache: FullKVCache | WindowKVCache, mask: mx.array | str | None, write: bool
+        self, x: mx.array, cache: FullKVCache | WindowKVCache | Rows, mask: mx.array | str | None, write: bool
     ) -> mx.array:
+        q, k, v = self._project(x)
+        if isinstance(cache, Rows):  # several requests in one pass: each attends to its own cache
+            parts = [self._attend(*part, c, m, write) for part, c, m in cache.split(q, k, v)]
+            out = mx.concatenate([o.reshape(1, -1, o.shape[-1]) for o in parts], axis=1)
+        else:
+            out = self._attend(q, k, v, cache, mask, write)
+        return self.o_proj(out)
+
+    def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values [B, L, heads, head_dim], normed (keys and values), before RoPE."""
         B, L, _ = x.shape
-        offset = cache.offset
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim) if self.is_sliding else k
+        return q, self.k_norm(k), self.v_norm(v)
+
+    def _attend(
+        self,
+        q: mx.array,
+        k: mx.array,
+        v: mx.array,
+        cache: FullKVCache | WindowKVCache,
+        mask: mx.array | str | None,
+        write: bool,
+    ) -> mx.array:
+        """Attention of ``q`` over the cache and ``k``/``v`` at the cache's positions: [B, L, heads * head_dim]."""
+        B, L = q.shape[:2]
+        offset = cache.offset
         q = rope_at(self.rope, q.transpose(0, 2, 1, 3), offset)
-        k = rope_at(self.rope, self.k_norm(k).transpose(0, 2, 1, 3), offset)
-        v = self.v_norm(v).transpose(0, 2, 1, 3)
+        k = rope_at(self.rope, k.transpose(0, 2, 1, 3), offset)
+        v = v.transpose(0, 2, 1, 3)
         k, v = cache.update_and_fetch(k, v) if write else cache.fetch(k, v)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
 class Whole:
@@ -427,18 +452,68 @@ class Model(nn.Module):
         pass that computed them), and this pass's are written into it.
         """
         decoder = self.model.decoder
-        B = canvas.shape[0]
-        C = canvas.shape[1] if positions is None else stale.canvas
         if self_conditioning_logits is not None:
-            soft = decoder.soft_embed(mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1))
+            soft = self._soft(self_conditioning_logits)
         h = decoder.self_conditioning(decoder.embed(canvas), soft)
-        masks = {kind: self._decoder_mask(cache, kind, B, C) for kind in ("sliding", "full")}
-        layer_caches = cache if positions is None else stale.views(cache, positions)
+        masks, layer_caches = self._decoder_inputs(canvas, cache, positions, stale)
         for layer, c in zip(decoder.layers, layer_caches):
             mask_l = masks["sliding" if layer.self_attn.is_sliding else "full"]
             h = layer(h, c, mask_l, write=False, layer_scalar=layer.layer_scalar)
         raw = decoder.embed_tokens.as_linear(decoder.norm(h)).astype(mx.float32)
         return softcap(raw, self.args.final_logit_softcapping) if capped else raw
+
+    def denoise_rows(self, passes: Sequence[Any]) -> list[mx.array]:
+        """One decoder pass over several requests' canvases: each of ``passes`` holds ``denoise``'s arguments as
+        attributes (``decoding.canvas.Pass``: its own cache, canvas positions, self-conditioning). Their tokens
+        share every projection, expert and the LM head (on a Mac the weights stream once for all of them); each
+        request attends only to its own cache and canvas, at its own positions. Returns each one's logits."""
+        if len(passes) == 1:
+            return [passes[0].run(self)]
+        decoder = self.model.decoder
+        shapes = [tuple(p.canvas.shape) for p in passes]
+        embeds = [decoder.embed(p.canvas).reshape(1, b * n, -1) for p, (b, n) in zip(passes, shapes)]
+        softs = [
+            self._soft(p.self_conditioning_logits) if p.self_conditioning_logits is not None else p.soft
+            for p in passes
+        ]
+        soft = None
+        if any(x is not None for x in softs):  # zeros for a first step: the block maps them to zero exactly
+            dtype = next(x.dtype for x in softs if x is not None)
+            soft = mx.concatenate(
+                [
+                    (x if x is not None else mx.zeros((*shape, e.shape[-1]), dtype)).reshape(
+                        1, -1, e.shape[-1]
+                    )
+                    for x, e, shape in zip(softs, embeds, shapes)
+                ],
+                axis=1,
+            )
+        h = decoder.self_conditioning(mx.concatenate(embeds, axis=1), soft)
+        inputs = [self._decoder_inputs(p.canvas, p.cache, p.positions, p.stale) for p in passes]
+        for i, layer in enumerate(decoder.layers):
+            kind = "sliding" if layer.self_attn.is_sliding else "full"
+            rows = Rows([caches[i] for _, caches in inputs], shapes, [masks[kind] for masks, _ in inputs])
+            h = layer(h, rows, None, write=False, layer_scalar=layer.layer_scalar)
+        raw = decoder.embed_tokens.as_linear(decoder.norm(h)).astype(mx.float32)
+        out, start = [], 0
+        for p, (b, n) in zip(passes, shapes):
+            part = raw[:, start : start + b * n].reshape(b, n, -1)
+            out.append(softcap(part, self.args.final_logit_softcapping) if p.capped else part)
+            start += b * n
+        return out
+
+    def _soft(self, self_conditioning_logits: mx.array) -> mx.array:
+        probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
+        return self.model.decoder.soft_embed(probs)
+
+    def _decoder_inputs(
+        self, canvas: mx.array, cache: DiffusionCache, positions: mx.array | None, stale: StaleKV | None
+    ) -> tuple[dict[str, Any], Sequence[Any]]:
+        """The padding masks of a pass (per layer kind) and the layer caches it reads (a sparse pass's views)."""
+        B = canvas.shape[0]
+        C = canvas.shape[1] if positions is None else stale.canvas
+        masks = {kind: self._decoder_mask(cache, kind, B, C) for kind in ("sliding", "full")}
+        return masks, cache if positions is None else stale.views(cache, positions)
 
     def get_image_features(self, pixel_values: mx.array, image_position_ids: mx.array) -> mx.array:
         """Soft tokens of the images, projected into the text model's width: [sum of soft tokens, hidden]."""

@@ -24,11 +24,19 @@ Endpoints
     mlx-lm's tokenizer infers from the template (Gemma 4: ``mlx_lm/tool_parsers/gemma4.py``); assistant
     ``tool_calls`` (arguments decoded) and ``tool`` results (named after their call) are rendered back
     through the template. With thinking enabled, the thought is returned in ``reasoning_content``.
-    ``POST /v1/completions``: a raw prompt (one string or one list of token ids), no template.
+    ``POST /v1/completions``: a raw prompt (one string or one list of token ids), no template. With ``suffix``,
+    fill-in-the-middle: the answer is the middle between ``prompt`` and ``suffix``. The answer's first canvas holds a
+    hole of ``max_tokens`` positions (default: the rest of the canvas beside the suffix), then the suffix's tokens
+    held fixed, then the end token, so that the bidirectional decoder sees the suffix while it writes the middle
+    (the library's ``infill=FillInMiddle(suffix)``, ``decoding/constrain.py``). The middle ends at the first end
+    token or pad the model writes in the hole (``finish_reason`` "stop"), else it fills the hole ("length"); the
+    suffix is not returned. Streaming works (the middle is one canvas's chunk). A 400 naming ``suffix``: ``suffix``
+    with ``response_format``, or a suffix that does not fit beside ``max_tokens`` in one canvas; ``""`` is none.
     ``POST /v1/responses``: OpenAI's Responses API (``server/responses.py``) and ``POST /v1/messages``
     (plus ``/v1/messages/count_tokens``): Anthropic's Messages API (``server/anthropic.py``), each translated
     into a chat request and served by the same path (``server/bridge.py``); see their module docs.
     ``GET /health``: queue state and counters (served, cancelled, failed, prompt-cache reused tokens).
+    ``GET /``: a chat page showing the canvas as it is denoised (``server/web.py``; ``--no-web`` turns it off).
 
 Model names: the served id (the ``--model`` argument, a folder's name, or ``default``), the ``--model``
 argument as given, and ``default``, each also behind a ``publisher/`` prefix (LM Studio's ids); another
@@ -69,7 +77,8 @@ Generation
       cuts a longer answer: ``finish_reason`` "length" and an ``error`` (code ``request_timeout``) in the
       response (streaming: in the chunk with the ``finish_reason``).
     * Fields we cannot honour are a 400 naming the field unless they carry their "off" value (null
-      always is): ``n``/``best_of`` ≠ 1, ``logprobs``, ``top_logprobs``, ``logit_bias``, ``echo``, ``suffix``,
+      always is): ``n``/``best_of`` ≠ 1, ``logprobs``, ``top_logprobs``, ``logit_bias``, ``echo``, ``suffix``
+      (chat: fill-in-the-middle is a completions field),
       ``response_format`` other than text/json_object/json_schema/regex/lark, ``tool_choice`` other than
       auto/none/required/a named function (the last two force one call, its arguments under the tool's
       schema: ``toolgrammar.py``), non-text modalities,
@@ -88,7 +97,10 @@ Streaming (``stream: true``, server-sent events in OpenAI's chunk format)
     ``data: {"error": ...}`` event.
 
 Concurrency
-    One worker thread owns MLX and serves requests one at a time, first in first out. At most
+    One worker thread owns MLX and decodes up to ``--decode-concurrency`` requests (default 8) together, one
+    decoder pass for all of them at a time (``mlx_dgemma.batching``: each attends to its own cache, so each answer
+    is the one it gets alone); queued requests join between steps, at most ``--prompt-concurrency`` (4) a step,
+    first in first out. On several ranks (``mlx.launch``) requests are decoded one at a time. At most
     ``--max-concurrency`` requests may be queued or running; beyond that a 429 (``Retry-After: 1``). A
     client that disconnects frees its slot at once (its request is dropped from the queue, or stopped at
     the next denoising step), and a request frees its slot before its answer is sent. An error in one

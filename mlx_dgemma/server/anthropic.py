@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from mlx_dgemma.server import bridge
-from mlx_dgemma.server.bridge import End, Text
+from mlx_dgemma.server.app import End, Run, Text
 from mlx_dgemma.server.protocol import APIError
 from mlx_dgemma.server.worker import Finished
 
@@ -96,15 +96,11 @@ async def _messages(request: Request) -> Any:
     data = await bridge.read_request(request)
     chat, ignored = translate(data)
     stream = bridge.streaming(data)
-    try:
-        run = await bridge.start(request, chat, ignored)
-    except APIError as e:
-        raise bridge.renamed(e, CHAT_NAMES) from None
+    run = await bridge.start(request, chat, ignored, CHAT_NAMES)
     msg = Reply(request.app.state.served.model_id, run.prompt_tokens)
     if stream:
-        headers = {**run.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(_events(msg, run), media_type="text/event-stream", headers=headers)
-    answer = await bridge.collect(run, request)
+        return run.stream(_events(msg, run))
+    answer = await run.collect(request)
     if answer is None:  # the client went away
         return JSONResponse({})
     blocks = []
@@ -194,14 +190,14 @@ def _sse(kind: str, obj: dict[str, Any]) -> str:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **obj}, ensure_ascii=False)}\n\n"
 
 
-async def _events(msg: Reply, run: bridge.Run) -> AsyncIterator[str]:
+async def _events(msg: Reply, run: Run) -> AsyncIterator[str]:
     """``message_start``, then each block (``content_block_start``, ``content_block_delta``s,
     ``content_block_stop``), ``message_delta`` (``stop_reason``, ``usage``) and ``message_stop``; a failure is an
     ``error`` event."""
     index, open_kind = -1, None
     try:
         yield _sse("message_start", {"message": msg.body([], None, False)})
-        async for item in bridge.answer(run):
+        async for item in run.answer():
             if isinstance(item, Text):
                 if item.kind != open_kind:
                     if open_kind is not None:

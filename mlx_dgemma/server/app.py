@@ -8,7 +8,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from starlette.middleware.cors import CORSMiddleware
 from mlx_dgemma.errors import DGemmaError
 from mlx_dgemma.model.diffusion_gemma import Model
 from mlx_dgemma.prompt import chat_template
+from mlx_dgemma.server import web as chat_page
 from mlx_dgemma.server.guards import HostGuard, check_json_content_type
 from mlx_dgemma.server.images import ImagePolicy
 from mlx_dgemma.server.output import OutputParser, Piece
@@ -115,6 +116,9 @@ def create_app(
     images: ImagePolicy | None = None,
     max_tokens: int | None = None,
     chat_template_args: dict[str, Any] | None = None,
+    web: bool = True,
+    decode_concurrency: int = 8,
+    prompt_concurrency: int = 4,
 ) -> FastAPI:
     """An app serving ``model`` (a folder or hub id; ``None``: the embedded default model).
 
@@ -128,11 +132,23 @@ def create_app(
     ``images``: which image URLs are fetched and the pixel budgets (default: public addresses only).
     ``max_tokens``: the answer limit of requests that set none (``None``: ``DEFAULT_MAX_TOKENS`` rounded up to
     whole canvases; 0: none, the answer may use the whole remaining context). ``chat_template_args``: default
-    ``chat_template_kwargs``, under each request's own (a reserved key is a ``DGemmaError``).
+    ``chat_template_kwargs``, under each request's own (a reserved key is a ``DGemmaError``). ``web``: serve the
+    chat page at ``/`` (``server/web.py``).
     """
     check_limits(context_length, max_concurrency, max_body_bytes, request_timeout)
+    check_batching(decode_concurrency, prompt_concurrency)
     check_defaults(max_tokens, chat_template_args)
-    worker = Worker(model, max_concurrency, prompt_cache, adapter_path, drafter, request_timeout, fast)
+    worker = Worker(
+        model,
+        max_concurrency,
+        prompt_cache,
+        adapter_path,
+        drafter,
+        request_timeout,
+        fast,
+        decode_concurrency=decode_concurrency,
+        prompt_concurrency=prompt_concurrency,
+    )
     worker.start()
     native, canvas = worker.model.args.max_position_embeddings, worker.model.args.canvas_length
     context = native if context_length is None else context_length
@@ -184,13 +200,13 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        running = worker.running is not None
         return {
             "status": "ok",
             "model": served.model_id,
-            "running": int(running),
+            "running": len(worker.running),
             "queued": worker.queued,
             "max_concurrency": worker.max_concurrency,
+            "decode_concurrency": worker.decode_concurrency,
             **worker.counters,
             "prompt_cache_reused_tokens": worker.prompt_cache.reused_tokens,
         }
@@ -219,6 +235,8 @@ def create_app(
 
     responses.register(app)  # POST /v1/responses
     anthropic.register(app)  # POST /v1/messages
+    if web:
+        chat_page.mount(app)  # GET / (the chat page) and /static/
 
     return app
 
@@ -235,6 +253,16 @@ def check_limits(
         raise DGemmaError(f"max_body_bytes must be at least 1024 (got {max_body_bytes})")
     if request_timeout is not None and not request_timeout > 0:
         raise DGemmaError(f"request_timeout must be a positive number of seconds (got {request_timeout})")
+
+
+def check_batching(decode_concurrency: Any, prompt_concurrency: Any) -> None:
+    """``--decode-concurrency`` and ``--prompt-concurrency``: whole numbers of requests, at least 1."""
+    for name, value in (
+        ("decode_concurrency", decode_concurrency),
+        ("prompt_concurrency", prompt_concurrency),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DGemmaError(f"{name} must be a whole number of requests, at least 1 (got {value!r})")
 
 
 def check_defaults(max_tokens: int | None, chat_template_args: Any) -> None:
@@ -346,17 +374,12 @@ def _prepare(
 
 async def _complete(kind: Kind, request: Request, served: Served, worker: Worker, limits: _Limits) -> Any:
     """Validate, queue, and answer one request (a JSON body, or a stream of server-sent events)."""
-    body = await read_body(request, limits)
-    job_plan, parser, job, events = await submit(kind, body, request, served, worker, limits)
-    headers = {}
-    if job_plan.ignored:
-        log.info("ignored fields: %s", ", ".join(job_plan.ignored))
-        headers[IGNORED_HEADER] = ", ".join(job_plan.ignored)
-    meta = _Meta(kind, served.model_id, parser)
-    if job_plan.stream:
-        headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return StreamingResponse(_sse(job, events, meta), media_type="text/event-stream", headers=headers)
-    return JSONResponse(await _collect(job, events, meta, request), headers=headers)
+    run = await submit(kind, await read_body(request, limits), request, served, worker, limits)
+    if run.plan.ignored:
+        log.info("ignored fields: %s", ", ".join(run.plan.ignored))
+    if run.plan.stream:
+        return run.stream(_sse(run))
+    return JSONResponse(await _collect(run, request), headers=run.headers)
 
 
 async def read_body(request: Request, limits: _Limits) -> bytes:
@@ -377,15 +400,21 @@ async def submit(
     served: Served,
     worker: Worker,
     limits: _Limits,
-) -> tuple[Plan, OutputParser | None, Job, asyncio.Queue[Event]]:
-    """Validate and template ``body`` (raw or decoded) on a thread, under the image policy, and queue it."""
+    ignored: Sequence[str] = (),
+) -> Run:
+    """Validate and template ``body`` (raw or decoded) on a thread, under the image policy, and queue it.
+
+    ``ignored``: another API's fields that were accepted and ignored (``bridge.py``), named in ``X-Ignored-Fields``
+    before the fields the chat path ignored."""
     job_plan, parser = await limits.images.run(request, _prepare, kind, body, served, limits)
     events: asyncio.Queue[Event] = asyncio.Queue()
     try:
         job = worker.submit(job_plan, _emitter(events))
     except Busy as e:
         raise APIError(429, str(e), type_="rate_limit_error", code="server_busy") from None
-    return job_plan, parser, job, events
+    names = [*ignored, *job_plan.ignored]
+    headers = {IGNORED_HEADER: ", ".join(names)} if names else {}
+    return Run(job, events, _Meta(kind, served.model_id, parser), job_plan, headers)
 
 
 def _emitter(events: asyncio.Queue[Event]) -> Callable[[Event], None]:
@@ -457,51 +486,117 @@ def _usage(done: Finished) -> dict[str, Any]:
     }
 
 
-async def _collect(job: Job, events: asyncio.Queue[Event], meta: _Meta, request: Request) -> dict[str, Any]:
-    """The non-streaming answer; cancels the job if the client goes away while waiting."""
-    pieces: list[Piece] = []
-    try:
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    return {}
-                continue
-            if isinstance(event, Delta):
-                pieces += meta.pieces(event.text)
-            elif isinstance(event, Failed):
-                raise event.error
-            elif isinstance(event, Finished):
-                rest, calls = meta.finish()
-                pieces += rest
-                content = "".join(t for k, t in pieces if k == "content")
-                choice = meta.choice(content, "tool_calls" if calls else event.finish_reason, False)
-                if meta.kind == "chat":
-                    reasoning = "".join(t for k, t in pieces if k == "reasoning")
-                    if reasoning:
-                        choice["message"]["reasoning_content"] = reasoning
-                    if calls:
-                        choice["message"].update(tool_calls=calls, content=content.strip() or None)
-                out = {
-                    **meta.head(stream=False),
-                    "choices": [choice],
-                    "usage": _usage(event),
-                    "diffusion": event.stats,
-                }
-                return {**out, "error": event.error} if event.error else out
-    finally:
-        job.cancel()  # a no-op once the job is done
+@dataclass
+class Text:
+    """A piece of the answer: ``kind`` "content" or "reasoning" (the thinking channel)."""
+
+    kind: str
+    text: str
 
 
-async def _sse(job: Job, events: asyncio.Queue[Event], meta: _Meta) -> AsyncIterator[str]:
+@dataclass
+class End:
+    """The answer is finished: how, and the tool calls parsed out of it (OpenAI chat ``tool_calls`` entries)."""
+
+    done: Finished
+    calls: list[dict[str, Any]]
+
+
+@dataclass
+class Collected:
+    """A whole answer (non-streaming)."""
+
+    content: str
+    reasoning: str
+    calls: list[dict[str, Any]]
+    done: Finished
+
+
+@dataclass
+class Run:
+    """A request queued on the worker: its job, the events the job sends, the shapes of its answer and the
+    response's headers (``X-Ignored-Fields``). Every endpoint answers through it (``bridge.py`` for the others)."""
+
+    job: Job
+    events: asyncio.Queue[Event]
+    meta: _Meta
+    plan: Plan
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.plan.prompt_ids)
+
+    async def answer(self, request: Request | None = None) -> AsyncIterator[Text | End]:
+        """The answer as ``Text`` pieces, then one ``End``; a failure is raised (its ``APIError``).
+
+        With ``request`` (a non-streaming answer) it polls for the client going away and then just ends. The job
+        is cancelled when this ends early (a no-op once it is done).
+        """
+        try:
+            while True:
+                if request is None:
+                    event = await self.events.get()
+                else:
+                    try:
+                        event = await asyncio.wait_for(self.events.get(), POLL_S)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                if isinstance(event, Delta):
+                    for kind, text in self.meta.pieces(event.text):
+                        yield Text(kind, text)
+                elif isinstance(event, Failed):
+                    raise event.error
+                elif isinstance(event, Finished):
+                    rest, calls = self.meta.finish()
+                    for kind, text in rest:
+                        yield Text(kind, text)
+                    yield End(event, calls)
+                    return
+        finally:
+            self.job.cancel()
+
+    async def collect(self, request: Request) -> Collected | None:
+        """The whole answer; None if the client went away first."""
+        content, reasoning = [], []
+        async for item in self.answer(request):
+            if isinstance(item, Text):
+                (content if item.kind == "content" else reasoning).append(item.text)
+            else:
+                return Collected("".join(content), "".join(reasoning), item.calls, item.done)
+        return None
+
+    def stream(self, events: AsyncIterator[str]) -> StreamingResponse:
+        """``events`` (server-sent events, in any API's shape) as the streaming response, with this run's headers."""
+        headers = {**self.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+
+async def _collect(run: Run, request: Request) -> dict[str, Any]:
+    """The non-streaming answer in OpenAI's shape; ``{}`` if the client went away first (the job is cancelled)."""
+    answer = await run.collect(request)
+    if answer is None:
+        return {}
+    meta, done = run.meta, answer.done
+    choice = meta.choice(answer.content, "tool_calls" if answer.calls else done.finish_reason, False)
+    if meta.kind == "chat":
+        if answer.reasoning:
+            choice["message"]["reasoning_content"] = answer.reasoning
+        if answer.calls:
+            choice["message"].update(tool_calls=answer.calls, content=answer.content.strip() or None)
+    out = {**meta.head(stream=False), "choices": [choice], "usage": _usage(done), "diffusion": done.stats}
+    return {**out, "error": done.error} if done.error else out
+
+
+async def _sse(run: Run) -> AsyncIterator[str]:
     """Server-sent events: a chunk per committed canvas (and per step's preview if asked), then usage and ``[DONE]``.
 
     Starlette cancels this generator when the client disconnects; ``finally`` then cancels the job, which
     the worker notices at its next denoising step.
     """
-    plan: Plan = job.plan
+    job, events, meta, plan = run.job, run.events, run.meta, run.plan
     try:
         if meta.kind == "chat":
             yield _data({**meta.head(True), "choices": [meta.choice("", None, True, first=True)]})

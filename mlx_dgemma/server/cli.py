@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from mlx_dgemma.cli.shared import add_model_arguments
 from mlx_dgemma.errors import DGemmaError
 from mlx_dgemma.runtime.distributed import is_leader
-from mlx_dgemma.server.app import MAX_BODY_BYTES, check_defaults, check_limits, create_app
+from mlx_dgemma.server.app import MAX_BODY_BYTES, check_batching, check_defaults, check_limits, create_app
 from mlx_dgemma.server.fetch import FETCH_TIMEOUT
 from mlx_dgemma.server.images import ImagePolicy
 from mlx_dgemma.server.net import Server, make_config
@@ -114,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=16,
         help="requests queued or running at once; more get HTTP 429 (default 16)",
+    )
+    p.add_argument(
+        "--decode-concurrency",
+        type=int,
+        default=8,
+        help="requests decoded together, one decoder pass for all of them (default 8; mlx-lm's name)",
+    )
+    p.add_argument(
+        "--prompt-concurrency",
+        type=int,
+        default=4,
+        help="requests that may join the batch at one step, each encoding its prompt (default 4)",
     )
     p.add_argument(
         "--no-prompt-cache", action="store_true", help="do not reuse the previous request's encoder cache"
@@ -219,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds one image fetch may take in all (default {FETCH_TIMEOUT:g})",
     )
     p.add_argument(
+        "--no-web",
+        dest="web",
+        action="store_false",
+        help="do not serve the chat page at / (the API only)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         type=str.lower,
@@ -264,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.temperature is not None and not 0 <= args.temperature <= 2:
             raise DGemmaError(f"--temp must be between 0 and 2 (got {args.temperature})")
         check_limits(args.context_length, args.max_concurrency, args.max_body_bytes, timeout)
+        check_batching(args.decode_concurrency, args.prompt_concurrency)
         check_defaults(args.max_tokens, args.chat_template_args)
         if not args.image_fetch_timeout > 0:
             raise DGemmaError(
@@ -287,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
             args.model,
             context_length=args.context_length,
             max_concurrency=args.max_concurrency,
+            decode_concurrency=args.decode_concurrency,
+            prompt_concurrency=args.prompt_concurrency,
             prompt_cache=not args.no_prompt_cache,
             adapter_path=args.adapter_path,
             drafter=args.drafter,
@@ -300,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
             images=images,
             max_tokens=args.max_tokens,
             chat_template_args=args.chat_template_args,
+            web=args.web,
         )
     except DGemmaError as e:
         print(f"mlx_dgemma.server: error: {e}", file=sys.stderr)
@@ -314,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
         f"on http://{args.host}:{port}/v1",
         file=sys.stderr,
     )
+    if args.web:
+        print(f"mlx_dgemma.server: chat page at http://{args.host}:{port}/", file=sys.stderr)
     config = make_config(
         app,
         log_level=args.log_level,

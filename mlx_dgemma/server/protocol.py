@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
+from mlx_dgemma.decoding.constrain import FillInMiddle
 from mlx_dgemma.errors import DGemmaError, GrammarBusy
 from mlx_dgemma.model.diffusion_gemma import Model
 from mlx_dgemma.prompt import chat_template
@@ -75,7 +76,7 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "top_logprobs": ((0,), _NO_LOGPROBS),
     "logit_bias": (({},), "a canvas is denoised as a whole; there is no per-token bias"),
     "echo": ((False,), "the prompt is not returned; prepend it yourself"),
-    "suffix": (("",), "infilling is not supported by this server"),
+    "suffix": (("",), "fill-in-the-middle is for /v1/completions (prompt + suffix)"),
     "tool_choice": (("auto", "none"), 'use "required" or {"type": "function", "function": {"name": ...}}'),
     "modalities": ((["text"],), "this server is text only"),
     "functions": ((), "use tools"),
@@ -240,9 +241,11 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    """``POST /v1/completions``: a raw prompt, no chat template."""
+    """``POST /v1/completions``: a raw prompt, no chat template; with ``suffix``, fill-in-the-middle."""
 
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    # The text after the gap: the answer is the middle between ``prompt`` and it (``fim_suffix``); "": none.
+    suffix: str | None = None
 
 
 @dataclass
@@ -268,9 +271,9 @@ class Plan:
         None  # mlx_dgemma.prompt.multimodal.ImagePrompt of a request with images (ids already expanded)
     )
     response_format: dict[str, Any] | None = None  # a grammar: the request's, or a forced tool call's
-    format_param: str = (
-        "response_format"  # the field a grammar error names (``tool_choice`` for a forced call)
-    )
+    # The field a grammar or infill error names (``tool_choice``: a forced call; ``suffix``: fill-in-the-middle)
+    format_param: str = "response_format"
+    suffix: list[int] | None = None  # fill-in-the-middle: the suffix's token ids (the answer is the middle)
     # The library's request (``request.prepare``), built from the fields above by ``request_of``: on the thread
     # that plans it (rank 0), on the worker elsewhere. Not sent to other ranks (they build their own).
     request: GenerationRequest | None = field(default=None, repr=False, compare=False)
@@ -659,6 +662,34 @@ def completion_prompt_ids(
     return list(prompt)
 
 
+def fim_suffix(request: _Request, tokenizer: Any, canvas: int) -> list[int] | None:
+    """Fill-in-the-middle: the token ids of a completion's ``suffix`` (``None``: none, a plain completion).
+
+    The plan passes them to the library as ``infill=FillInMiddle(ids)``: the middle is an open hole of
+    ``max_tokens`` positions with the suffix held right after it, in one canvas (``constrain.FillInMiddle``,
+    which refuses a suffix that does not fit beside the middle; ``request_of`` answers that as a 400 naming
+    ``suffix``). A suffix is text for the middle to lead into, so it cannot be combined with a grammar; a suffix
+    of more characters than a canvas of the longest tokens is refused before tokenizing it."""
+    if not isinstance(request, CompletionRequest) or not request.suffix:
+        return None
+    if request.response_format not in (None, {"type": "text"}):
+        raise APIError(
+            400,
+            "suffix (fill-in-the-middle) cannot be combined with response_format: the middle is free text "
+            "between the prompt and the suffix; send one or the other",
+            "suffix",
+        )
+    if len(request.suffix) > canvas * max_token_chars(tokenizer):
+        raise APIError(
+            400,
+            f"the suffix has at least {-(-len(request.suffix) // max_token_chars(tokenizer))} tokens "
+            f"({len(request.suffix)} characters), but it shares one {canvas}-token canvas with the middle: "
+            f"send at most {canvas - 1} tokens of it (its beginning)",
+            "suffix",
+        )
+    return encode(tokenizer, request.suffix, False, None, "suffix")
+
+
 def max_tokens_of(
     request: _Request, prompt_tokens: int, context: int, canvas: int, default: int | None = None
 ) -> int:
@@ -746,7 +777,11 @@ def plan(
     else:
         assert isinstance(request, CompletionRequest)
         ids = completion_prompt_ids(request, tokenizer, context)
-    max_tokens = max_tokens_of(request, len(ids), context, model.args.canvas_length, max_tokens)
+    canvas = model.args.canvas_length
+    suffix = fim_suffix(request, tokenizer, canvas)
+    max_tokens = max_tokens_of(request, len(ids), context, canvas, max_tokens)
+    if suffix is not None and request.max_tokens is None:  # the middle's default: the room beside the suffix
+        max_tokens = min(max_tokens, max(canvas - len(suffix), 1))
     options = request.stream_options or StreamOptions()
     if request.stream_options is not None and not request.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
@@ -770,7 +805,8 @@ def plan(
         fast=request.fast,
         image_prompt=image_prompt,
         response_format=fmt,
-        format_param=param,
+        format_param="suffix" if suffix is not None else param,
+        suffix=suffix,
     )
 
 
@@ -791,6 +827,7 @@ def request_of(
             drafter=proposer or "none",
             fast=fast if plan.fast is None else plan.fast,
             response_format=plan.response_format,
+            infill=None if plan.suffix is None else FillInMiddle(plan.suffix),
             bounded_grammar=True,
             previews=plan.preview_key is not None,
             **plan.sampler,

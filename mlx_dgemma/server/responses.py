@@ -21,10 +21,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from mlx_dgemma.server import bridge
-from mlx_dgemma.server.bridge import End, Text
+from mlx_dgemma.server.app import End, Run, Text
 from mlx_dgemma.server.protocol import IGNORED, APIError
 from mlx_dgemma.server.worker import Finished
 
@@ -104,14 +104,10 @@ async def _respond(request: Request, store: ResponseStore) -> Any:
         raise APIError(400, "the request body must be a JSON object")
     stream = bridge.streaming(data)
     turn = Turn(data, store, request.app.state.served.model_id)
-    try:
-        run = await bridge.start(request, turn.chat, turn.ignored)
-    except APIError as e:
-        raise bridge.renamed(e, CHAT_NAMES) from None
+    run = await bridge.start(request, turn.chat, turn.ignored, CHAT_NAMES)
     if stream:
-        headers = {**run.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(_events(turn, run), media_type="text/event-stream", headers=headers)
-    answer = await bridge.collect(run, request)
+        return run.stream(_events(turn, run))
+    answer = await run.collect(request)
     if answer is None:  # the client went away
         return JSONResponse({})
     status = "incomplete" if answer.done.finish_reason == "length" else "completed"
@@ -413,14 +409,14 @@ class _Stream:
         ]
 
 
-async def _events(turn: Turn, run: bridge.Run) -> AsyncIterator[str]:
+async def _events(turn: Turn, run: Run) -> AsyncIterator[str]:
     stream = _Stream(turn)
     content, calls = [], []
     try:
         yield stream.event("response.created", response=turn.body(None, []))
         yield stream.event("response.in_progress", response=turn.body(None, []))
         try:
-            async for item in bridge.answer(run):
+            async for item in run.answer():
                 if isinstance(item, Text):
                     if stream.open is None or stream.open["type"] != ITEM_TYPES[item.kind]:
                         for chunk in [*stream.end(), *stream.begin(item.kind)]:

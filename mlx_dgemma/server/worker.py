@@ -11,22 +11,24 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
-from mlx_dgemma.decoding.block_loop import prefill
+from mlx_dgemma.batching import Batch
+from mlx_dgemma.decoding.block_loop import prefill_steps
+from mlx_dgemma.decoding.canvas import Steps, solo
 from mlx_dgemma.drafter import make_proposer
 from mlx_dgemma.errors import DGemmaError
-from mlx_dgemma.generation import Commit, Done, Preview, run
-from mlx_dgemma.model.cache import DiffusionCache, FullKVCache, WindowKVCache
+from mlx_dgemma.generation import Commit, Done, Preview, run_steps
+from mlx_dgemma.model.cache import DiffusionCache, copy_cache
 from mlx_dgemma.model.diffusion_gemma import Model
 from mlx_dgemma.model.loader import load
 from mlx_dgemma.prompt import multimodal
-from mlx_dgemma.runtime.distributed import is_leader
+from mlx_dgemma.runtime.distributed import is_leader, launched_group
 from mlx_dgemma.server.follow import announce, cancelled, follow
 from mlx_dgemma.server.protocol import APIError, Plan, request_of
 
@@ -147,31 +149,6 @@ def tokens_through(tokenizer: Any, tokens: list[int], chars: int) -> int:
     return lo
 
 
-def copy_cache(cache: DiffusionCache) -> DiffusionCache:
-    """A cache that shares no mutable object with ``cache``.
-
-    MLX arrays are immutable, but mlx-lm's ``KVCache`` writes into its pre-allocated buffer by slice
-    assignment, which rebinds the array *object* it holds: a shallow copy would see later writes. Fresh
-    layer objects holding fresh slices are enough (no data is copied).
-    """
-    layers: list[FullKVCache | WindowKVCache] = []
-    for c in cache:
-        if isinstance(c, WindowKVCache):
-            new_w = WindowKVCache(c.window)
-            new_w.keys, new_w.values, new_w.offset = c.keys, c.values, c.offset
-            layers.append(new_w)
-        else:
-            new_f = FullKVCache()
-            if c.keys is not None:
-                new_f.keys, new_f.values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
-            new_f.offset = c.offset
-            layers.append(new_f)
-    out = DiffusionCache(layers)
-    out.valid, out.capture, out.features = cache.valid, cache.capture, list(cache.features)
-    mx.eval(out.state_arrays())
-    return out
-
-
 Entry = tuple[list[int], DiffusionCache]  # token ids, and a cache holding exactly them
 
 
@@ -185,7 +162,7 @@ class PromptCache:
     be), and a cache handed out is a copy, so the kept ones stay intact.
     """
 
-    MAX_ENTRIES = 4
+    MAX_ENTRIES = 8  # over every conversation: a request leaves up to four of its own
 
     def __init__(self, model: Model, enabled: bool = True):
         self.model, self.enabled = model, enabled
@@ -205,10 +182,20 @@ class PromptCache:
         self.reused_tokens += len(held)
         return copy_cache(cache), matches
 
-    def keep(self, entries: list[Entry]) -> None:
-        """Replace the kept caches (the longest ``MAX_ENTRIES`` of ``entries``)."""
-        entries = sorted((e for e in entries if e[0]), key=lambda e: len(e[0]))
-        self.entries = entries[-self.MAX_ENTRIES :] if self.enabled else []
+    def keep(self, entries: list[Entry], keys: list[int] | None = None) -> None:
+        """Keep a request's caches (``entries``: those its prompt ``keys`` reused, and those it made) as the most
+        recent, after the other conversations' ones; at most ``MAX_ENTRIES``, the oldest dropped first."""
+        if not self.enabled:
+            self.entries = []
+            return
+        new = sorted((e for e in entries if e[0]), key=lambda e: len(e[0]))
+        held = {tuple(e[0]) for e in new}
+
+        def superseded(ids: list[int]) -> bool:  # one of this conversation's, not kept by the request
+            return keys is not None and len(ids) <= len(keys) and keys[: len(ids)] == ids
+
+        others = [e for e in self.entries if tuple(e[0]) not in held and not superseded(e[0])]
+        self.entries = (others + new)[-self.MAX_ENTRIES :]
 
 
 class Worker:
@@ -227,8 +214,13 @@ class Worker:
         drafter: str | Path | None = "auto",
         request_timeout: float | None = None,
         fast: bool = False,
+        decode_concurrency: int = 8,
+        prompt_concurrency: int = 4,
     ):
         self.max_concurrency, self._use_prompt_cache = max_concurrency, prompt_cache
+        # Requests decoded together in one batch (mlx_dgemma.batching), and how many may join it per step (each
+        # encodes its prompt then, one chunk a step); mlx-lm's names. One at a time on several ranks (follow.py).
+        self.decode_concurrency, self.prompt_concurrency = decode_concurrency, prompt_concurrency
         self.request_timeout = request_timeout  # seconds of generation per request; None: no limit
         self.fast = fast  # fast decoding for requests that do not say (mlx_dgemma.decoding.fast)
         self.proposer: Any = None  # the drafter serving every request (mlx_dgemma.drafter), or None
@@ -236,7 +228,7 @@ class Worker:
         self.tokenizer: Any
         self.prompt_cache: PromptCache
         self.counters = {"served": 0, "cancelled": 0, "failed": 0}
-        self.running: Job | None = None
+        self.running: set[Job] = set()  # the jobs being decoded
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.RLock()  # reentrant: shutdown() may run in a signal handler on the loop thread
         self._active = 0  # queued + running, less those cancelled or already answered
@@ -262,8 +254,7 @@ class Worker:
         """Begin stopping (safe from a signal handler): the running job ends at its next denoising step and
         is answered 503, as is every queued one."""
         self._stopping = True
-        job = self.running
-        if job is not None:
+        for job in list(self.running):
             job.cancel(_SHUTTING_DOWN)
 
     def stop(self, timeout: float = 10) -> None:
@@ -283,9 +274,9 @@ class Worker:
     @property
     def queued(self) -> int:
         """Jobs waiting for the worker that still hold a slot (cancelled ones do not)."""
-        running = self.running
+        running = set(self.running)
         with self._lock:
-            return len(self._slots - {running})
+            return len(self._slots - running)
 
     def submit(self, plan: Plan, emit: Callable[[Event], None]) -> Job:
         """Queue a job; raise ``Busy`` when ``max_concurrency`` jobs are already queued or running."""
@@ -342,8 +333,98 @@ class Worker:
             follow(self)
 
     def _run(self) -> None:
+        """Serve the queue: up to ``decode_concurrency`` jobs decoded together, joining and leaving between steps.
+        On several ranks, one job at a time (every rank must run the same passes: ``follow.py``)."""
+        if launched_group() is not None:
+            self._run_one_at_a_time()
+            return
+        batch = Batch(self.model, self.tokenizer)
+        live: dict[int, _Live] = {}
+        while self._admit(batch, live):
+            self._check(batch, live)
+            try:
+                for row_id, event in batch.step():
+                    self._route(batch, live, row_id, event)
+            except Exception as e:  # the batched pass itself failed: every job in it fails
+                for row_id in list(live):
+                    batch.cancel(row_id)
+                    self._fail(live.pop(row_id), e)
+                continue
+            for row_id in [r for r in live if r not in batch]:  # ended without a final event
+                self._close(live.pop(row_id), None)
+        announce(None)
+
+    def _route(self, batch: Batch, live: dict[int, _Live], row_id: int, event: Any) -> None:
+        """One event of the batch to its job; a job that finished (or failed) leaves the batch."""
+        item = live.get(row_id)
+        if item is not None and (isinstance(event, Exception) or item.on(event)):
+            del live[row_id]
+            batch.cancel(row_id)
+            self._close(item, event)
+
+    def _admit(self, batch: Batch, live: dict[int, _Live]) -> bool:
+        """Take queued jobs into the batch (waiting for one when none runs); False once told to stop."""
+        joined = 0
+        while len(live) < self.decode_concurrency and joined < self.prompt_concurrency:
+            try:
+                job = self._queue.get(block=not live)
+            except queue.Empty:
+                return True
+            if job is None:
+                for row_id in list(live):  # stopping: what still runs was cancelled by shutdown()
+                    batch.cancel(row_id)
+                    item = live.pop(row_id)
+                    self._cancelled(item.job)
+                    self._close(item, None, served=False)
+                return False
+            if self._stopping:
+                self._answer(job, Failed(_SHUTTING_DOWN))
+            elif job.cancelled.is_set():
+                self._cancelled(job)
+            else:
+                item = _Live(self, job)
+                live[batch.join(item.steps())] = item
+                self.running.add(job)
+                joined += 1
+        return True
+
+    def _check(self, batch: Batch, live: dict[int, _Live]) -> None:
+        """Between two steps: drop the cancelled jobs, cut the ones past the request timeout."""
+        for row_id, item in list(live.items()):
+            if item.job.cancelled.is_set():
+                batch.cancel(row_id)
+                del live[row_id]
+                self._cancelled(item.job)
+                self._close(item, None, served=False)
+            elif item.timed_out():
+                batch.cancel(row_id)
+                del live[row_id]
+                item.cut()
+                self._close(item, None)
+
+    def _close(self, item: _Live, event: Any, served: bool = True) -> None:
+        """A job left the batch: count it, keep its prompt caches, free its place."""
+        self.running.discard(item.job)
+        if isinstance(event, Exception):
+            self._fail(item, event)
+        elif served:
+            self.counters["served"] += 1
+        item.keep_caches()
+        item.job.release()
+
+    def _fail(self, item: _Live, error: BaseException) -> None:
+        self.running.discard(item.job)
+        self.counters["failed"] += 1
+        if isinstance(error, DGemmaError):  # validated before queueing, so unexpected; still the client's
+            self._answer(item.job, Failed(APIError(400, str(error))))
+            return
+        log.error("generation failed", exc_info=error)
+        message = f"generation failed: {type(error).__name__}: {error}"
+        self._answer(item.job, Failed(APIError(500, message, type_="server_error")))
+
+    def _run_one_at_a_time(self) -> None:
         while (job := self._queue.get()) is not None:
-            self.running = job
+            self.running = {job}
             try:
                 if self._stopping:
                     self._answer(job, Failed(_SHUTTING_DOWN))
@@ -352,22 +433,33 @@ class Worker:
                 else:
                     announce(job.plan)  # to the other ranks, when split over several (follow.py)
                     self._serve(job)
-            except DGemmaError as e:  # validated before queueing, so unexpected; still the client's
-                self.counters["failed"] += 1
-                self._answer(job, Failed(APIError(400, str(e))))
             except Exception as e:  # one bad request must never take the worker down
-                log.exception("generation failed")
-                self.counters["failed"] += 1
-                self._answer(
-                    job,
-                    Failed(
-                        APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error")
-                    ),
-                )
+                self._fail(_Live.failed(job), e)
             finally:
-                self.running = None
+                self.running = set()
                 job.release()
         announce(None)
+
+    def _prefill(
+        self, ids: list[int], points: tuple[int, ...], images: Any, keys: list[int]
+    ) -> Generator[Any, Any, tuple[DiffusionCache, list[Entry], int]]:
+        """Encode a prompt (a generator of the canvas loop: a ``PAUSE`` after each chunk). Returns a cache holding
+        ``ids``, the entries to keep (those reused, and a copy at each of ``points`` and at the end of the
+        prompt), and how many tokens came from the prompt cache. ``keys``: what the prompt cache matches (``ids``
+        with each image's tokens keyed by its content)."""
+        cache, kept = self.prompt_cache.take(keys)
+        cached = cache.offset
+        if cached == 0:
+            cache.capture = getattr(self.proposer, "capture", ())  # the drafter reads these layers' features
+        for point in sorted({p for p in [*points, len(ids)] if p > cache.offset}):
+            if images is not None:
+                multimodal.prefill(self.model, images, cache, point)
+            else:
+                yield from prefill_steps(
+                    self.model, mx.array([ids[cache.offset : point]], dtype=mx.int32), cache
+                )
+            kept.append((keys[:point], copy_cache(cache)))
+        return cache, kept, cached
 
     def _cancelled(self, job: Job) -> None:
         self.counters["cancelled"] += 1
@@ -375,58 +467,82 @@ class Worker:
             self._answer(job, Failed(job.reason))
 
     def _serve(self, job: Job) -> None:
-        ids, images = job.plan.prompt_ids, job.plan.image_prompt
-        keys = images.cache_key() if images is not None else ids  # cached images match by content
-        cache, kept, cached = self._prefill(ids, job.plan.cache_points, images, keys)
-        answer = _Answer(job, self.tokenizer, len(ids), cached)
-        deadline = None if self.request_timeout is None else _clock() + self.request_timeout
-        request = job.plan.request or request_of(
-            job.plan, self.model, self.tokenizer, self.proposer, self.fast
-        )
-        events = run(self.model, self.tokenizer, replace(request, cache=cache))
+        """One job alone (on several ranks, every rank runs this for the same plan)."""
+        item = _Live(self, job)
+        events = solo(self.model, item.steps())
         finished = False
         try:
             for event in events:
                 if cancelled(job):  # between two denoising steps (on several ranks, rank 0's flag)
                     self._cancelled(job)
                     return
-                if deadline is not None and _clock() > deadline:
-                    answer.cut(
-                        f"the answer was cut after --request-timeout {self.request_timeout:g} s: "
-                        "ask for fewer max_tokens or max_denoising_steps"
-                    )
+                if item.timed_out():
+                    item.cut()
                     break
-                if answer.on(event):
+                if item.on(event):
                     finished = True
                     break
             self.counters["served"] += 1
         finally:
             events.close()
-            # After an error the live cache may be half-written: keep only the prompt's copies then.
-            encoded = (keys + answer.tokens)[: cache.offset]
-            self.prompt_cache.keep(
-                [*kept, (encoded, cache)] if finished and len(encoded) > len(ids) else kept
-            )
+            item.keep_caches(finished)
 
-    def _prefill(
-        self, ids: list[int], points: tuple[int, ...], images: Any = None, keys: list[int] | None = None
-    ) -> tuple[DiffusionCache, list[Entry], int]:
-        """A cache holding ``ids``, the entries to keep (those reused, and a copy at each of ``points`` and at
-        the end of the prompt), and how many tokens came from the prompt cache. ``keys``: what the prompt
-        cache matches (``ids`` with each image's tokens keyed by its content)."""
-        keys = ids if keys is None else keys
-        cache, kept = self.prompt_cache.take(keys)
-        cached = cache.offset
-        if cached == 0:
-            cache.capture = getattr(self.proposer, "capture", ())  # the drafter reads these layers' features
-        self.prompt_cache.keep([])  # until this request has made its own
-        for point in sorted({p for p in [*points, len(ids)] if p > cache.offset}):
-            if images is not None:
-                multimodal.prefill(self.model, images, cache, point)
-            else:
-                prefill(self.model, mx.array([ids[cache.offset : point]], dtype=mx.int32), cache)
-            kept.append((keys[:point], copy_cache(cache)))
-        return cache, kept, cached
+
+class _Live:
+    """A job being decoded: its prompt's encoding (reusing the prompt cache), its answer, its deadline."""
+
+    def __init__(self, worker: Worker, job: Job):
+        self.worker, self.job = worker, job
+        self.deadline = None if worker.request_timeout is None else _clock() + worker.request_timeout
+        self.answer: _Answer | None = None
+        self.cache: DiffusionCache | None = None
+        self.kept: list[Entry] = []
+        self.keys: list[int] = []
+        self.finished = False
+
+    @classmethod
+    def failed(cls, job: Job) -> _Live:
+        """A stand-in for a job that failed before it could start."""
+        item = cls.__new__(cls)
+        item.job, item.cache, item.kept, item.finished = job, None, [], False
+        return item
+
+    def steps(self) -> Steps:
+        """The job as a generator of the canvas loop: its prompt encoded (a chunk a step), then its answer."""
+        w, plan = self.worker, self.job.plan
+        ids, images = plan.prompt_ids, plan.image_prompt
+        self.keys = images.cache_key() if images is not None else ids  # cached images match by content
+        self.cache, self.kept, cached = yield from w._prefill(ids, plan.cache_points, images, self.keys)
+        self.answer = _Answer(self.job, w.tokenizer, len(ids), cached)
+        request = plan.request or request_of(plan, w.model, w.tokenizer, w.proposer, w.fast)
+        yield from run_steps(w.model, w.tokenizer, replace(request, cache=self.cache))
+
+    def on(self, event: Preview | Commit | Done) -> bool:
+        """Hand one event to the answer; True once it is finished."""
+        assert self.answer is not None
+        self.finished = self.answer.on(event)
+        return self.finished
+
+    def timed_out(self) -> bool:
+        return self.deadline is not None and self.answer is not None and _clock() > self.deadline
+
+    def cut(self) -> None:
+        assert self.answer is not None
+        self.answer.cut(
+            f"the answer was cut after --request-timeout {self.worker.request_timeout:g} s: "
+            "ask for fewer max_tokens or max_denoising_steps"
+        )
+
+    def keep_caches(self, finished: bool | None = None) -> None:
+        """Keep this job's prompt caches for the next requests. After an error the live cache may be
+        half-written: only the prompt's copies are kept then."""
+        finished = self.finished if finished is None else finished
+        if self.cache is None:
+            return
+        answer = self.answer.tokens if self.answer is not None else []
+        encoded = (self.keys + answer)[: self.cache.offset]
+        whole = finished and len(encoded) > len(self.job.plan.prompt_ids)
+        self.worker.prompt_cache.keep([*self.kept, (encoded, self.cache)] if whole else self.kept, self.keys)
 
 
 class _Answer:

@@ -41,6 +41,19 @@ def write_checkpoint(out: Path, step: int, files: dict[str, Writer]) -> Path:
     final = out / name
     if current(out) == final:
         return final  # saved already at this step (a periodic save, then Ctrl-C)
+    write_folder(final, files)  # replaces a leftover renamed into place but never pointed to
+    _replace_text(out / POINTER, json.dumps({"folder": name, "step": step}) + "\n")
+    _remove_others(out, keep=name)
+    return final
+
+
+def write_folder(final: Path, files: dict[str, Writer]) -> Path:
+    """Write ``files`` (name -> writer of that path) as the folder ``final``, all or nothing: a temporary sibling,
+    every file and the folder fsync-ed, then renamed into place (replacing a folder already there).
+
+    Temporaries of ``final`` that killed processes left are removed afterwards. Also the drafter's folder writer.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -48,11 +61,10 @@ def write_checkpoint(out: Path, step: int, files: dict[str, Writer]) -> Path:
         write(tmp / file)
         _fsync(tmp / file)
     _fsync(tmp)
-    shutil.rmtree(final, ignore_errors=True)  # a leftover renamed into place but never pointed to
+    shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync(out)
-    _replace_text(out / POINTER, json.dumps({"folder": name, "step": step}) + "\n")
-    _remove_others(out, keep=name)
+    _fsync(final.parent)
+    _remove_temporaries(final.parent, (final.name,))
     return final
 
 

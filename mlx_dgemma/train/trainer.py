@@ -109,12 +109,14 @@ class TrainConfig:
 
 @dataclass
 class StepLog:
-    """One optimizer step: its losses (means over the micro-batches), tokens trained on, and seconds taken."""
+    """One optimizer step: its losses (means over the micro-batches), tokens trained on, and seconds taken.
+
+    ``diffusion`` and ``encoder`` are the objective's parts; None for a loss without parts (the drafter's)."""
 
     step: int
     loss: float
-    diffusion: float
-    encoder: float
+    diffusion: float | None
+    encoder: float | None
     tokens: int
     seconds: float
 
@@ -131,11 +133,15 @@ class TrainResult:
 
 
 class Progress:
-    """A tqdm bar on a terminal (loss and tokens/s in its postfix); plain lines every ``every`` steps when piped."""
+    """A tqdm bar on a terminal (loss and tokens/s in its postfix); plain lines every ``every`` steps when piped.
 
-    def __init__(self, total: int, out: TextIO | None = None, every: int = 10):
+    The loss and tokens/s shown are means over the last ``mean_of`` steps (default: ``every``).
+    """
+
+    def __init__(self, total: int, out: TextIO | None = None, every: int = 10, mean_of: int | None = None):
         self.out = out if out is not None else sys.stdout
         self.total, self.every, self.live = total, max(every, 1), self.out.isatty()
+        self.mean_of = max(mean_of or self.every, 1)
         self.window: list[StepLog] = []
         self.bar: tqdm | None = None
 
@@ -153,7 +159,7 @@ class Progress:
             )
 
     def update(self, log: StepLog) -> None:
-        self.window = [*self.window[-(self.every - 1) :], log]
+        self.window = [*self.window, log][-self.mean_of :]  # the last mean_of steps
         loss = sum(s.loss for s in self.window) / len(self.window)
         tps = sum(s.tokens for s in self.window) / max(sum(s.seconds for s in self.window), 1e-9)
         if self.live:
@@ -161,10 +167,12 @@ class Progress:
             self.bar.set_postfix_str(f"loss {loss:.4f}, {tps:,.0f} tok/s", refresh=False)
             self.bar.update(log.step - self.bar.n)
         elif log.step % self.every == 0 or log.step == self.total:
-            self.line(
-                f"step {log.step}/{self.total}  loss {loss:.4f}  {tps:,.0f} tok/s  "
-                f"(diffusion {log.diffusion:.4f}, encoder {log.encoder:.4f})"
+            parts = (
+                f"  (diffusion {log.diffusion:.4f}, encoder {log.encoder:.4f})"
+                if log.diffusion is not None
+                else ""
             )
+            self.line(f"step {log.step}/{self.total}  loss {loss:.4f}  {tps:,.0f} tok/s{parts}")
 
     def line(self, text: str) -> None:
         """A line of its own (validation, checkpoint), above the bar on a terminal."""

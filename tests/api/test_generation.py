@@ -31,7 +31,7 @@ def test_load_without_argument_is_the_embedded_model(default):
 
 def test_the_default_answers_the_readme_example_with_its_own_sampler_settings(default):
     """The README's first command: the long-answer demo model (128-token canvases) and the sampler settings its
-    generation_config.json ships, which are not the released model's (scripts/train_demo.py's GENERATION)."""
+    generation_config.json ships, which are not the released model's (demo/train.py's GENERATION)."""
     model, tokenizer = default
     assert model.args.canvas_length == 128
     assert (model.generation_config["t_max"], model.generation_config["sampler_config"]["entropy_bound"]) == (

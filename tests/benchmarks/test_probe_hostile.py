@@ -1,4 +1,4 @@
-"""``scripts/probe_hostile.py`` (issue 26's rerunnable probe) runs, prints its table and stops by itself.
+"""``python -m benchmarks.probe_hostile`` (issue 26's rerunnable probe) runs, prints its table and stops by itself.
 
 Only the cheap class D (one server, prompt and header probes) is run here; whether the probes hold is the
 probe's own business (its exit status), not this test's.
@@ -6,19 +6,14 @@ probe's own business (its exit status), not this test's.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "probe_hostile.py"
+from benchmarks import probe_hostile as probe
+from tests.benchmarks.commands import run_module
 
 
 def test_probe_prints_a_table_and_exits():
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--only", "D", "--quick"], capture_output=True, text=True, timeout=600
-    )  # a hang guard: the script bounds itself well within it
+    result = run_module("benchmarks.probe_hostile", "--only", "D", "--quick")
     assert result.returncode in (0, 1), result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[0].split()[:5] == ["class", "probe", "expected", "got", "held"], result.stdout
@@ -29,16 +24,7 @@ def test_probe_prints_a_table_and_exits():
     assert (result.returncode == 0) == (summary.group(1) == summary.group(2))
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("probe_hostile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_markdown_table_and_bad_option():
-    probe = load_script()
     rows = [
         probe.Row("A", "a|b", "400", "400 ok", True),
         probe.Row("B", "x", "400", "500", False),
@@ -52,7 +38,5 @@ def test_markdown_table_and_bad_option():
     assert markdown[3].endswith("| ✗ |") and markdown[4].endswith("| n/a |")
     plain = probe.table(rows, markdown=False).splitlines()
     assert len({line.index("held") for line in plain[:1]}) == 1 and len(plain) == 5
-    bad = subprocess.run(
-        [sys.executable, str(SCRIPT), "--only", "Z"], capture_output=True, text=True, timeout=120
-    )
+    bad = run_module("benchmarks.probe_hostile", "--only", "Z")
     assert bad.returncode == 2 and "--only" in bad.stderr and "Traceback" not in bad.stderr

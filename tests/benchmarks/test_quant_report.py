@@ -1,4 +1,4 @@
-"""Quality of each quantization recipe (``scripts/quant_report.py``), checked against justified bounds.
+"""Quality of each quantization recipe (``python -m benchmarks.quant_report``), checked against justified bounds.
 
 The checkpoint is the report's own (written by the reference): two layers (one sliding, one full attention),
 every quantized width a multiple of 64. Random weights amplify perturbations layer after layer, so deeper
@@ -15,36 +15,23 @@ for platform differences in the float32 arithmetic; the relations between rows a
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "quant_report.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("quant_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import quant_report as report
+from tests.benchmarks.commands import run_module, succeeded
+from tests.conftest import DEMO24
 
 
 @pytest.fixture(scope="module")
-def report():
-    return load_script()
-
-
-@pytest.fixture(scope="module")
-def rows(report, tmp_path_factory):
+def rows(tmp_path_factory):
+    """The report on its own checkpoint, written by the reference (torch): the tests that use it are slow."""
     source = report.write_reference_checkpoint(tmp_path_factory.mktemp("quant-report"))
     measured = report.measure(source, bits=(2, 4, 8))
     print("\n" + report.format_table(measured))
     return {(r.recipe, r.bits): r for r in measured}
 
 
+@pytest.mark.slow
 def test_8bit_is_nearly_lossless(rows):
     for recipe in ("uniform", "mixed"):
         row = rows[recipe, 8]
@@ -53,12 +40,14 @@ def test_8bit_is_nearly_lossless(rows):
     assert rows["mixed", 8].kl_mean == rows["uniform", 8].kl_mean
 
 
+@pytest.mark.slow
 def test_4bit_bounds(rows):
     mixed, uniform = rows["mixed", 4], rows["uniform", 4]
     assert mixed.kl_mean < 2e-2 and mixed.top1 >= 0.97, mixed  # the default recipe
     assert uniform.kl_mean < 0.15 and uniform.top1 >= 0.95, uniform
 
 
+@pytest.mark.slow
 def test_kl_falls_with_bits(rows):
     for recipe in ("uniform", "mixed"):
         kl = {bits: rows[recipe, bits].kl_mean for bits in (2, 4, 8)}
@@ -71,6 +60,7 @@ def test_kl_falls_with_bits(rows):
         )
 
 
+@pytest.mark.slow
 def test_mixed_beats_uniform_below_8_bits(rows):
     for bits in (2, 4):
         mixed, uniform = rows["mixed", bits], rows["uniform", bits]
@@ -78,7 +68,7 @@ def test_mixed_beats_uniform_below_8_bits(rows):
         assert mixed.bits_per_weight > uniform.bits_per_weight  # what the 8-bit parts cost
 
 
-def test_table(report):
+def test_table():
     row = report.Row("mixed", 4, 6.67, 5.0e-3, 0.19, 1.0)
     table = report.format_table([row])
     assert table.splitlines()[0].split() == [
@@ -92,3 +82,17 @@ def test_table(report):
         "top-1",
     ]
     assert table.splitlines()[1].split() == ["mixed", "4", "6.67", "5.00e-03", "1.90e-01", "1.000"]
+
+
+def test_command_prints_the_table():
+    """The command on an unquantized checkpoint of ours (no reference process): its header line and one row per
+    recipe and bit width asked for."""
+    args = ["--model", DEMO24, "--bits", "4", "8", "--recipes", "mixed", "--batch", "1", "--prompt-len", "8"]
+    lines = succeeded(run_module("benchmarks.quant_report", *args, "--canvas-len", "24")).splitlines()
+    assert lines[0].startswith(f"checkpoint: {DEMO24}; 1 x 24 positions"), lines
+    assert lines[1].split() == ["recipe", "bits", "bits/weight", "KL", "mean", "KL", "max", "top-1"], lines
+    rows = [line.split() for line in lines[2:]]
+    assert [row[:2] for row in rows] == [["mixed", "4"], ["mixed", "8"]], lines
+    for row in rows:
+        bits_per_weight, kl_mean, kl_max, top1 = map(float, row[2:])
+        assert bits_per_weight > int(row[1]) and 0 <= kl_mean <= kl_max and 0 <= top1 <= 1, row

@@ -40,13 +40,13 @@ def test_every_combination_runs_through_the_one_loop_and_commits_as_before(
 ):
     model, tokenizer = demo
     seen = []
-    real = canvas_mod.run_canvas
+    real = canvas_mod.canvas_steps
 
     def spy(model, cache, step, start):
         seen.append((type(step).__name__, [type(h).__name__ for h in start.hooks]))
         return real(model, cache, step, start)
 
-    monkeypatch.setattr("mlx_dgemma.decoding.block_loop.run_canvas", spy)
+    monkeypatch.setattr("mlx_dgemma.decoding.block_loop.canvas_steps", spy)
     got = combos.run(model, tokenizer, stepper, drafter, constraint)
     # Bit for bit what the code before the one loop committed (tokens, passes, positions, drafts and restarts).
     assert got == GOLDEN[f"{stepper}/{drafter}/{constraint}"]

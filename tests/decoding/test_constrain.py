@@ -19,7 +19,7 @@ from mlx_dgemma.model.diffusion_gemma import Model
 from mlx_dgemma.model.loader import load_tokenizer, read_config
 from tests.conftest import DEMO24
 
-RECORD_SCHEMA = Path(__file__).resolve().parents[2] / "scripts" / "record_schema.json"  # the record task's
+RECORD_SCHEMA = Path(__file__).resolve().parents[2] / "demo" / "record_schema.json"  # the record task's
 
 FAST = {"max_denoising_steps": 3, "drafter": "none"}
 

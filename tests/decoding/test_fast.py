@@ -20,11 +20,11 @@ from mlx_dgemma.decoding.fast import (
     exact_agreement,
     fast_step,
     forward,
-    softcap,
     sparse_soft,
 )
 from mlx_dgemma.decoding.sampler import SamplerConfig, init_history
 from mlx_dgemma.errors import DGemmaError
+from mlx_dgemma.model.diffusion_gemma import softcap as model_softcap
 from mlx_dgemma.request import encode_prompt
 from mlx_dgemma.runtime import memory as memory_mod
 from mlx_dgemma.runtime.memory import MemoryWarning, wired_limit
@@ -143,7 +143,10 @@ def test_sparse_pass_with_stale_kv_equals_the_full_pass_rows(base):
     every = mx.arange(C, dtype=mx.int32)[None]
     full, stores = forward(model, canvas, cache, soft, every, None, C)
     np.testing.assert_allclose(
-        np.array(softcap(model, full)), np.array(model.denoise(canvas, cache, sc)), rtol=1e-4, atol=1e-4
+        np.array(model_softcap(full, model.args.final_logit_softcapping)),
+        np.array(model.denoise(canvas, cache, sc)),
+        rtol=1e-4,
+        atol=1e-4,
     )
     some = mx.array([[5, 0, 3]], dtype=mx.int32)
     part, _ = forward(
@@ -189,9 +192,9 @@ def test_topk_sampler_keeps_the_exact_argmax():
     top = fast_step(
         raw, positions, state((mx.zeros((B, C, 8)), mx.zeros((B, C, 8), dtype=mx.int32))), fcfg=k8, **args
     )
-    np.testing.assert_array_equal(np.array(top.state.argmax), np.array(exact.state.argmax))
+    np.testing.assert_array_equal(np.array(top.argmax), np.array(exact.argmax))
     # Truncating to the top 8 can only drop probability mass: the entropy it sees is never (much) higher.
-    assert bool(mx.all(top.state.entropy <= exact.state.entropy + 1e-4))
+    assert bool(mx.all(top.entropy <= exact.entropy + 1e-4))
 
 
 def test_only_a_token_the_sampler_accepted_freezes_not_a_drafted_one():
@@ -225,7 +228,7 @@ def test_only_a_token_the_sampler_accepted_freezes_not_a_drafted_one():
             mx.zeros((B,), dtype=mx.bool_),
             sc,
         )
-        return fast_step(raw, positions, state, **args).state
+        return fast_step(raw, positions, state, **args)
 
     drafted, accepted = step(False), step(True)
     assert bool(mx.all(accepted.frozen)) and not bool(mx.any(drafted.frozen))
@@ -303,13 +306,13 @@ def test_server_default_and_per_request_fast(monkeypatch):
     with pytest.raises(APIError, match="fast"):
         parse("chat", {"messages": [], "fast": "yes"})
     seen = []
-    real = worker_mod.run
+    real = worker_mod.run_steps
 
     def spy(model, tokenizer, request):
         seen.append(request.fast is not None)
         return real(model, tokenizer, request)
 
-    monkeypatch.setattr(worker_mod, "run", spy)
+    monkeypatch.setattr(worker_mod, "run_steps", spy)
     import httpx
 
     with BackgroundServer(create_app(fast=True)) as srv:
@@ -328,11 +331,13 @@ def test_server_default_and_per_request_fast(monkeypatch):
 
 
 def test_projection_unfreezes_what_it_changes_and_ranks_frozen_rows_by_their_top_k():
-    """``fast.project``: a position the constraint changes is written into the canvas and unfrozen (the next
-    sparse pass recomputes it); a frozen position this pass did not compute is ranked by its kept top-k, with
-    every other token below them; a held position is written when the canvas differs."""
-    from mlx_dgemma.decoding.constrain import Constraint
-    from mlx_dgemma.decoding.fast import FastState, project
+    """The projection of a fast step (``hooks.Constrained``: ``project_canvas`` ranked by ``logits_row``, then
+    ``rewrite``): a position the constraint changes is written into the canvas and unfrozen (the next sparse pass
+    recomputes it); a frozen position this pass did not compute is ranked by its kept top-k, with every other
+    token below them; a held position is written when the canvas differs."""
+    from mlx_dgemma.decoding.constrain import Constraint, project_canvas
+    from mlx_dgemma.decoding.fast import FastState
+    from mlx_dgemma.decoding.hooks import logits_row, rewrite
 
     seen = {}
 
@@ -363,7 +368,8 @@ def test_projection_unfreezes_what_it_changes_and_ranks_frozen_rows_by_their_top
     )
     raw = mx.arange(2 * V, dtype=mx.float32).reshape(1, 2, V)
     positions = mx.array([[1, 0]], dtype=mx.int32)  # position 0 computed (row 1 of raw), 2 and 3 not
-    out = project(state, raw, positions, Stub(), 0)
+    argmax, canvas = np.asarray(state.argmax[0]).astype(np.int32), np.asarray(state.canvas[0])
+    out = rewrite(state, *project_canvas(Stub(), 0, argmax, canvas, logits_row(state, (raw, positions), V)))
     assert np.array_equal(seen[0], np.arange(V, 2 * V))
     assert seen[2][9] == 3.0 and seen[2][7] == 1.0 and seen[2][0] == -1e30
     assert np.array(out.argmax).tolist() == [[5, 6, 9, 8]]

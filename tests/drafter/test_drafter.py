@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import mlx.core as mx
@@ -21,6 +22,10 @@ from mlx_dgemma.drafter import (
     make_proposer,
 )
 from mlx_dgemma.drafter import train as drafter_train
+from mlx_dgemma.drafter.distill import Samples
+from mlx_dgemma.drafter.model import Drafter, DrafterArgs
+from mlx_dgemma.train.checkpoint import current
+from mlx_dgemma.train.trainer import Progress
 from tests.conftest import DEMO24, DEMO_PROMPTS
 
 PROMPTS = DEMO_PROMPTS
@@ -87,8 +92,8 @@ class Spy:
     def __init__(self, model):
         self.model, self.denoise, self.calls = model, model.denoise, []
 
-    def __call__(self, canvas, cache, self_conditioning_logits=None):
-        logits = self.denoise(canvas, cache, self_conditioning_logits)
+    def __call__(self, canvas, cache, self_conditioning_logits=None, **kw):
+        logits = self.denoise(canvas, cache, self_conditioning_logits, **kw)
         mx.eval(logits)
         self.calls.append(logits)
         return logits
@@ -297,10 +302,17 @@ def test_drafter_train_cli_distils_resumes_and_records_its_target(demo, tmp_path
     assert "\r" not in printed and "step 4/4  loss" in printed and "distillation: " in printed
     config = json.loads((out / "config.json").read_text())
     assert config["target"]["vocab_size"] == model.args.vocab_size and config["training"]["steps"] == 4
-    assert (tmp_path / "drafter.work" / "checkpoint.safetensors").is_file()
+    checkpoint = current(tmp_path / "drafter.work")  # training's layout: a step folder named by a pointer
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 4
+    assert {f.name for f in checkpoint.iterdir()} == {
+        "drafter.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    }
     assert drafter_train.main([*argv[:5], "8", *argv[6:], "--resume"]) == 0
     assert "resuming at step 4" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["training"]["steps"] == 8
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]  # the folder writers left nothing
     proposer = make_proposer(out, model)
     assert isinstance(proposer, DrafterProposer)
     assert run(model, load(DEMO24)[1], PROMPTS[0], proposer).stats.drafted_canvases >= 1
@@ -310,6 +322,70 @@ def test_drafter_train_cli_distils_resumes_and_records_its_target(demo, tmp_path
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(DrafterError, match="trained for another target"):
         load_drafter(out, model)
+
+
+def toy_trainer(model, work, iters: int, save_every: int) -> drafter_train.DrafterTrainer:
+    """A drafter trainer on 12 random samples (features of 3 to 8 positions): no distillation to wait for."""
+    rng = np.random.default_rng(0)
+    a = model.args
+    dargs = DrafterArgs(a.hidden_size, a.vocab_size, a.canvas_length, num_layers=1)
+    F = len(dargs.target_layers) * a.hidden_size
+    lengths = rng.integers(3, 9, size=12)
+    features = [mx.array(rng.standard_normal((int(n), F)), dtype=mx.float16) for n in lengths]
+    canvases = [mx.array(rng.integers(0, a.vocab_size, a.canvas_length)) for _ in lengths]
+    mx.random.seed(5)
+    cfg = drafter_train.train_config(
+        drafter_train.build_parser().parse_args(
+            f"--data - --out - --iters {iters} --save-every {save_every} --batch-size 3 --lr 3e-3 --seed 2".split()
+        )
+    )
+    return drafter_train.DrafterTrainer(
+        Drafter(dargs), model, Samples.stack(features, canvases, 4), cfg, work
+    )
+
+
+def steps(trainer) -> list[float]:
+    return [trainer.train_step().loss for _ in range(trainer.step, trainer.cfg.iters)]
+
+
+def test_drafter_training_resumes_with_the_losses_of_an_uninterrupted_run(demo, tmp_path):
+    """The checkpoint (training's step folder) holds weights, optimizer state and step: a resumed run continues
+    exactly; so does one resumed from the single-file checkpoint work folders held before that layout."""
+    model, _ = demo
+    whole = steps(toy_trainer(model, tmp_path / "whole", 6, 0))
+    first = toy_trainer(model, tmp_path / "cut", 6, 4)
+    first.run(Progress(6, io.StringIO()))  # saves at step 4 only
+    assert json.loads((current(tmp_path / "cut") / "trainer_state.json").read_text()) == {"step": 4}
+    again = toy_trainer(model, tmp_path / "cut", 6, 0)
+    assert again.resume() and again.step == 4
+    assert steps(again) == whole[4:]
+    assert not toy_trainer(model, tmp_path / "empty", 6, 0).resume()
+
+    # The legacy layout: <work>/checkpoint.safetensors, drafter.* and optimizer.* arrays, the step in metadata.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    folder = current(tmp_path / "cut")
+    arrays = {f"drafter.{k}": v for k, v in mx.load(str(folder / "drafter.safetensors")).items()}
+    arrays |= {f"optimizer.{k}": v for k, v in mx.load(str(folder / "optimizer.safetensors")).items()}
+    mx.save_safetensors(str(legacy / "checkpoint.safetensors"), arrays, metadata={"step": "4"})
+    old = toy_trainer(model, legacy, 6, 5)
+    assert old.resume() and old.step == 4
+    assert steps(old) == whole[4:]
+    old.save()  # a checkpoint of training's layout supersedes the legacy file
+    assert not (legacy / "checkpoint.safetensors").exists() and current(legacy).name == "checkpoint-0000006"
+
+
+def test_drafter_training_uses_trainings_optimizer_and_schedule(demo, tmp_path):
+    """AdamW (weight decay 0.01) with a cosine decay from --lr to a tenth over --iters, no warmup."""
+    import mlx.optimizers as optim
+
+    trainer = toy_trainer(demo[0], tmp_path, 10, 0)
+    opt = trainer.optimizer
+    assert isinstance(opt, optim.AdamW) and opt.weight_decay == 0.01
+    want = optim.cosine_decay(3e-3, 10, 3e-4)
+    for k in range(10):
+        trainer.train_step()  # step k + 1 ran at the rate of step k
+        assert opt.learning_rate.item() == pytest.approx(want(mx.array(k)).item(), rel=1e-6)
 
 
 DEMO_ANSWERS = [

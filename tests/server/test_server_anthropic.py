@@ -240,7 +240,7 @@ def test_a_failure_after_the_stream_began_is_an_error_event(client, monkeypatch)
         raise RuntimeError("boom")
         yield
 
-    monkeypatch.setattr(worker_module, "run", broken)
+    monkeypatch.setattr(worker_module, "run_steps", broken)
     stream = client.messages.stream(model="default", max_tokens=4, messages=HELLO, extra_body=FAST)
     with pytest.raises(anthropic.APIStatusError, match="boom"), stream as events:
         list(events)

@@ -276,8 +276,10 @@ def test_a_finished_request_frees_its_slot_before_its_answer(monkeypatch):
         after, release = threading.Event(), threading.Event()
         real = worker.prompt_cache.keep
 
-        def slow_keep(entries: Any) -> None:  # the worker's bookkeeping after an answer was sent
-            real(entries)
+        def slow_keep(
+            entries: Any, keys: Any = None
+        ) -> None:  # the worker's bookkeeping after an answer was sent
+            real(entries, keys)
             if entries:
                 after.set()
                 assert release.wait(600)

@@ -51,7 +51,7 @@ class Script:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *answers: list[str], finish: str | None = "stop"):
         self.answers, self.prompts = list(answers), []
-        real = worker_module.run
+        real = worker_module.run_steps
 
         def canned(model: Any, tokenizer: Any, request: Any):
             self.prompts.append(list(request.ids))
@@ -67,7 +67,7 @@ class Script:
                     event = dataclasses.replace(event, finish_reason=finish)
                 yield event
 
-        monkeypatch.setattr(worker_module, "run", canned)
+        monkeypatch.setattr(worker_module, "run_steps", canned)
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +386,7 @@ def test_a_failure_after_the_stream_began_is_response_failed(client, monkeypatch
         raise RuntimeError("boom")
         yield
 
-    monkeypatch.setattr(worker_module, "run", broken)
+    monkeypatch.setattr(worker_module, "run_steps", broken)
     with client.responses.stream(model="default", input="Hi", max_output_tokens=4, extra_body=FAST) as stream:
         events = list(stream)
     assert events[0].type == "response.created" and events[-1].type == "response.failed"

@@ -68,7 +68,7 @@ class Canned:
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.pieces: list[str] = []
         self.prompts: list[list[int]] = []
-        real = worker_module.run
+        real = worker_module.run_steps
 
         def canned(model: Any, tokenizer: Any, request: Any):
             self.prompts.append(list(request.ids))
@@ -82,7 +82,7 @@ class Canned:
                     continue
                 yield event
 
-        monkeypatch.setattr(worker_module, "run", canned)
+        monkeypatch.setattr(worker_module, "run_steps", canned)
 
 
 @pytest.fixture(scope="module")

@@ -465,3 +465,23 @@ def test_progress_bar_is_a_tqdm_bar_on_a_terminal():
     assert "4/4" in text and "loss 3.5000, 2,000 tok/s" in text  # loss: mean of the last 2 steps
     assert text.count("step 4: validation loss 1.0\n") == 1  # a line of its own, above the bar
     assert text.endswith("\n")  # closed: the shell prompt starts on a fresh line
+
+
+def test_piped_progress_lines_average_the_last_mean_of_steps_and_show_parts_when_there_are():
+    def lines(progress: Progress, parts: bool) -> list[str]:
+        for step in range(1, 5):
+            part = 0.5 * step if parts else None
+            progress.update(StepLog(step, float(step), part, part, tokens=1000, seconds=0.5))
+        return progress.out.getvalue().splitlines()
+
+    # The drafter's: a loss without parts, averaged over more steps than a line is printed for.
+    assert lines(Progress(4, io.StringIO(), every=2, mean_of=3), parts=False) == [
+        "step 2/4  loss 1.5000  2,000 tok/s",
+        "step 4/4  loss 3.0000  2,000 tok/s",  # steps 2..4
+    ]
+    assert (
+        lines(Progress(4, io.StringIO(), every=1), parts=True)[-1]
+        == (
+            "step 4/4  loss 4.0000  2,000 tok/s  (diffusion 2.0000, encoder 2.0000)"  # every 1: the step's own loss
+        )
+    )

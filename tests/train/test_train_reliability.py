@@ -25,7 +25,7 @@ from mlx_dgemma.train import (
     load_jsonl,
 )
 from mlx_dgemma.train import checkpoint as checkpoint_module
-from mlx_dgemma.train.checkpoint import POINTER, current
+from mlx_dgemma.train.checkpoint import POINTER, current, write_folder
 from mlx_dgemma.train.grad_checkpoint import checkpoint_layers
 from mlx_dgemma.train.lora import adapter_config, prepare_full
 from mlx_dgemma.train.objective import encoder_loss, keep_all_cache, training_loss
@@ -131,6 +131,24 @@ def test_a_crash_inside_save_leaves_a_whole_checkpoint(
     assert [s.loss for s in resumed.run().steps] == pytest.approx(straight[kept:], rel=1e-6, abs=1e-6)
     assert current(out).name == "checkpoint-0000002"
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-0000002"]  # leftovers removed
+
+
+def test_write_folder_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    """The drafter's folder writer: a failed write leaves the old folder; a later one replaces it whole and
+    removes the temporaries a killed writer (another pid) left beside it."""
+    final = tmp_path / "drafter"
+    write_folder(final, {"a.txt": lambda p: p.write_text("old"), "b.txt": lambda p: p.write_text("old")})
+
+    def dies(path: Path) -> None:
+        raise OSError("simulated crash")
+
+    with pytest.raises(OSError, match="simulated crash"):
+        write_folder(final, {"a.txt": lambda p: p.write_text("new"), "b.txt": dies})
+    assert sorted(f.read_text() for f in final.iterdir()) == ["old", "old"]
+    (tmp_path / ".drafter.tmp-999999999").mkdir()  # a writer killed mid-write
+    write_folder(final, {"a.txt": lambda p: p.write_text("new")})
+    assert [f.name for f in final.iterdir()] == ["a.txt"] and (final / "a.txt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["drafter"]
 
 
 def test_a_full_fine_tune_killed_while_publishing_leaves_no_orphan_after_the_next_save(

@@ -1,9 +1,9 @@
 """Hostile probes of issue 26 (reliability and security, round 3), rerunnable: prints a table, exits 1 if any fails.
 
-    python scripts/probe_hostile.py                  # every class (a few minutes on a loaded 2-core machine)
-    python scripts/probe_hostile.py --only A,D       # some classes
-    python scripts/probe_hostile.py --quick          # fewer variants of the slow probes
-    python scripts/probe_hostile.py --markdown       # the table as Markdown (for a closing note)
+    python -m benchmarks.probe_hostile               # every class (a few minutes on a loaded 2-core machine)
+    python -m benchmarks.probe_hostile --only A,D    # some classes
+    python -m benchmarks.probe_hostile --quick       # fewer variants of the slow probes
+    python -m benchmarks.probe_hostile --markdown    # the table as Markdown (for a closing note)
 
 Classes (the issue's sections):
 

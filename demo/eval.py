@@ -1,8 +1,8 @@
 """Exact-match accuracy of a model on the demo task's held-out test set, with its decoder cost.
 
-    python scripts/eval_demo.py [--model PATH] [--n 500] [--steps 48] [--seed 0]
+    python -m demo.eval [--model PATH] [--n 500] [--steps 48] [--seed 0]
 
-The test records (``demo_task.split("test")``) were never trained on. For each one the script generates an answer
+The test records (``demo.task.split("test")``) were never trained on. For each one the command generates an answer
 (seed ``seed + i``, the model's sampler defaults unless ``--steps``) and compares it, stripped, with the expected
 JSON. It prints exact match (with a 95% Wilson interval), decoder passes per canvas, tokens per forward (answer
 tokens per decoder pass) and wall time per canvas, as a Markdown table row; ``--json`` writes the figures too.
@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import demo_task
-
 import mlx_dgemma  # noqa: F401 (first: on Linux it loads a fast BLAS before mlx)
+from demo import task
 
 
 @dataclass
@@ -73,13 +72,13 @@ HEADER = (
 
 
 def evaluate(
-    model, tokenizer, items: list[demo_task.Item], label: str, seed: int = 0, show: bool = True, **generation
+    model, tokenizer, items: list[task.Item], label: str, seed: int = 0, show: bool = True, **generation
 ) -> EvalResult:
     """Generate an answer for every item; count exact matches and the decoder's work."""
     from mlx_dgemma import Done, stream_generate
 
     result = EvalResult(label, len(items), 0, 0, 0, 0, 0.0)
-    length = demo_task.max_tokens(model.args.canvas_length)
+    length = task.max_tokens(model.args.canvas_length)
     for i, item in enumerate(items):
         start = time.perf_counter()
         done = None
@@ -125,7 +124,7 @@ def main() -> int:
 
     # This CPU multiplies bf16 ~10x slower than fp32: evaluate in fp32 there (a Mac runs the stored bf16).
     model, tokenizer = load(args.model, mx.float32 if mx.default_device() == mx.cpu else None)
-    items = demo_task.split("test", args.n, demo_task.is_long(model.args.canvas_length))
+    items = task.split("test", args.n, task.is_long(model.args.canvas_length))
     options = {} if args.steps is None else {"max_denoising_steps": args.steps}
     result = evaluate(model, tokenizer, items, "demo model", args.seed, drafter="none", **options)
     print(HEADER)

@@ -1,9 +1,9 @@
 """What splitting DiffusionGemma over ranks buys and costs: weight memory per rank, decoder-pass time with
 1 and 2 ranks, bytes exchanged per pass, and a projection for the released model on two Macs.
 
-    python scripts/bench_distributed.py                  # tenth-scale random model (built once in --dir)
-    python scripts/bench_distributed.py --size tiny      # seconds
-    python scripts/bench_distributed.py --json out.json
+    python -m benchmarks.distributed                     # tenth-scale random model (built once in --dir)
+    python -m benchmarks.distributed --size tiny         # seconds
+    python -m benchmarks.distributed --json out.json
 
 The checkpoint is random (MLX-initialised, float32, our parameter names), written once to ``--dir``. The
 script measures one process, then launches itself on two ranks (``mlx.launch --backend ring -n 2`` over
@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench import repeat_seconds
 
+from benchmarks.model import ROOT, repeat_seconds
 from mlx_dgemma.model.config import ModelArgs
 from mlx_dgemma.model.diffusion_gemma import Model
 from mlx_dgemma.model.loader import DEFAULT_MODEL, load_model
@@ -52,7 +52,7 @@ TEXT = {
         "top_k_experts": 2,
         "sliding_window": 64,
     },
-    # scripts/bench.py's tenth scale: hidden 2816 -> 704 with the released ratios, 12 of 30 layers.
+    # benchmarks.model's tenth scale: hidden 2816 -> 704 with the released ratios, 12 of 30 layers.
     "tenth": {
         "vocab_size": 32768,
         "hidden_size": 704,
@@ -249,7 +249,8 @@ def main() -> int:
             out = Path(tmp) / f"ranks{n}.json"
             worker = [
                 sys.executable,
-                __file__,
+                "-m",
+                "benchmarks.distributed",
                 "--rank",
                 "--size",
                 args.size,
@@ -275,7 +276,7 @@ def main() -> int:
                     sys.executable,
                 ]
                 worker = [*launcher, *worker[1:]]
-            subprocess.run(worker, check=True, stdin=subprocess.DEVNULL, env={**os.environ}, timeout=3600)
+            subprocess.run(worker, check=True, stdin=subprocess.DEVNULL, cwd=ROOT, timeout=3600)
             results[n] = json.loads(out.read_text())
     experts = expert_times(args.size, folder, args.reps)
     one, two = results[1], results[2]

@@ -1,13 +1,13 @@
 """Speed of mlx_dgemma against the transformers reference, on one random checkpoint, side by side.
 
-    python scripts/bench.py                        # tenth-scale model, 1 canvas x 8 steps (a few minutes)
-    python scripts/bench.py --size tiny            # quick check (seconds)
-    python scripts/bench.py --steps 16 --canvases 2 --keep /tmp/bench-tenth --json results.json
-    python scripts/bench.py --keep /tmp/bench-tenth --profile   # also split our decoder pass into parts
-    python scripts/bench.py --spec '{"text": {...}, "canvas_length": 64, "prompt_len": 50}'
+    python -m benchmarks.model                     # tenth-scale model, 1 canvas x 8 steps (a few minutes)
+    python -m benchmarks.model --size tiny         # quick check (seconds)
+    python -m benchmarks.model --steps 16 --canvases 2 --keep /tmp/bench-tenth --json results.json
+    python -m benchmarks.model --keep /tmp/bench-tenth --profile   # also split our decoder pass into parts
+    python -m benchmarks.model --spec '{"text": {...}, "canvas_length": 64, "prompt_len": 50}'
 
-The checkpoint is built with ``tests/reference/make_fixture.py`` (random weights, saved by the reference in
-``save_pretrained`` layout). Each side then runs in its own process (this script with ``--worker``): our
+The checkpoint is built with ``tests.reference.make_fixture`` (random weights, saved by the reference in
+``save_pretrained`` layout). Each side then runs in its own process (this module with ``--worker``): our
 package preloads OpenBLAS, which speeds MLX up but slows torch ~3x, so the reference worker gets an
 environment without ``LD_PRELOAD`` and never imports mlx. Both run the same dtype (float32 by default;
 bfloat16 has no fast kernels on x86 CPUs) on the same prompt ids, torch with its default thread count.
@@ -43,8 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-MAKE_FIXTURE = ROOT / "tests" / "reference" / "make_fixture.py"
+ROOT = Path(__file__).resolve().parent.parent  # the repository root: the modules run below are found from it
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"  # what mlx_dgemma preloads on Linux
 FIRST_FREE_ID = 4  # ids below are pad / eos / bos (make_fixture.SPECIAL_TOKENS)
 SC_LOGITS_STD = 3.0  # self-conditioning logits for the isolated decoder pass, as in make_fixture
@@ -322,7 +321,7 @@ def time_generation(side: str, generate, cfg: dict) -> dict:
 
 def repeat_seconds(fn, reps: int) -> list[float]:
     """Seconds of ``reps`` calls of ``fn``, after one untimed warm-up call (``fn`` must finish its work: wrap
-    MLX code in ``mx.eval``). The one timing loop of the benchmark scripts."""
+    MLX code in ``mx.eval``). The one timing loop of the benchmarks."""
     fn()
     return [timed(fn)[0] for _ in range(reps)]
 
@@ -363,6 +362,21 @@ def reference_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
 
 
+def write_with_reference(builder: str, spec: dict, out: Path, *extra: str) -> None:
+    """``python -m tests.reference.<builder> --spec SPEC --out OUT``: a random checkpoint written by the
+    reference (torch, transformers) in its own process, without the OpenBLAS preload (its stdout dropped)."""
+    command = [
+        sys.executable,
+        "-m",
+        f"tests.reference.{builder}",
+        "--spec",
+        json.dumps(spec),
+        "--out",
+        str(out),
+    ]
+    subprocess.run([*command, *extra], check=True, env=reference_env(), cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
 def ensure_checkpoint(spec: dict, folder: Path) -> None:
     """Builds the checkpoint in ``folder`` unless it already holds one for the same spec."""
     stamp = folder / "bench_spec.json"
@@ -371,33 +385,15 @@ def ensure_checkpoint(spec: dict, folder: Path) -> None:
         progress(f"reusing checkpoint {folder}")
         return
     progress(f"building checkpoint in {folder}")
-    command = [
-        sys.executable,
-        str(MAKE_FIXTURE),
-        "--spec",
-        json.dumps(spec),
-        "--out",
-        str(folder),
-        "--scenarios",
-        "none",
-    ]
-    subprocess.run(command, check=True, env=reference_env(), stdout=subprocess.DEVNULL)
+    write_with_reference("make_fixture", spec, folder, "--scenarios", "none")
     stamp.write_text(json.dumps(spec))
 
 
 def run_worker(side: str, folder: Path, cfg: dict) -> dict:
     env = os.environ.copy() if side == "ours" else reference_env()
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        side,
-        "--checkpoint",
-        str(folder),
-        "--worker-config",
-        json.dumps(cfg),
-    ]
-    done = subprocess.run(command, check=True, env=env, stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "benchmarks.model", "--worker", side, "--checkpoint", str(folder)]
+    command += ["--worker-config", json.dumps(cfg)]
+    done = subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -1,11 +1,11 @@
 """Distil the bundled drafter for the embedded demo model (``mlx_dgemma/default_model/drafter/``).
 
-    python scripts/train_demo_drafter.py [--model DIR] [--prompts 10000] [--iters 3000] [--batch-size 16] [--layers 4]
-                                         [--confidence 0.9] [--from-data] [--resume]
+    python -m demo.train_drafter [--model DIR] [--prompts 10000] [--iters 3000] [--batch-size 16] [--layers 4]
+                                 [--confidence 0.9] [--from-data] [--resume]
 
 The shipped drafter is ``--from-data`` with these defaults (47 minutes on 2 x86 cores, OpenBLAS, fp32).
 
-The prompts come from the training split of the demo model's task (``demo_task.py``): the held-out test set stays
+The prompts come from the training split of the demo model's task (``demo.task``): the held-out test set stays
 unseen by the drafter too. The work is ``mlx_dgemma.drafter.train``'s: the demo model answers every prompt, then the
 drafter learns to propose its canvases from its context features. With ``--from-data`` the model encodes each
 training record's prompt and answer instead (teacher-forced, no generation: what 256-token canvases need to stay
@@ -19,8 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-import demo_task
-
+from demo import task
 from mlx_dgemma import DEFAULT_MODEL
 from mlx_dgemma.drafter import train
 
@@ -54,10 +53,8 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     prompts = args.work / "prompts.jsonl"
     canvas = json.loads((args.model / "config.json").read_text())["canvas_length"]
-    long = demo_task.is_long(canvas)
-    prompts.write_text(
-        "".join(item.to_jsonl() + "\n" for item in demo_task.split("train", args.prompts, long))
-    )
+    long = task.is_long(canvas)
+    prompts.write_text("".join(item.to_jsonl() + "\n" for item in task.split("train", args.prompts, long)))
     argv = [
         "--model",
         str(args.model),
@@ -76,7 +73,7 @@ def main() -> int:
         "--dtype",
         "float32",
         "--max-tokens",
-        str(demo_task.max_tokens(canvas)),
+        str(task.max_tokens(canvas)),
         "--confidence",
         str(args.confidence),
     ]

@@ -12,13 +12,13 @@ prompt lookup and a drafter can exploit).
 
 * The record task (``make_item``, ``split(name, n)``): one person, answers of ~40 tokens, two 24-token canvases.
   The task of the first embedded default, now the tests' fixture ``tests/fixtures/demo24`` (stage 1 of
-  ``train_demo.py``).
+  ``demo.train``).
 * The long task (``make_long_item``, ``split(name, n, long=True)``): one to four people; one person gets one record
   (the README's example), several a JSON list in the order of the sentences. Answers of 32 to 168 tokens that end
   inside the first or the second 128-token canvas, leaving the EOS tail a real answer leaves. (The first version
   asked for up to six people, answers of up to 251 tokens: after 1,000 steps of training, the model was exact on 17
   of 19 held-out one- and two-person answers, 4 of 10 three- and four-person ones, and 0 of 11 five- and six-person
-  ones.) The task of the embedded default model (``mlx_dgemma/default_model``, ``train_demo.py``'s stage 2;
+  ones.) The task of the embedded default model (``mlx_dgemma/default_model``, ``demo.train``'s stage 2;
   why 128 and not the released 256: see there).
 
 ``is_long(canvas_length)`` says which task a model was trained for. Seeded and deterministic: ``split("train" |
@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 NAMES = [
     "Alice",
@@ -257,8 +258,9 @@ TEMPLATES = [
     "{name} speaks {langs}, is {age} and works in {city} as {a_job}.",
 ]
 SPLIT_SEEDS = {"train": 1, "valid": 2, "test": 3}
+RECORD_SCHEMA = Path(__file__).with_name("record_schema.json")  # one record's JSON schema (structured output)
 CANVAS_LENGTH, MAX_TOKENS = 24, 96  # the record task: answers of two canvases
-LONG_CANVAS_LENGTH = 128  # the long task: half the released canvas (see train_demo.py for why)
+LONG_CANVAS_LENGTH = 128  # the long task: half the released canvas (see demo/train.py for why)
 LONG_MAX_TOKENS = (
     2 * LONG_CANVAS_LENGTH
 )  # every answer (at most ~250 tokens with its end of turn) ends by the second canvas

@@ -1,7 +1,7 @@
 """Hostile-client and load run of ``mlx_dgemma.server``, on loopback only, bounded in time and sockets.
 
-    python scripts/stress_server.py                 # the embedded demo model
-    python scripts/stress_server.py --model PATH --clients 16 --requests 5
+    python -m benchmarks.stress_server              # the embedded demo model
+    python -m benchmarks.stress_server --model PATH --clients 16 --requests 5
 
 Starts the server itself (``python -m mlx_dgemma.server`` on a free 127.0.0.1 port) and runs the probes of
 issue 16 as a regression suite: bad bodies (malformed, lone surrogate, 100k-deep nesting, a 5000-digit

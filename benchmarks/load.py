@@ -1,8 +1,8 @@
 """Load test of ``mlx_dgemma.server``: N concurrent clients x M requests each, on loopback, bounded in time.
 
-    python scripts/load_test.py                                   # 4 clients x 5 requests, embedded model
-    python scripts/load_test.py --clients 8 --requests 10 --max-tokens 64 --steps 8 --model PATH
-    python scripts/load_test.py --url http://127.0.0.1:8080/v1    # against a server already running
+    python -m benchmarks.load                                     # 4 clients x 5 requests, embedded model
+    python -m benchmarks.load --clients 8 --requests 10 --max-tokens 64 --steps 8 --model PATH
+    python -m benchmarks.load --url http://127.0.0.1:8080/v1      # against a server already running
 
 Starts the server itself (``python -m mlx_dgemma.server`` on a free loopback port) unless ``--url`` is
 given. Each client sends its requests one after another with the real ``openai`` client, alternating

@@ -1,8 +1,8 @@
 """How much each quantization recipe changes the model: KL divergence and top-1 agreement of the decoder's
 logits, quantized vs unquantized, per recipe and bit width.
 
-    python scripts/quant_report.py                          # a small checkpoint written by the reference
-    python scripts/quant_report.py --model PATH --bits 4 8  # any unquantized DiffusionGemma checkpoint
+    python -m benchmarks.quant_report                          # a small checkpoint written by the reference
+    python -m benchmarks.quant_report --model PATH --bits 4 8  # any unquantized DiffusionGemma checkpoint
 
 Each setting is converted with ``mlx_dgemma.convert`` into a temporary folder and loaded with
 ``mlx_dgemma.load_model``; both models denoise the same random canvases after the same random prompts, twice
@@ -11,29 +11,28 @@ the sampler does). KL is KL(unquantized || quantized) in nats per canvas positio
 
 The default checkpoint is well conditioned on purpose: random weights amplify any perturbation layer after
 layer (deep random fixtures turn a 1e-3 weight error into O(1) logit changes), which says nothing about a
-trained model. It is written by the reference (``tests/reference/make_fixture.py``, transformers), with
+trained model. It is written by the reference (``tests.reference.make_fixture``, transformers), with
 every quantized width a multiple of 64 so that every module is quantized.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx_dgemma  # noqa: F401 (first: on Linux it loads a fast BLAS before mlx)
+
+# isort: split
 import mlx.core as mx
 import numpy as np
 
+from benchmarks.model import write_with_reference
 from mlx_dgemma import load_model
 from mlx_dgemma.convert import RECIPES, SUPPORTED_BITS, convert
 
-ROOT = Path(__file__).resolve().parent.parent
-MAKE_FIXTURE = ROOT / "tests" / "reference" / "make_fixture.py"
 REPORT_SPEC = {
     "text": {
         "vocab_size": 512,
@@ -73,23 +72,7 @@ class Row:
 
 def write_reference_checkpoint(folder: Path, spec: dict | None = None) -> Path:
     """Write the report's checkpoint with the reference (needs torch and transformers); returns its folder."""
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # OpenBLAS preload slows torch
-    subprocess.run(
-        [
-            sys.executable,
-            str(MAKE_FIXTURE),
-            "--spec",
-            json.dumps(spec or REPORT_SPEC),
-            "--out",
-            str(folder),
-            "--scenarios",
-            "none",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    write_with_reference("make_fixture", spec or REPORT_SPEC, folder, "--scenarios", "none")
     return folder / "hf_released"
 
 

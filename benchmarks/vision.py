@@ -1,12 +1,12 @@
 """Image prefill, ours against the transformers reference, on a random checkpoint with a vision tower.
 
-    python scripts/bench_vision.py                   # tenth-scale text model + a reduced vision tower
-    python scripts/bench_vision.py --size tiny       # quick check
-    python scripts/bench_vision.py --keep /tmp/bench-vision --reps 5 --budget 280
+    python -m benchmarks.vision                      # tenth-scale text model + a reduced vision tower
+    python -m benchmarks.vision --size tiny          # quick check
+    python -m benchmarks.vision --keep /tmp/bench-vision --reps 5 --budget 280
 
-The checkpoint is built by ``tests/reference/make_vision_fixture.py`` (random weights). Each side runs in its
-own process (this script with ``--worker``; the reference without the OpenBLAS preload, as in
-``scripts/bench.py``), float32, on the same image and prompt: the image goes through each side's own image
+The checkpoint is built by ``tests.reference.make_vision_fixture`` (random weights). Each side runs in its
+own process (this module with ``--worker``; the reference without the OpenBLAS preload, as in
+``benchmarks.model``), float32, on the same image and prompt: the image goes through each side's own image
 processor (identical output), then the vision tower and the encoder over the prompt with the image's soft
 tokens, into a fresh cache. Reported: median seconds of --reps runs after one warm-up, and the ratio.
 """
@@ -24,11 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from bench import TENTH_TEXT, TINY_TEXT, repeat_seconds  # noqa: E402
+from benchmarks.model import ROOT, TENTH_TEXT, TINY_TEXT, reference_env, repeat_seconds, write_with_reference
 
-MAKE = ROOT / "tests" / "reference" / "make_vision_fixture.py"
 # A reduced Gemma 4 vision tower (the released one is ~27 layers of width 1152): 4 layers of width 384.
 TENTH_VISION = {
     "hidden_size": 384,
@@ -154,12 +151,11 @@ def run_reference(hf: Path, budget: int, reps: int) -> dict:
 
 
 def worker(side: str, hf: Path, budget: int, reps: int) -> dict:
-    env = dict(os.environ)
-    if side == "reference":
-        env.pop("LD_PRELOAD", None)
+    env = reference_env() if side == "reference" else dict(os.environ)
     cmd = [
         sys.executable,
-        __file__,
+        "-m",
+        "benchmarks.vision",
         "--worker",
         side,
         "--hf",
@@ -169,7 +165,7 @@ def worker(side: str, hf: Path, budget: int, reps: int) -> dict:
         "--reps",
         str(reps),
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -189,10 +185,7 @@ def main() -> None:
     folder = args.keep or Path(tempfile.mkdtemp(prefix="bench-vision-"))
     if not (folder / "hf" / "config.json").exists():
         spec = {**SIZES[args.size], "seed": 0, "canvas_length": 32, "checkpoint_only": True}
-        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-        subprocess.run(
-            [sys.executable, str(MAKE), "--spec", json.dumps(spec), "--out", str(folder)], check=True, env=env
-        )
+        write_with_reference("make_vision_fixture", spec, folder)
     ours, ref = (
         worker("ours", folder / "hf", args.budget, args.reps),
         worker("reference", folder / "hf", args.budget, args.reps),

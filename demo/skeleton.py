@@ -1,36 +1,27 @@
-"""Write a small, untrained DiffusionGemma checkpoint: the skeleton ``train_demo.py`` trains into the embedded model.
+"""The untrained skeleton that ``demo.train`` trains into the embedded model, built with the reference.
 
-    python scripts/make_default_model.py OUT_DIR
+The real DiffusionGemma architecture (encoder-decoder sharing one set of weights, 5 sliding + 1 full attention layers,
+k=v full layers with proportional RoPE, dense MLP + mixture of experts, self-conditioning, a tiny Gemma 4 vision
+tower) at a tiny size, in the layout of the released ``google/diffusiongemma-26B-A4B-it`` (``global_head_dim`` /
+``num_global_key_value_heads`` in config.json, no ``per_layer_config``), with a byte-level BPE tokenizer and a
+Gemma-style chat template. Its weights are random but well-conditioned (norms and scales around a trained model's
+magnitudes). ``demo.train`` calls these functions with its own sizes and a tokenizer corpus of its task plus the
+built-in English + code one here, then trains the skeleton.
 
-The checkpoint has the real DiffusionGemma architecture (encoder-decoder sharing one set of weights, 5 sliding +
-1 full attention layers, k=v full layers with proportional RoPE, dense MLP + mixture of experts, self-conditioning,
-a tiny Gemma 4 vision tower) at a tiny size, in the layout of the released ``google/diffusiongemma-26B-A4B-it``
-(``global_head_dim`` / ``num_global_key_value_heads`` in config.json, no ``per_layer_config``), with a small
-byte-level BPE tokenizer trained here on a built-in English + code corpus, and a Gemma-style chat template.
-
-Its weights are RANDOM (well-conditioned: random norms and scales around a trained model's magnitudes): it is
-untrained. ``train_demo.py`` builds its skeleton with these functions, at its own sizes and with a tokenizer trained
-on its task, then trains it.
-
-Pure torch + transformers (the reference, ``transformers==5.23.0``) + tokenizers: this script never imports mlx.
-Deterministic (fixed seeds) and quick (a few seconds). It ends by reloading what it wrote with transformers
-(model, generate, tokenizer, chat template) and fails loudly if anything is off.
+Pure torch + transformers (the reference, ``transformers==5.23.0``) + tokenizers: this module never imports mlx.
+Deterministic (fixed seeds).
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import random
-import time
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import (
-    AutoTokenizer,
     DiffusionGemmaConfig,
     DiffusionGemmaForBlockDiffusion,
     DiffusionGemmaTextConfig,
@@ -46,13 +37,11 @@ from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
     DiffusionGemmaTextRouter,
 )
 from transformers.models.gemma4 import Gemma4VisionConfig
-from transformers.utils import logging as hf_logging
 
 SEED = 0
-DTYPE = torch.bfloat16  # as the released checkpoint; float32 would make the folder ~10 MB
+DTYPE = torch.bfloat16  # as the released checkpoint
 
 # --- tokenizer -----------------------------------------------------------------------------------------------------
-VOCAB_SIZE = 2048
 # Index = token id. The chat template emits <bos> itself; <end_of_turn> closes every turn (an EOS, with <eos>).
 SPECIAL_TOKENS = [
     "<pad>",  # 0
@@ -113,9 +102,9 @@ CHAT_TEMPLATE = """\
 """
 
 # --- model ---------------------------------------------------------------------------------------------------------
-# Multiples of 64 wherever a weight's last dimension is, so that it quantizes with group size 64.
+# Multiples of 64 wherever a weight's last dimension is, so that it quantizes with group size 64. The caller adds
+# the vocabulary size (its tokenizer's) and may override the rest.
 TEXT = {
-    "vocab_size": VOCAB_SIZE,
     "hidden_size": 128,
     "intermediate_size": 256,
     "num_hidden_layers": 6,  # 5 sliding + 1 full, as the released 5:1 pattern
@@ -134,7 +123,6 @@ TEXT = {
     "bos_token_id": BOS_ID,
     "eos_token_id": EOS_IDS,
 }
-CANVAS_LENGTH = 32
 TINY_VISION = {
     "hidden_size": 16,
     "intermediate_size": 32,
@@ -312,7 +300,7 @@ def build_corpus(seed: int) -> list[str]:
     return lines
 
 
-def train_tokenizer(corpus: list[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer:
+def train_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE (digits split one by one, as Gemma does), <bos> prepended to raw text."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -367,10 +355,10 @@ def save_tokenizer(tok: Tokenizer, out: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def build_config(text: dict | None = None, canvas_length: int = CANVAS_LENGTH) -> DiffusionGemmaConfig:
+def build_config(text: dict, canvas_length: int) -> DiffusionGemmaConfig:
     # global_head_dim / num_global_key_value_heads go in as kwargs: __post_init__ turns them into per_layer_config.
     return DiffusionGemmaConfig(
-        text_config=DiffusionGemmaTextConfig(**(text or TEXT)),
+        text_config=DiffusionGemmaTextConfig(**text),
         vision_config=Gemma4VisionConfig(**TINY_VISION),
         boi_token_id=TOKEN_ID["<start_of_image>"],
         eoi_token_id=TOKEN_ID["<end_of_image>"],
@@ -417,9 +405,8 @@ def randomise_(model: DiffusionGemmaForBlockDiffusion, gen: torch.Generator) -> 
             uniform_(layer.layer_scalar, gen)
 
 
-def build_model(
-    text: dict | None = None, canvas_length: int = CANVAS_LENGTH
-) -> DiffusionGemmaForBlockDiffusion:
+def build_model(text: dict, canvas_length: int) -> DiffusionGemmaForBlockDiffusion:
+    """The skeleton (``text``: a full text config, e.g. ``TEXT`` with a vocabulary size), seeded random weights."""
     torch.manual_seed(SEED)  # the default init (vision tower) draws from the global generator
     model = DiffusionGemmaForBlockDiffusion(build_config(text, canvas_length)).eval()
     randomise_(model, torch.Generator().manual_seed(SEED))
@@ -440,228 +427,3 @@ def write_released_config(path: Path) -> None:
     text["num_global_key_value_heads"] = overrides[0]["num_key_value_heads"]
     config.update(bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=EOS_IDS)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def count_parameters(model: DiffusionGemmaForBlockDiffusion) -> tuple[int, int]:
-    """(text parameters, vision parameters), shared weights counted once."""
-    text = vision = 0
-    for name, param in model.named_parameters():  # named_parameters() yields tied parameters once
-        if "vision" in name:
-            vision += param.numel()
-        else:
-            text += param.numel()
-    return text, vision
-
-
-MODEL_CARD = """\
----
-license: apache-2.0
-library_name: transformers
-pipeline_tag: text-generation
-tags:
-- diffusion_gemma
-- untrained
-- placeholder
----
-
-# mlx_dgemma embedded default model (UNTRAINED)
-
-**This model is untrained: its weights are random and its output is gibberish.** It is a placeholder with the
-real DiffusionGemma architecture at a tiny size, shipped inside `mlx_dgemma` so that `mlx_dgemma.generate`, the
-Python API and the tests run the whole path (tokenizer, chat template, encoder, denoising loop, streaming) on a
-fresh machine with no network. For real answers, use `google/diffusiongemma-26B-A4B-it` (`--model ...`).
-
-## What it is
-
-A `DiffusionGemmaForBlockDiffusion` checkpoint (`model_type: diffusion_gemma`, transformers 5.23) in the
-layout of the released `google/diffusiongemma-26B-A4B-it`: `config.json` names `global_head_dim` and
-`num_global_key_value_heads` (no `per_layer_config`), weights in one `model.safetensors` ({dtype}, tied
-embeddings stored once; the released weights are sharded), sampler defaults in `generation_config.json`.
-
-| | this model | released 26B-A4B |
-|---|---|---|
-| hidden size | {hidden_size} | 2816 |
-| layers | {num_hidden_layers} ({n_sliding} sliding + {n_full} full) | 30 (25 + 5) |
-| attention heads / kv heads (sliding) / kv heads (full, k=v) | {num_attention_heads} / {num_key_value_heads} / {num_global_key_value_heads} | 16 / 8 / 2 |
-| head_dim / global_head_dim | {head_dim} / {global_head_dim} | 256 / 512 |
-| dense MLP intermediate | {intermediate_size} | 2112 |
-| experts, top-k, expert intermediate | {num_experts}, top-{top_k_experts}, {moe_intermediate_size} | 128, top-8, 704 |
-| vocabulary | {vocab_size} | 262144 |
-| sliding window | {sliding_window} | 1024 |
-| max positions | {max_position_embeddings} | 262144 |
-| canvas length | {canvas_length} | 256 |
-| parameters | {text_params:,} text + {vision_params:,} vision | ~26B |
-
-Every weight dimension that a quantizer groups is a multiple of 64, so the model can be quantized with group
-size 64. The vision tower is a tiny Gemma 4 vision config (present in the weights because the real checkpoint
-has one; text-only runtimes skip it). Weights are random but well-conditioned: normal projections with std
-`fan_in**-0.5`, norms and scales uniform in [0.5, 1.5], and `q_norm`/`k_norm` weights scaled by
-`head_dim**-0.25` (DiffusionGemma's attention has no `1/sqrt(d)` scaling).
-
-## Tokenizer
-
-Byte-level BPE ({vocab_size} tokens, digits split one by one) trained with the `tokenizers` library on a small
-English + code corpus that the script generates from built-in templates. It round-trips any UTF-8 text.
-Tokenizing raw text prepends `<bos>` (`add_special_tokens=True`, the default).
-
-| id | token | role |
-|---|---|---|
-{special_table}
-
-`eos_token_id` is `[1, 5]` (`<eos>` and `<end_of_turn>`) in `config.json` and `generation_config.json`;
-`bos_token_id` 2, `pad_token_id` 0; image tokens: `boi_token_id` 8, `eoi_token_id` 9, `image_token_id` 10.
-
-## Chat template
-
-Gemma style (`chat_template.jinja`, and the same text in `tokenizer_config.json`). The template writes `<bos>`
-itself, so **tokenize its output with `add_special_tokens=False`** (or use `apply_chat_template(...,
-tokenize=True)`), else the prompt starts with two `<bos>`.
-
-- Roles: `system`, `user`, `assistant` (rendered as `model`). Each message is a turn
-  `<start_of_turn>ROLE\\n` + content (trimmed) + `<end_of_turn>\\n`; content is a string or a list of
-  `{{"type": "text"}}` parts.
-- **System prompt**: its own `system` turn, where it appears (Gemma 4 style; Gemma 3 folded it into the first
-  user turn instead).
-- `add_generation_prompt=True` appends `<start_of_turn>model\\n` and a thought block:
-  - `enable_thinking=True`: `<start_of_thought>` (an open block: the model thinks, writes `<end_of_thought>`,
-    then answers);
-  - `enable_thinking=False` or absent (the default): `<start_of_thought><end_of_thought>` (an empty, closed
-    block: the model answers directly).
-- Thoughts in earlier `assistant` turns (up to `<end_of_thought>`) are dropped.
-
-Example, system prompt + user message, `add_generation_prompt=True`, thinking off:
-
-```
-{example}
-```
-
-## Generation defaults (`generation_config.json`)
-
-The released sampler settings: `max_denoising_steps` 48, `t_min` 0.4, `t_max` 0.8, entropy-bound sampler with
-`entropy_bound` 0.1, `stability_threshold` 1, `confidence_threshold` 0.005.
-
-## How it was made
-
-`python scripts/make_default_model.py` in the `mlx_dgemma` repository (torch + transformers 5.23 + tokenizers,
-no network, a few seconds), seed {seed}: it writes the corpus, trains the tokenizer, builds the model with the
-reference implementation, draws the weights, saves everything and checks that transformers reloads it and
-generates. Re-running it reproduces this folder.
-
-## License
-
-Apache-2.0.
-"""
-
-
-def write_model_card(out: Path, model: DiffusionGemmaForBlockDiffusion, example: str) -> None:
-    text_params, vision_params = count_parameters(model)
-    layer_types = model.config.text_config.layer_types
-    special_roles = {
-        "<pad>": "padding",
-        "<eos>": "end of sequence (EOS)",
-        "<bos>": "beginning of sequence",
-        "<unk>": "unknown (unused by byte-level BPE)",
-        "<start_of_turn>": "opens a chat turn",
-        "<end_of_turn>": "closes a chat turn (EOS)",
-        "<start_of_thought>": "opens a thought block",
-        "<end_of_thought>": "closes a thought block",
-        "<start_of_image>": "begin of image",
-        "<end_of_image>": "end of image",
-        "<image_soft_token>": "image placeholder",
-    }
-    table = "\n".join(
-        f"| {i} | `{token}` | {special_roles[token]} |" for i, token in enumerate(SPECIAL_TOKENS)
-    )
-    card = MODEL_CARD.format(
-        **TEXT,
-        canvas_length=CANVAS_LENGTH,
-        dtype=str(DTYPE).removeprefix("torch."),
-        n_sliding=layer_types.count("sliding_attention"),
-        n_full=layer_types.count("full_attention"),
-        text_params=text_params,
-        vision_params=vision_params,
-        special_table=table,
-        example=example.rstrip("\n"),
-        seed=SEED,
-    )
-    (out / "README.md").write_text(card)
-
-
-def check(out: Path) -> str:
-    """Reload everything with transformers; return the chat-template example for the model card."""
-    config = json.loads((out / "config.json").read_text())
-    if "per_layer_config" in config["text_config"] or "global_head_dim" not in config["text_config"]:
-        raise RuntimeError("config.json is not in the released form")
-
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    sample = "Hello, world! def f(x):\n    return x * 42  # héllo 🌊 naïve"
-    ids = tokenizer(sample)["input_ids"]
-    if ids[0] != BOS_ID or tokenizer.decode(ids, skip_special_tokens=True) != sample:
-        raise RuntimeError(f"tokenizer does not round-trip: {ids}")
-    for token, idx in TOKEN_ID.items():
-        if tokenizer.convert_tokens_to_ids(token) != idx:
-            raise RuntimeError(f"{token} is not id {idx} after reload")
-    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello!"}]
-    rendered = {
-        thinking: tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, enable_thinking=thinking
-        )
-        for thinking in (True, False)
-    }
-    if not rendered[True].endswith("model\n<start_of_thought>") or not rendered[False].endswith(
-        "<start_of_thought><end_of_thought>"
-    ):
-        raise RuntimeError(f"chat template renders unexpectedly: {rendered}")
-    prompt = tokenizer(rendered[False], add_special_tokens=False, return_tensors="pt")["input_ids"]
-    if prompt[0, 0] != BOS_ID or (prompt == BOS_ID).sum() != 1:
-        raise RuntimeError("the chat template must emit exactly one <bos>")
-
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(out).eval()
-    if model.dtype != DTYPE:
-        raise RuntimeError(f"reloaded as {model.dtype}, expected {DTYPE}")
-    torch.manual_seed(SEED)
-    with torch.no_grad():  # one canvas, few steps: the released 48 take ~25 s on a small CPU
-        output = model.generate(prompt, max_new_tokens=CANVAS_LENGTH, max_denoising_steps=4)
-    sequences = output.sequences if hasattr(output, "sequences") else output
-    new = sequences[0, prompt.shape[1] :]
-    print(f"generate: {len(new)} new tokens (gibberish, untrained): {tokenizer.decode(new)[:80]!r}")
-    return rendered[False]
-
-
-def digest(out: Path) -> str:
-    h = hashlib.sha256()
-    for file in sorted(out.iterdir()):
-        if file.is_file() and file.name != "README.md":
-            h.update(file.name.encode() + file.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("out", type=Path, help="output folder")
-    args = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    start = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)  # an earlier sharded save would confuse loaders
-
-    save_tokenizer(train_tokenizer(build_corpus(SEED)), out)
-    model = build_model()
-    model.save_pretrained(out)
-    write_released_config(out / "config.json")
-    example = check(out)
-    write_model_card(out, model, example)
-    for file in out.iterdir():
-        if file.is_file():
-            file.chmod(0o644)  # save_pretrained writes the weights 0600; the folder ships as package data
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"{out}: {size / 1e6:.2f} MB, digest {digest(out)}, {time.perf_counter() - start:.1f}s")
-
-
-if __name__ == "__main__":
-    main()

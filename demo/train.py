@@ -1,24 +1,24 @@
 """Train the embedded default model from scratch (``mlx_dgemma/default_model/``: the long-answer demo model).
 
-    python scripts/train_demo.py [--out DIR] [--work DIR] [--init MODEL] [--iters N] [--resume]
+    python -m demo.train [--out DIR] [--work DIR] [--init MODEL] [--iters N] [--resume]
 
 A two-stage curriculum:
 
 1. A skeleton: the real DiffusionGemma architecture at a small size (5 sliding + 1 full layer, k=v full layer with
    proportional RoPE, dense MLP + 8 routed experts, self-conditioning), a byte-level BPE tokenizer trained on the
-   task's text, the Gemma-style chat template (``make_default_model.py`` builds these with the reference,
+   task's text, the Gemma-style chat template (``demo.skeleton`` builds these with the reference,
    ``transformers``), well-conditioned random weights.
-2. Stage 1 (``--stage1-iters``, 400): ``demo_task``'s record task (one person), 24-token canvases: the model
+2. Stage 1 (``--stage1-iters``, 400): ``demo.task``'s record task (one person), 24-token canvases: the model
    learns the record's grammar and to copy values, cheaply. The tests' ``tests/fixtures/demo24`` (the embedded
    default before the long model) is this stage's model. ``--init MODEL`` skips it and starts stage 2 from such a
    model (or from a stage 2 model, to train it further).
-3. Stage 2 (``--iters``): ``demo_task``'s long task (one to four people, answers of 32-168 tokens) at 128-token
+3. Stage 2 (``--iters``): ``demo.task``'s long task (one to four people, answers of 32-168 tokens) at 128-token
    canvases, with a sliding window longer than the canvas (as the released model's 1024 over 256). Both stages are
    ``mlx_dgemma.train`` (the block-diffusion objective, full training, router included, batches grouped by
    length), seeded data, the held-out test set never trained on.
 4. The trained weights written back in the released HF layout (bf16), with the tokenizer, configs, the sampler
    settings the model ships with (``GENERATION``) and a model card; the output folder is replaced atomically once
-   everything is written (without a drafter: ``train_demo_drafter.py --model DIR`` distils one for it).
+   everything is written (without a drafter: ``python -m demo.train_drafter --model DIR`` distils one for it).
 
 Why 128 and not the released 256: at 256 every answer is one canvas decoded in parallel, and 400 steps of stage 2
 (90 minutes here) left the model exact on none of 20 held-out several-person answers (24% of their records right,
@@ -40,29 +40,29 @@ import sys
 import time
 from pathlib import Path
 
-import demo_task
 import numpy as np
 
 import mlx_dgemma  # noqa: F401 (first: on Linux it loads a fast BLAS before mlx)
+from demo import task
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "mlx_dgemma" / "default_model"
 VOCAB_SIZE = 1024
-# The skeleton's sizes (make_default_model.TEXT: hidden 128, 6 layers, 8 experts, all multiples of 64 so that the
+# The skeleton's sizes (demo.skeleton.TEXT: hidden 128, 6 layers, 8 experts, all multiples of 64 so that the
 # model quantizes with group size 64), with the task's vocabulary.
 TEXT = {"vocab_size": VOCAB_SIZE, "sliding_window": 64, "max_position_embeddings": 1024}
 STAGE1 = {"batch_size": 32, "learning_rate": 2e-3, "warmup": 50, "weight_decay": 0.01}
 STAGE1_CANVAS = 24
 # Stage 2: 128-token canvases (see the docstring), and a window longer than them (the released model: 1024 over 256),
 # so that a canvas sees the whole of a four-person prompt through every layer, not through the full layer alone.
-STAGE2_CONFIG = {"canvas_length": demo_task.LONG_CANVAS_LENGTH, "sliding_window": 512}
+STAGE2_CONFIG = {"canvas_length": task.LONG_CANVAS_LENGTH, "sliding_window": 512}
 STAGE2 = {"batch_size": 16, "learning_rate": 1e-3, "warmup": 20, "weight_decay": 0.01}
 # The encoder's next-token loss on answers only: the prompts' random names and numbers cannot be predicted, and
 # their loss (~0.42 of the ~0.48 total at step 1000) only drowned the answer's.
 STAGE2_OBJECTIVE = {"mask_prompt": True}
-VALID_SIZE, TEST_SIZE = 256, 500
+VALID_SIZE, TEST_N = 256, 100  # validation records; held-out records whose exact match the card reports
 # The reference sampler's settings this model ships with (generation_config.json), chosen on the validation split
-# (first 60 records, eval_demo's evaluate): with the released model's (temperature 0.8 -> 0.4, entropy bound 0.1) it
+# (first 60 records, demo.eval's evaluate): with the released model's (temperature 0.8 -> 0.4, entropy bound 0.1) it
 # accepts ~27 tokens a pass and commits misaligned ones ("bakerbaker", a dropped quote): 73% at 4.8 passes a
 # canvas. Hotter and stricter, it takes 13.9 passes, as the released model does on real tasks (12-16): 90%.
 # (Entropy bound 0.003 alone: 85% at 6.4; temperature 1.0 -> 0.6 alone: 87% at 6.2; 1.3 -> 0.8: 92% at 27.)
@@ -71,12 +71,13 @@ GENERATION = {"t_max": 1.0, "t_min": 0.6, "max_denoising_steps": 96, "entropy_bo
 
 def build_skeleton(folder: Path) -> None:
     """Tokenizer, chat template, configs and random weights in ``folder`` (HF released layout), via the reference."""
-    import make_default_model as skeleton
     from transformers.utils import logging as hf_logging
+
+    from demo import skeleton  # torch and the reference: only to build a skeleton
 
     hf_logging.set_verbosity_error()
     text = {**skeleton.TEXT, **TEXT}
-    corpus = demo_task.corpus() + skeleton.build_corpus(skeleton.SEED)[:1500]
+    corpus = task.corpus() + skeleton.build_corpus(skeleton.SEED)[:1500]
     folder.mkdir(parents=True, exist_ok=True)
     skeleton.save_tokenizer(skeleton.train_tokenizer(corpus, VOCAB_SIZE), folder)
     model = skeleton.build_model(text, STAGE1_CANVAS)
@@ -84,7 +85,7 @@ def build_skeleton(folder: Path) -> None:
     skeleton.write_released_config(folder / "config.json")
 
 
-def examples(items: list[demo_task.Item], tokenizer, eos: set[int]):
+def examples(items: list[task.Item], tokenizer, eos: set[int]):
     from mlx_dgemma.train.data import encode_record
 
     return [encode_record({"prompt": it.prompt, "completion": it.answer}, tokenizer, eos) for it in items]
@@ -113,11 +114,11 @@ def write_weights(model, skeleton: Path, out: Path) -> None:
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
 
 
-def exact_match(model, tokenizer, items: list[demo_task.Item]) -> float:
+def exact_match(model, tokenizer, items: list[task.Item]) -> float:
     """Exact match with the sampler settings the model ships with (``GENERATION``), seed ``i`` for item ``i``."""
     from mlx_dgemma import generate
 
-    length = demo_task.max_tokens(model.args.canvas_length)
+    length = task.max_tokens(model.args.canvas_length)
     hits = sum(
         generate(model, tokenizer, it.prompt, max_tokens=length, drafter="none", seed=i).strip() == it.answer
         for i, it in enumerate(items)
@@ -229,7 +230,13 @@ def main() -> int:
     parser.add_argument(
         "--iters", type=int, default=400, help=f"stage 2 steps (batch {STAGE2['batch_size']})"
     )
-    parser.add_argument("--train-size", type=int, default=demo_task.TRAIN_SIZE)
+    parser.add_argument("--train-size", type=int, default=task.TRAIN_SIZE)
+    parser.add_argument(
+        "--valid-size", type=int, default=VALID_SIZE, help=f"validation records ({VALID_SIZE})"
+    )
+    parser.add_argument(
+        "--test-n", type=int, default=TEST_N, help=f"held-out records of the final exact match ({TEST_N})"
+    )
     parser.add_argument("--resume", action="store_true", help="continue stage 2's checkpoint in --work")
     parser.add_argument(
         "--lr",
@@ -240,6 +247,9 @@ def main() -> int:
     args = parser.parse_args()
     if not args.lr > 0:
         parser.error(f"--lr must be above 0, got {args.lr}")
+    for name in ("train_size", "valid_size", "test_n"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
     hyper = {**STAGE2, "learning_rate": args.lr}
 
     import mlx.core as mx
@@ -255,8 +265,8 @@ def main() -> int:
             build_skeleton(args.work / "skeleton")
             model, _, _, result = train(
                 args.work / "skeleton",
-                demo_task.split("train", args.train_size),
-                demo_task.split("valid", VALID_SIZE),
+                task.split("train", args.train_size),
+                task.split("valid", args.valid_size),
                 args.work / "checkpoint1",
                 args.stage1_iters,
                 STAGE1,
@@ -275,8 +285,8 @@ def main() -> int:
 
     model, tokenizer, trainer, result = train(
         stage2,
-        demo_task.split("train", args.train_size, long=True),
-        demo_task.split("valid", VALID_SIZE, long=True),
+        task.split("train", args.train_size, long=True),
+        task.split("valid", args.valid_size, long=True),
         args.work / "checkpoint",
         args.iters,
         hyper,
@@ -289,8 +299,8 @@ def main() -> int:
     model.set_dtype(mx.bfloat16)
     if mx.default_device() == mx.cpu:
         model.set_dtype(mx.float32)
-    accuracy = exact_match(model, tokenizer, demo_task.split("test", 100, long=True))
-    print(f"held-out exact match (100, bf16): {accuracy:.1%}")
+    accuracy = exact_match(model, tokenizer, task.split("test", args.test_n, long=True))
+    print(f"held-out exact match ({args.test_n}, bf16): {accuracy:.1%}")
 
     save_model(model, stage2, args.out)
     write_card(
@@ -299,7 +309,7 @@ def main() -> int:
         trainer.val_history,
         train_seconds,
         result,
-        accuracy,
+        (accuracy, args.test_n),
         args.train_size,
         stage1_note,
         hyper,
@@ -316,7 +326,7 @@ def write_card(
     val_history,
     seconds: float,
     result,
-    accuracy: float,
+    exact: tuple[float, int],
     n_train: int,
     stage1: str,
     hyper: dict,
@@ -329,6 +339,7 @@ def write_card(
     marks = sorted({10, *range(100, steps[-1] + 1, 100), steps[-1]}) if steps else []
     curve = ", ".join(f"{s}: {at(s):.3f}" for s in marks if s <= steps[-1])
     vals = ", ".join(f"{s}: {v:.3f}" for s, v in val_history)
+    accuracy, n_test = exact
     config = json.loads((folder / "config.json").read_text())
     text = config["text_config"]
     gen = json.loads((folder / "generation_config.json").read_text())
@@ -338,18 +349,18 @@ A small DiffusionGemma (the architecture of `google/diffusiongemma-26B-A4B-it`: 
 5 sliding + 1 full attention, k=v full layer with proportional RoPE, dense MLP + {text["num_experts"]} routed
 experts (top {text["top_k_experts"]}), self-conditioning; hidden {text["hidden_size"]}, vocabulary
 {text["vocab_size"]}, sliding window {text["sliding_window"]}, canvas {config["canvas_length"]} tokens; the released
-model's is 256, see `train_demo.py`)
-trained from scratch by `scripts/train_demo.py` on one task: fill JSON records from sentences about one to four
+model's is 256, see `demo/train.py`)
+trained from scratch by `python -m demo.train` on one task: fill JSON records from sentences about one to four
 people (one record, or a list of them; answers of 32-168 tokens, one or two canvases).
 
     Fill the record: Meet Maya, 34, a pilot living in Oslo. Maya speaks Greek and Hindi.
     {{"name": "Maya", "age": 34, "city": "Oslo", "job": "pilot", "languages": ["Greek", "Hindi"]}}
 
 It knows nothing else. It is the embedded default of `mlx_dgemma` (`mlx_dgemma/default_model`);
-`scripts/train_demo_drafter.py --from-data` distils its drafter. Its `generation_config.json` keeps the reference
+`python -m demo.train_drafter --from-data` distils its drafter. Its `generation_config.json` keeps the reference
 sampler and sets its temperature from {gen["t_max"]} to {gen["t_min"]}, an entropy bound of
 {gen["sampler_config"]["entropy_bound"]} and at most {gen["max_denoising_steps"]} passes a canvas (the released
-model's: 0.8 to 0.4, 0.1 and 48; `train_demo.py`'s `GENERATION` says why).
+model's: 0.8 to 0.4, 0.1 and 48; `demo/train.py`'s `GENERATION` says why).
 
 - Curriculum: {stage1}.
 - Stage 2: {result.step} steps of {hyper["batch_size"]} examples (from {n_train} distinct), AdamW, cosine
@@ -357,8 +368,8 @@ model's: 0.8 to 0.4, 0.1 and 48; `train_demo.py`'s `GENERATION` says why).
   {config["canvas_length"]}, {seconds / 60:.0f} minutes on a 2-core x86 CPU (MLX CPU backend, fp32).
 - Training loss (mean of 10 steps): {curve}.
 - Validation loss: {vals}.
-- Held-out exact match (first 100 test items, bf16 weights, its sampler settings): {accuracy:.0%}.
-  `python scripts/eval_demo.py` measures the whole held-out set.
+- Held-out exact match (first {n_test} test items, bf16 weights, its sampler settings): {accuracy:.0%}.
+  `python -m demo.eval` measures the whole held-out set.
 """
     (folder / "README.md").write_text(card)
 

@@ -1,13 +1,13 @@
 """Structured output on the demo model: exact match under its record schema vs unconstrained (paired, held-out),
 and what the per-step projection costs next to a decoder pass.
 
-    python scripts/bench_constrain.py [--model DIR] [--n 100] [--steps 16] [--seed 0] [--fast]
+    python -m benchmarks.constrain [--model DIR] [--n 100] [--steps 16] [--seed 0] [--fast]
 
-Both settings answer the same held-out test items (``demo_task.split("test")``, of the task the model was trained
-for) with the same seeds; the
-constrained one uses ``scripts/record_schema.json`` (one person), or a list of such records (several). The projection (``mlx_dgemma.decoding.constrain``) is timed on
-its own: it runs on the host once per denoising step, after the step's argmax is read back. ``--fast`` adds both
-settings in fast mode (``fast.project`` projects fast mode's step; same items and seeds).
+Both settings answer the same held-out test items (``demo.task.split("test")``, of the task the model was trained
+for) with the same seeds; the constrained one uses ``demo/record_schema.json`` (one person), or a list of such
+records (several). The projection (``mlx_dgemma.decoding.constrain``) is timed on its own: it runs on the host once
+per denoising step, after the step's argmax is read back. ``--fast`` adds both settings in fast mode
+(``fast.project`` projects fast mode's step; same items and seeds).
 """
 
 from __future__ import annotations
@@ -16,14 +16,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
-
-import demo_task
-from eval_demo import HEADER, evaluate
 
 import mlx_dgemma  # noqa: F401 (first: on Linux it loads a fast BLAS before mlx)
-
-SCHEMA = Path(__file__).with_name("record_schema.json")
+from demo import task
+from demo.eval import HEADER, evaluate
 
 
 class ProjectionTimer:
@@ -69,8 +65,8 @@ def main() -> int:
     from mlx_dgemma import load
 
     model, tokenizer = load(args.model, mx.float32 if mx.default_device() == mx.cpu else None)
-    items = demo_task.split("test", args.n, demo_task.is_long(model.args.canvas_length))
-    record = json.loads(SCHEMA.read_text())
+    items = task.split("test", args.n, task.is_long(model.args.canvas_length))
+    record = json.loads(task.RECORD_SCHEMA.read_text())
     record.pop("$comment")
     schema = {"anyOf": [record, {"type": "array", "items": record, "minItems": 2}]}
     opts = {"max_denoising_steps": args.steps, "drafter": "none"}

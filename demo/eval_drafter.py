@@ -1,7 +1,7 @@
 """The drafter on the demo model's held-out set: no drafter vs prompt lookup vs the bundled drafter.
 
-    python scripts/eval_drafter.py [--model PATH] [--drafter PATH] [--n 200] [--seed 0] [--json FILE]
-                                   [--confidence C ...] [--guard G ...] [--blind] [--unheld] [--split valid]
+    python -m demo.eval_drafter [--model PATH] [--drafter PATH] [--n 200] [--seed 0] [--json FILE]
+                                [--confidence C ...] [--guard G ...] [--blind] [--unheld] [--split valid]
 
 Settings: no drafter, prompt lookup, the drafter (default verification: a tenth of the draft re-noised, agreeing
 drafted tokens held, at the confidence its folder records) and the drafter without re-noising; with
@@ -25,10 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-import demo_task
-from eval_demo import HEADER, EvalResult, evaluate
-
 import mlx_dgemma  # noqa: F401 (first: on Linux it loads a fast BLAS before mlx)
+from demo import task
+from demo.eval import HEADER, EvalResult, evaluate
 
 
 def paired_difference(a: list[bool], b: list[bool]) -> tuple[float, float, float]:
@@ -122,7 +121,7 @@ def main() -> int:
 
     # This CPU multiplies bf16 ~10x slower than fp32: evaluate in fp32 there (a Mac runs the stored bf16).
     model, tokenizer = load(args.model, mx.float32 if mx.default_device() == mx.cpu else None)
-    items = demo_task.split(args.split, args.n, demo_task.is_long(model.args.canvas_length))
+    items = task.split(args.split, args.n, task.is_long(model.args.canvas_length))
     drafter = make_proposer(args.drafter, model)
     if drafter is None:
         raise SystemExit("error: no drafter for this model: give --drafter PATH")

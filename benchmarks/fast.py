@@ -1,17 +1,19 @@
 """Fast decoding against the reference sampler: quality, decoder work, wall time, and a 26B projection.
 
-    python scripts/bench_fast.py                      # everything (100 + 60 records: about 15 minutes on 2 cores)
-    python scripts/bench_fast.py --n 100 --ablation-n 60 --json fast.json
-    python scripts/bench_fast.py --skip-tenth         # no tenth-scale checkpoint (it needs torch to build)
+    python -m benchmarks.fast                      # everything (100 + 60 records: about 15 minutes on 2 cores)
+    python -m benchmarks.fast --n 100 --ablation-n 60 --json fast.json
+    python -m benchmarks.fast --skip-tenth         # no tenth-scale checkpoint (it needs torch to build)
+    python -m benchmarks.fast --n 2 --ablation-n 1 --scale tiny --tenth /tmp/bench-tiny   # a smoke run
 
-(a) The demo model's held-out items (``demo_task.split("test")``, its task), paired: every setting answers the same
+(a) The demo model's held-out items (``demo.task.split("test")``, its task), paired: every setting answers the same
     records with the same seeds (seed + i). Settings: reference / fast / drafter / fast + drafter. Per setting:
     exact match (95% Wilson interval) and its paired difference against the reference (95% normal interval),
     decoder passes per canvas, decoder *positions* per committed token, wall time per canvas (generation only:
     prefill and the exactness check excluded), tokens/s, and the exact-argmax agreement: after each committed
     canvas, one exact decoder pass over it (``fast.exact_agreement``, outside the clock).
 (b) Ablation on the same records: each technique of ``FastConfig`` alone, then all together.
-(c) The tenth-scale random checkpoint ``scripts/bench.py`` builds (canvas 256, vocab 32K): the cost of a
+(c) The tenth-scale random checkpoint ``benchmarks.model`` builds (canvas 256, vocab 32K; ``--scale`` picks
+    another of its sizes): the cost of a
     fast pass (sparse self-conditioning, stale K/V, top-k sampler step) at each bucket size against the
     reference's full pass and sampler step; then per canvas at the bucket mix fast mode used in (a).
 (d) A roofline projection for google/diffusiongemma-26B-A4B-it on an M-series Max (assumptions printed).
@@ -27,16 +29,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import demo_task
-from eval_demo import EvalResult
-from eval_drafter import paired_difference
-
 import mlx_dgemma  # noqa: F401 (first: on Linux it loads a fast BLAS before mlx)
+from benchmarks import model as bench
+from demo import task
+from demo.eval import EvalResult
+from demo.eval_drafter import paired_difference
 
 
 @dataclass
 class Run:
-    """One setting over the records: what eval_demo counts, plus positions, agreement and the bucket mix."""
+    """One setting over the records: what demo.eval counts, plus positions, agreement and the bucket mix."""
 
     label: str
     result: EvalResult
@@ -90,7 +92,7 @@ def run_setting(model, tokenizer, items, label: str, seed: int, fast, drafter: s
 
     eos = sorted(eos_ids(model, tokenizer))
     cfg, C = sampler_config(model), model.args.canvas_length
-    max_tokens = demo_task.max_tokens(C)  # as eval_demo
+    max_tokens = task.max_tokens(C)  # as demo.eval
     run = Run(label, EvalResult(label, len(items), 0, 0, 0, 0, 0.0), canvas=C)
     proposer = make_proposer(drafter, model)
     for i, item in enumerate(items):
@@ -140,9 +142,8 @@ def run_setting(model, tokenizer, items, label: str, seed: int, fast, drafter: s
 # (c) the tenth-scale checkpoint
 
 
-def tenth_costs(folder: Path, reps: int, k: int) -> dict:
+def tenth_costs(folder: Path, reps: int, k: int, scale: str = "tenth") -> dict:
     """Median seconds of the reference's full pass + sampler step, and of a fast pass + step at each bucket."""
-    import bench
     import mlx.core as mx
 
     from mlx_dgemma import load_model
@@ -150,7 +151,7 @@ def tenth_costs(folder: Path, reps: int, k: int) -> dict:
     from mlx_dgemma.decoding.fast import FastConfig, FastState, dense_soft, fast_step, forward, sparse_soft
     from mlx_dgemma.decoding.sampler import SamplerConfig, denoise_step, init_history
 
-    spec = bench.build_spec(argparse.Namespace(spec=None, size="tenth", prompt_len=None))
+    spec = bench.build_spec(argparse.Namespace(spec=None, size=scale, prompt_len=None))
     bench.ensure_checkpoint(spec, folder)
     model = load_model(folder / "hf", dtype=mx.float32)
     prompt, canvas, sc_logits = (mx.array(a) for a in bench.bench_inputs(spec))
@@ -171,6 +172,7 @@ def tenth_costs(folder: Path, reps: int, k: int) -> dict:
         )
 
     out: dict = {
+        "scale": scale,
         "spec": spec["text"],
         "canvas": C,
         "prompt": spec["prompt_len"],
@@ -178,7 +180,7 @@ def tenth_costs(folder: Path, reps: int, k: int) -> dict:
         "openblas": bench.openblas_mapped(),
         "other_runnable": bench.other_runnable(),
     }
-    bench.progress("tenth: reference pass and sampler step")
+    bench.progress(f"{scale}: reference pass and sampler step")
     out["ref_pass_s"] = clock(lambda: model.denoise(canvas, cache, sc_logits))
     logits = model.denoise(canvas, cache, sc_logits)
     out["ref_step_s"] = clock(
@@ -203,7 +205,7 @@ def tenth_costs(folder: Path, reps: int, k: int) -> dict:
     sc = (mx.zeros((1, C, k)), mx.zeros((1, C, k), dtype=mx.int32))
     out["fast"] = {}
     for size in fcfg.sizes(C):
-        bench.progress(f"tenth: fast pass over {size} positions")
+        bench.progress(f"{scale}: fast pass over {size} positions")
         pos = mx.sort(mx.random.permutation(C, key=mx.random.key(size))[:size]).astype(mx.int32)[None]
         tokens = mx.take_along_axis(canvas, pos, axis=1)
 
@@ -263,7 +265,7 @@ def tenth_table(costs: dict, fast_run: Run, ref_run: Run) -> str:
     lines.append(
         f"\nAt the measured pass counts and bucket mix (demo, scaled to {C} positions): reference "
         f"{1000 * per_canvas_ref:.0f} ms per canvas, fast {1000 * per_canvas_fast:.0f} ms "
-        f"({per_canvas_ref / per_canvas_fast:.2f}x) on this CPU at tenth scale."
+        f"({per_canvas_ref / per_canvas_fast:.2f}x) on this CPU at {costs['scale']} scale."
     )
     return "\n".join(lines)
 
@@ -392,6 +394,12 @@ def main() -> int:
         default=Path("/tmp/bench-tenth"),
         help="folder of the tenth-scale checkpoint (built there if missing)",
     )
+    parser.add_argument(
+        "--scale",
+        choices=sorted(bench.SIZES),
+        default="tenth",
+        help="size of (c)'s random checkpoint (default tenth; tiny for a quick check)",
+    )
     parser.add_argument("--skip-tenth", action="store_true", help="skip (c)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions in (c) (default 3)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
@@ -407,7 +415,7 @@ def main() -> int:
 
     # This CPU multiplies bf16 ~10x slower than fp32: evaluate in fp32 there (a Mac runs the stored bf16).
     model, tokenizer = load(args.model, mx.float32 if mx.default_device() == mx.cpu else None)
-    items = demo_task.split("test", max(args.n, args.ablation_n), demo_task.is_long(model.args.canvas_length))
+    items = task.split("test", max(args.n, args.ablation_n), task.is_long(model.args.canvas_length))
     settings = {
         "reference": (None, "none"),
         "fast": (FastConfig(), "none"),
@@ -459,9 +467,9 @@ def main() -> int:
 
     costs = None
     if not args.skip_tenth:
-        costs = tenth_costs(args.tenth, args.reps, 64)
+        costs = tenth_costs(args.tenth, args.reps, 64, args.scale)
         print(
-            f"## (c) Tenth-scale random checkpoint (canvas {costs['canvas']}, prompt {costs['prompt']}, "
+            f"## (c) {args.scale.capitalize()}-scale random checkpoint (canvas {costs['canvas']}, prompt {costs['prompt']}, "
             f"vocab {costs['spec']['vocab_size']}, fp32, this CPU, OpenBLAS {'yes' if costs['openblas'] else 'NO'}, "
             f"{costs['other_runnable']:.1f} other runnable tasks): a pass + sampler step, median of {args.reps}\n"
         )
