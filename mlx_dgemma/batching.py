@@ -85,12 +85,12 @@ class Batch:
         for row in list(self._rows):
             if row.pass_ is None:
                 yield from self._advance(row)
-        waiting = [r for r in self._rows if r.pass_ is not None]
+        waiting = [(r, r.pass_) for r in self._rows if r.pass_ is not None]
         if waiting:
-            logits = self.model.denoise_rows([r.pass_ for r in waiting])
+            logits = self.model.denoise_rows([p for _, p in waiting])
             self.passes, self.rows = self.passes + 1, self.rows + len(waiting)
-            for row, out in zip(waiting, logits):
-                row.pass_.result, row.pass_ = out, None
+            for (row, pass_), out in zip(waiting, logits):
+                pass_.result, row.pass_ = out, None
 
     def _advance(self, row: _Row) -> Iterator[tuple[int, Event | Exception]]:
         """Run one request until it asks for a pass, pauses, ends or is cancelled, yielding its events."""
@@ -126,12 +126,15 @@ class BatchStats:
 
 @dataclass
 class BatchResponse:
-    """``batch_generate``'s result, as mlx-lm's: ``texts`` in the order of the prompts, ``stats``, and each
-    answer's final ``Done`` (its statistics) in ``responses``."""
+    """``batch_generate``'s result, as mlx-lm's: ``texts`` in the order of the prompts, ``stats``, each answer's
+    final ``Done`` (its statistics) in ``responses``, its token ids in ``tokens``, and with
+    ``return_prompt_caches=True`` each request's cache (holding its prompt and answer) in ``caches``."""
 
     texts: list[str]
     stats: BatchStats
     responses: list[Done]
+    tokens: list[list[int]]
+    caches: list[Any] | None = None
 
 
 def stream_batch_generate(
@@ -149,19 +152,24 @@ def batch_generate(
     prompts: Sequence[Prompt],
     max_tokens: int | None = None,
     verbose: bool = False,
+    return_prompt_caches: bool = False,
     **options: Any,
 ) -> BatchResponse:
     """Generate answers to several prompts in one batch (mlx-lm's ``batch_generate``): the texts, in order, and
-    statistics. ``options`` are ``stream_generate``'s, for every prompt. ``verbose`` prints the figures."""
-    requests = _requests(model, tokenizer, prompts, max_tokens, options)
+    statistics. ``options`` are ``stream_generate``'s, for every prompt. ``verbose`` prints the figures;
+    ``return_prompt_caches`` returns each request's cache, ready for its next turn (mlx-lm's ``prompt_cache=``)."""
+    requests = _requests(model, tokenizer, prompts, max_tokens, options, return_prompt_caches)
     start = time.perf_counter()
     mx.reset_peak_memory()
     texts: list[str] = [""] * len(requests)
+    tokens: list[list[int]] = [[] for _ in requests]
     responses: list[Done | None] = [None] * len(requests)
     batch = Batch(model, tokenizer)
     for i, event in _drive(batch, requests):
         texts[i] += event.text
-        if isinstance(event, Done):
+        if isinstance(event, Commit):
+            tokens[i] += event.tokens
+        elif isinstance(event, Done):
             responses[i] = event
     elapsed = time.perf_counter() - start
     done = [d for d in responses if d is not None]
@@ -180,11 +188,17 @@ def batch_generate(
             f"{stats.decoder_passes} decoder passes ({stats.mean_batch:.2f} requests each)"
         )
         print(f"Peak memory: {stats.peak_memory_gb:.3f} GB")
-    return BatchResponse(texts, stats, done)
+    caches = [r.cache for r in requests] if return_prompt_caches else None
+    return BatchResponse(texts, stats, done, tokens, caches)
 
 
 def _requests(
-    model: Model, tokenizer: Any, prompts: Sequence[Prompt], max_tokens: int | None, options: dict[str, Any]
+    model: Model,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    max_tokens: int | None,
+    options: dict[str, Any],
+    caches: bool = False,
 ) -> list[GenerationRequest]:
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise GenerationError(
@@ -193,6 +207,11 @@ def _requests(
     for name in ("cache", "prompt_cache", "prompt_ids"):
         if options.get(name) is not None:
             raise GenerationError(f"{name} is one request's: give each prompt's ids in prompts instead")
+    if caches:  # each its own, left holding the prompt and the answer (as mlx-lm's prompt_cache= is)
+        return [
+            prepare(model, tokenizer, p, max_tokens, prompt_cache=model.make_cache(), **options)
+            for p in prompts
+        ]
     return [prepare(model, tokenizer, p, max_tokens, **options) for p in prompts]
 
 

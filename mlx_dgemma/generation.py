@@ -11,9 +11,9 @@ builds the request, ``run`` decodes it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -106,7 +106,8 @@ class _Text:
     """Incremental detokenization: text of all kept tokens, released only when it is stable."""
 
     def __init__(self, tokenizer: Any):
-        self.tokenizer, self.tokens, self.sent = tokenizer, [], ""
+        self.tokenizer, self.sent = tokenizer, ""
+        self.tokens: list[int] = []
 
     def add(self, tokens: list[int]) -> str:
         self.tokens += tokens
@@ -128,7 +129,7 @@ def _keep(tokens: list[int], eos: set[int], room: int) -> tuple[list[int], bool]
 
 def stream_generate(
     model: Model, tokenizer: Any, prompt: Prompt | None, max_tokens: int | None = None, **options: Any
-) -> Iterator[Preview | Commit | Done]:
+) -> Generator[Preview | Commit | Done, None, None]:
     """Generate a response, yielding commits, a final ``Done`` and, with ``previews=True``, a ``Preview`` per
     denoising step (see the module docstring). The options are :class:`~mlx_dgemma.request.GenerationOptions`.
 
@@ -230,7 +231,7 @@ class _Answer:
         if isinstance(event, StepEvent):
             if not previews:
                 return None
-            canvas, _ = _keep(event.argmax[0].tolist(), self.eos, room)
+            canvas, _ = _keep(cast(list[int], event.argmax[0].tolist()), self.eos, room)
             return Preview(
                 "",
                 event.canvas_index,
@@ -239,9 +240,9 @@ class _Answer:
                 **self.meter.fields(self.text),
             )
         self.canvases += 1
-        passes = int(event.decoder_passes[0].item())
+        passes = cast(int, event.decoder_passes[0].item())  # int32
         self.passes += passes
-        committed = event.tokens[0].tolist()
+        committed = cast(list[int], event.tokens[0].tolist())  # int32 [C]
         new, stopped = _keep(committed, self.eos, room)
         self.tail = committed[: len(new) + 1] if stopped else new
         if stopped:

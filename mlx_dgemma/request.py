@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from jinja2 import TemplateError
@@ -224,9 +224,10 @@ def _prompt(
             parse_special_tokens=opts.parse_special_tokens,
             keep_special=keep,
         )
-    cache = as_diffusion_cache(model, opts.prompt_cache) if opts.prompt_cache is not None else opts.cache
+    cache = opts.cache
     given = len(ids)
     if opts.prompt_cache is not None:
+        cache = as_diffusion_cache(model, opts.prompt_cache)
         ids = [model.args.pad_token_id] * cache.offset + ids  # placeholders: only ids[cache.offset:] are read
     image_prompt = None
     if image_list:
@@ -301,7 +302,7 @@ def as_image_list(images: Any, image: Any = None) -> list[Any] | None:
 
 def encode_prompt(
     tokenizer: Any,
-    prompt: Prompt,
+    prompt: Prompt | None,
     system: str | None = None,
     use_chat_template: bool = True,
     thinking: bool | None = None,
@@ -330,11 +331,11 @@ def encode_prompt(
         bos = getattr(tokenizer, "bos_token", None)
         if use_chat_template and prompt.startswith(tuple(m for m in (bos, *TURN_MARKERS) if m)):
             return list(tokenizer.encode(prompt, add_special_tokens=False))
-        messages = [{"role": "user", "content": prompt}]
+        messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
     elif prompt is None:
         raise GenerationError("no prompt: give a prompt (text, messages or token ids) or prompt_ids")
     else:
-        messages = list(prompt)
+        messages = list(cast(Sequence[dict[str, Any]], prompt))  # token ids were taken above
         if not messages:
             raise GenerationError("the message list is empty: give at least one user message")
     if not use_chat_template or not getattr(tokenizer, "chat_template", None):

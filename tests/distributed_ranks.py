@@ -124,6 +124,7 @@ def serve(folder: str, rank: int) -> list[str]:
                     "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
                 )
             else:
+                assert r.status_code == 200, f"{r.status_code} {r.text}"
                 answers.append(r.json()["choices"][0]["message"]["content"])
         r = httpx.post(f"{server.url}/chat/completions", json=image_request(), timeout=600)
         answers.append(f"{r.status_code} {r.text}")

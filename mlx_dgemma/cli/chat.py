@@ -13,10 +13,10 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
-from mlx_dgemma.cli.generate import json_object
 from mlx_dgemma.cli.shared import (
     add_ar_only_flags,
     add_bool_flag,
+    add_chat_template_flags,
     add_log_level,
     add_model_arguments,
     add_trust_remote_code,
@@ -80,20 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fast decoding: fewer decoder positions per token (a departure from the reference sampler)",
     )
-    p.add_argument(
-        "--chat-template-config",
-        type=json_object,
-        default={},
-        metavar="JSON",
-        help="extra chat template arguments as a JSON object, e.g. '{\"enable_thinking\": true}'",
-    )
-    p.add_argument(
-        "--thinking",
-        "--enable-thinking",
-        dest="thinking",
-        action="store_true",
-        help="turn on the chat template's thinking mode (enable_thinking=true)",
-    )
+    add_chat_template_flags(p)
     add_bool_flag(p, "--verbose", "-v", help="print a statistics line after each answer (on standard error)")
     add_trust_remote_code(p)
     add_log_level(p)

@@ -12,6 +12,7 @@ from typing import TextIO
 from mlx_dgemma.cli.shared import (
     add_ar_only_flags,
     add_bool_flag,
+    add_chat_template_flags,
     add_log_level,
     add_model_arguments,
     add_trust_remote_code,
@@ -86,20 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="feed the prompt as raw text",
     )
-    p.add_argument(
-        "--chat-template-config",
-        type=json_object,
-        default={},
-        metavar="JSON",
-        help="extra chat template arguments as a JSON object, e.g. '{\"enable_thinking\": true}'",
-    )
-    p.add_argument(
-        "--thinking",
-        "--enable-thinking",
-        dest="thinking",
-        action="store_true",
-        help="turn on the chat template's thinking mode (enable_thinking=true)",
-    )
+    add_chat_template_flags(p)
     p.add_argument(
         "--show-canvas",
         action="store_true",
@@ -127,28 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--infill", metavar="TEMPLATE", help="fill the {{N}} holes (N tokens each) of this template"
     )
     return p
-
-
-def json_object(value: str) -> dict:
-    """``--chat-template-config``: a JSON object, as mlx-lm's flag takes it, without the names the template
-    renderer sets itself (``messages``, ``tools``, ``add_generation_prompt``, ...)."""
-    from mlx_dgemma.prompt.chat_template import check_kwargs
-    from mlx_dgemma.runtime.bounded import parse_json
-
-    shown = value if len(value) <= 80 else value[:77] + "..."
-    try:
-        obj = parse_json(
-            value,
-            f"--chat-template-config {shown!r}",
-            DGemmaError,
-            'give a JSON object such as {"enable_thinking": true}',
-        )
-        if not isinstance(obj, dict):
-            raise DGemmaError(f'expected a JSON object like {{"enable_thinking": true}}, got {shown!r}')
-        check_kwargs(obj, "--chat-template-config", DGemmaError)  # the server's --chat-template-args' check
-    except DGemmaError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return obj
 
 
 def _width(text: str) -> int:

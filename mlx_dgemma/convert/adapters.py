@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mlx_dgemma.convert.staging import FUSED, MODEL, make_marked_dir, recover
+from mlx_dgemma.model.arrays import flatten
 from mlx_dgemma.model.loader import load_model, resolve
 
 
@@ -36,6 +37,4 @@ def fused_source(source: str | Path, adapter_path: str | Path, target: Path) -> 
 
 
 def _parameter_names(model) -> list[str]:
-    from mlx.utils import tree_flatten
-
-    return [name for name, _ in tree_flatten(model.parameters())]
+    return [name for name, _ in flatten(model.parameters())]

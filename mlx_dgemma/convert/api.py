@@ -55,7 +55,7 @@ def convert(
         raise TypeError(f"convert() got an unexpected keyword argument {name!r}")
     if q_mode != "affine":
         raise ConvertError(f"q_mode={q_mode!r} is not supported: mlx_dgemma quantizes in 'affine' mode only")
-    options = dict(
+    options: dict[str, Any] = dict(
         dtype=dtype,
         quantize=quantize,
         q_bits=4 if q_bits is None else q_bits,

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mlx_dgemma.errors import CheckpointError
+from mlx_dgemma.model.arrays import flatten
 from mlx_dgemma.model.diffusion_gemma import Model
 
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
@@ -40,7 +40,7 @@ def hf_weights(model: Model, dtype: mx.Dtype | None = None) -> dict[str, mx.arra
             )
             out[f"{path}.weight"] = w
     quantized = {k.rsplit(".", 1)[0] for k in out}
-    for key, value in tree_flatten(model.parameters()):
+    for key, value in flatten(model.parameters()):
         if key.rsplit(".", 1)[0] not in quantized:
             out[key] = value
     if isinstance(model.model.decoder.embed_tokens, nn.QuantizedEmbedding):

@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx_dgemma.convert.layout import is_vision, keeps_vision, output_names
 from mlx_dgemma.convert.recipes import QuantSpec, Recipe
 from mlx_dgemma.errors import CheckpointError, ConvertError
+from mlx_dgemma.model.arrays import load_safetensors
 from mlx_dgemma.model.config import ModelArgs
 from mlx_dgemma.model.diffusion_gemma import Model
 from mlx_dgemma.model.loader import check_safetensors, check_tensors, read_config, weight_files
@@ -146,6 +147,7 @@ def _job(
 ) -> Job:
     shape = tuple(array.shape)
     out_dtype = dtype if dtype is not None and mx.issubdtype(array.dtype, mx.floating) else array.dtype
+    outputs: tuple[Tensor, ...]
     if quant is None:
         outputs = (Tensor(name, shape, out_dtype),)
     else:
@@ -166,7 +168,7 @@ def _read_headers(source: Path) -> tuple[dict[str, mx.array], dict[str, Path]]:
     for file in weight_files(source):
         check_safetensors(file)
         try:
-            tensors = mx.load(str(file))
+            tensors = load_safetensors(file)
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{file} cannot be read ({e}): re-download it") from None
         arrays.update(tensors)

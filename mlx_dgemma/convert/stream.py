@@ -18,6 +18,7 @@ import numpy as np
 
 from mlx_dgemma.convert.plan import Job, Plan, Tensor
 from mlx_dgemma.convert.quantize import transform
+from mlx_dgemma.model.arrays import load_safetensors
 
 INDEX = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {
@@ -55,7 +56,7 @@ class SourceReader:
 
     def take(self, job: Job) -> mx.array:
         if job.file != self._file:
-            self._tensors = mx.load(str(job.file))
+            self._tensors = load_safetensors(job.file)
             self._file = job.file
         # Popping drops the reader's reference: once written, the tensor's memory is freed.
         return self._tensors.pop(job.key)

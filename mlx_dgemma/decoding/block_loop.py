@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -89,45 +90,19 @@ def canvas_start(
     )
     if constraint is not None:
         begin = attach(begin, Constrained(constraint, index * a.canvas_length))
-    proposal = drafts.propose(model, cache) if drafts is not None and begin.canvas is None else None
-    if proposal is not None:
-        begin = attach(begin, *draft_hooks(proposal, drafts.config, key))
+    if drafts is not None and begin.canvas is None:
+        proposal = drafts.propose(model, cache)
+        if proposal is not None:
+            begin = attach(begin, *draft_hooks(proposal, drafts.config, key))
     return begin
 
 
 def generate_tokens(
-    model: Model,
-    cache: DiffusionCache,
-    max_tokens: int,
-    cfg: SamplerConfig,
-    seed: int | None = None,
-    start: mx.array | None = None,
-    adaptive_stopping: bool = True,
-    eos_ids: list[int] | None = None,
-    compiled: bool | None = None,
-    drafts: DraftSession | None = None,
-    denoiser: Stepper | None = None,
-    constraint: Constraint | None = None,
+    model: Model, cache: DiffusionCache, max_tokens: int, cfg: SamplerConfig, **options: Any
 ) -> Iterator[StepEvent | CommitEvent]:
     """Generate up to ``max_tokens`` tokens after the prompt already encoded in ``cache`` (see ``prefill``): the
-    events of :func:`generate_steps` with each decoder pass computed at once (``canvas.solo``)."""
-    return solo(
-        model,
-        generate_steps(
-            model,
-            cache,
-            max_tokens,
-            cfg,
-            seed,
-            start,
-            adaptive_stopping,
-            eos_ids,
-            compiled,
-            drafts,
-            denoiser,
-            constraint,
-        ),
-    )
+    events of :func:`generate_steps` (``options`` are its keywords) with each decoder pass computed at once."""
+    return solo(model, generate_steps(model, cache, max_tokens, cfg, **options))
 
 
 def generate_steps(
@@ -177,7 +152,7 @@ def generate_steps(
         tokens, finished = finalize_canvas(event.tokens, finished, eos_ids or a.eos_token_id, a.pad_token_id)
         mx.eval(tokens, finished)
         if constraint is not None:
-            constraint.commit(tokens[0].tolist())
+            constraint.commit(cast("list[int]", tokens[0].tolist()))
         if drafts is not None:
             drafts.commit(tokens, event)
         yield CommitEvent(

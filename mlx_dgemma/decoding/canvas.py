@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import mlx.core as mx
 
@@ -256,7 +256,7 @@ def canvas_steps(model: Any, cache: DiffusionCache, stepper: Stepper, start: Sta
         flags = mx.stack([row.state.done.all().astype(mx.int32), live(row.state.frozen, row.state.done)])
         mx.eval(row.state, row.passes, flags, row.stale.arrays() if row.stale else [])
         yield StepEvent(row.start.index, row.step, row.state.argmax, row.state.done)
-        finished, active = flags.tolist()
+        finished, active = cast("list[int]", flags.tolist())
         if row.restart is not None:
             row = stepper.start(model, cache, row.restart)
             continue

@@ -36,7 +36,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
@@ -45,8 +45,15 @@ from mlx_dgemma.decoding.grammar_bounds import format_count, max_token_bytes, sh
 from mlx_dgemma.decoding.sampler import StepOutput, initial_canvas
 from mlx_dgemma.errors import ConstraintError, GrammarBusy
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # stub-only: llguidance does not export it at runtime
+
 # json.dumps's default spacing: what models (the demo model included) were trained to write.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS: JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
 HOLE = re.compile(r"\{\{(\d*)\}\}")
 
 
@@ -170,6 +177,7 @@ def check_json_schema(schema: Any, what: str = "the JSON schema") -> None:
         if found is None:
             return
         error = error or found
+    assert error is not None  # drafts is never empty: every one found an error
     where = ".".join(str(p) for p in error.absolute_path)
     reason = " ".join(error.message.split())
     if len(reason) > 160:
@@ -595,11 +603,12 @@ class InfillConstraint(Constraint):
         return len(self.tokens)
 
     def fixed(self, offset: int, length: int) -> dict[int, int]:
-        held = {}
+        held: dict[int, int] = {}
         for i in range(length):
             p = offset + i
-            if p < self.length and self.tokens[p] is not None:
-                held[i] = self.tokens[p]
+            token = self.tokens[p] if p < self.length else None
+            if token is not None:
+                held[i] = token
             elif p > self.length:
                 held[i] = self.pad
         return held
@@ -787,14 +796,14 @@ def make_constraint(
     # Before compiling: the engine compiles a $ref cycle or an endless rule without a word (and may even stop
     # its matcher early, as if an answer were complete), and the greedy search below proves nothing.
     check_shortest(llt, response_format, json_schema, max_tokens)
-    c = _compiled(llt, grammar, eos_ids, pad_id, vocab_size, max_tokens, canvas_length, bounded)
-    short = c.min_length
+    compiled = _compiled(llt, grammar, eos_ids, pad_id, vocab_size, max_tokens, canvas_length, bounded)
+    short = compiled.min_length
     if short is not None and short > max_tokens:  # unknown (None) is not an error: the search is greedy
         raise ConstraintError(
             f"max_tokens={max_tokens} is too small: the shortest answer this schema/grammar allows "
             f"takes about {short} tokens; raise max_tokens"
         )
-    return c
+    return compiled
 
 
 _COMPILED: OrderedDict[tuple, GrammarConstraint] = OrderedDict()

@@ -37,7 +37,7 @@ import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -310,10 +310,17 @@ class FastDenoiser:
         positions = self._positions(row)
         tokens = mx.take_along_axis(s.canvas, positions, axis=1)
         soft = None if row.first else self._soft(model, s.sc, positions)
-        sparse = dict(positions=positions, stale=row.stale) if fcfg.sparse else {}
-        request = Pass(tokens, cache, soft=soft, capped=False, **sparse)
+        request = Pass(
+            tokens,
+            cache,
+            soft=soft,
+            positions=positions if fcfg.sparse else None,
+            stale=row.stale if fcfg.sparse else None,
+            capped=False,
+        )
         yield request
         raw = request.result
+        assert raw is not None  # the driver sets it before resuming
         passes = row.passes + (~s.done).astype(mx.int32)
         step = self.step_fn(model, row.cfg, row.start.adaptive)
         state = step(raw, positions, s, mx.array(row.step, dtype=mx.int32), key)
@@ -326,7 +333,9 @@ class FastDenoiser:
     def finish(self, model: Model, cache: DiffusionCache, row: Row) -> None:
         if self.config.check:
             eos = self.eos_ids or _as_list(model.args.eos_token_id)
-            self.exact.extend(exact_agreement(model, cache, row.state.argmax, eos).tolist())
+            self.exact.extend(
+                cast("list[float]", exact_agreement(model, cache, row.state.argmax, eos).tolist())
+            )
 
     def _positions(self, row: Row) -> mx.array:
         """The canvas positions [B, S] this pass computes: every one, or the live ones first (in canvas order)

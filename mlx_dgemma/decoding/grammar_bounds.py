@@ -33,7 +33,8 @@ class _Shortest:
     assumed to cost nothing, so the bound is never above the truth."""
 
     def __init__(self, root: dict[str, Any], budget: int = 1_000_000):
-        self.root, self.refs = root, {}  # refs: "#/..." -> current estimate
+        self.root = root
+        self.refs: dict[str, float] = {}  # "#/..." -> current estimate
         self.budget = budget  # schema nodes visited before giving up (refs into large, nested targets)
 
     def run(self) -> tuple[float, list[str]]:
@@ -104,7 +105,7 @@ class _Shortest:
             each = self.value(rest, depth + 1) if rest is not None and tail > 0 else 1
             return 2 + sum(head) + (tail * each if tail > 0 else 0) + max(n - 1, 0)
         if kind == "object":
-            props = s.get("properties") if isinstance(s.get("properties"), dict) else {}
+            props: dict[str, Any] = s["properties"] if isinstance(s.get("properties"), dict) else {}
             extra = s.get("additionalProperties", True) if not s.get("patternProperties") else True
             keys = list(dict.fromkeys(k for k in s.get("required") or [] if isinstance(k, str)))
             size = sum(_json_len(k) + 1 + self.value(props.get(k, extra), depth + 1) for k in keys)

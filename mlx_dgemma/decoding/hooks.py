@@ -79,6 +79,7 @@ def logits_row(state: CanvasState, last: tuple[mx.array, mx.array] | None, vocab
 
     def row(i: int) -> np.ndarray:
         if i in computed:
+            assert raw is not None  # computed is empty without a last pass
             return np.asarray(raw[0, computed[i]], dtype=np.float32)
         if len(state.sc) == 1:
             return np.asarray(state.sc[0][0, i], dtype=np.float32)

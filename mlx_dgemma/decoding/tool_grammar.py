@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from mlx_dgemma.decoding.constrain import ConstraintError, check_json_schema
@@ -24,7 +25,7 @@ START, END, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
 
 
 class _Writer:
-    def __init__(self, literal):
+    def __init__(self, literal: Callable[[str], str]) -> None:
         self.rules: list[str] = []
         self.lit = literal
 
@@ -119,7 +120,7 @@ def tool_call_grammar(tools: list[dict[str, Any]], tool_choice: Any, tokenizer: 
     return "\n".join([f"start: {w.lit(START)} ({' | '.join(calls)}) {w.lit(END)}", *w.rules])
 
 
-def _literal_for(tokenizer: Any):
+def _literal_for(tokenizer: Any) -> Callable[[str], str]:
     """Literals as text, except a marker that is one special token of ``tokenizer``: llguidance's ``<[id]>``."""
 
     def literal(text: str) -> str:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import mlx.core as mx
 
@@ -123,10 +123,10 @@ def without_ends(proposal: Proposal, ends: Iterable[int]) -> Proposal:
 
 def agreement(argmax: mx.array, proposal: Proposal) -> float:
     """Fraction of the drafted positions where the target's argmax equals the draft (1.0 if none drafted)."""
-    drafted = proposal.drafted.sum().item()
+    drafted = cast(int, proposal.drafted.sum().item())  # sums of bool arrays: ints
     if drafted == 0:
         return 1.0
-    return ((argmax == proposal.canvas) & proposal.drafted).sum().item() / drafted
+    return cast(int, ((argmax == proposal.canvas) & proposal.drafted).sum().item()) / drafted
 
 
 class DraftSession:
@@ -162,7 +162,7 @@ class DraftSession:
 
     def commit(self, tokens: mx.array, event: Any) -> None:
         """Record a committed canvas (finalized tokens [B, C]) and how its draft fared."""
-        self.proposer.commit(tokens.tolist())
+        self.proposer.commit(cast("list[list[int]]", tokens.tolist()))
         if not event.drafted:
             return
         self.drafted += 1

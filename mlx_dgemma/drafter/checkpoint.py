@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from mlx_dgemma.drafter.model import Drafter, DrafterArgs
 from mlx_dgemma.errors import DrafterError
+from mlx_dgemma.model.arrays import flatten, load_safetensors
 from mlx_dgemma.train.checkpoint import write_folder
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "drafter.safetensors"
@@ -35,7 +35,7 @@ def target_identity(model: Any) -> dict[str, Any]:
 
 def save_drafter(drafter: Drafter, model: Any, folder: Path, extra: dict[str, Any] | None = None) -> None:
     """Write ``folder`` atomically: training's folder writer (a temporary sibling, fsync-ed, renamed into place)."""
-    weights = dict(tree_flatten(drafter.parameters()))
+    weights = dict(flatten(drafter.parameters()))
     config = {
         "model_type": MODEL_TYPE,
         "drafter": drafter.args.to_dict(),
@@ -98,7 +98,7 @@ def load_drafter(folder: str | Path, model: Any) -> Drafter:
             )
     drafter = Drafter(DrafterArgs.from_dict(config["drafter"]))
     try:
-        weights = mx.load(str(folder / WEIGHTS_FILE))
+        weights = load_safetensors(folder / WEIGHTS_FILE)
     except (OSError, RuntimeError, ValueError) as e:
         raise DrafterError(
             f"cannot read {folder / WEIGHTS_FILE} ({e}): retrain or re-copy the drafter"

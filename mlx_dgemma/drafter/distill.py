@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -75,7 +75,8 @@ class Samples:
 
     @classmethod
     def load(cls, path: Path) -> Samples:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
+        loaded = mx.load(str(path), return_metadata=True)
+        arrays, metadata = cast("tuple[dict[str, mx.array], dict[str, str]]", loaded)  # safetensors
         return cls(
             arrays["features"],
             np.array(arrays["starts"]),
@@ -144,6 +145,7 @@ def collect(
                 context = mx.concatenate(cache.features, axis=1)[0, -context_window:].astype(mx.float16)
                 mx.eval(context)
                 features.append(context)
+                assert event.argmax is not None  # generate_tokens always sets it
                 canvases.append(event.argmax[0])
         if progress is not None:
             progress(i + 1, len(prompts), len(canvases), time.perf_counter() - start)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,11 @@ def make_proposer(spec: Any, model: Model) -> Proposer | None:
         return from_folder(folder, model) if folder is not None else None
     if not isinstance(spec, (str, Path)):
         return spec
-    named = {"none": lambda: None, "lookup": LookupProposer, "noise": NoiseProposer}
+    named: dict[str, Callable[[], Proposer | None]] = {
+        "none": lambda: None,
+        "lookup": LookupProposer,
+        "noise": NoiseProposer,
+    }
     if str(spec) in named:
         return named[str(spec)]()
     if not Path(spec).expanduser().is_dir():

@@ -24,12 +24,12 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 from tqdm import tqdm
 
 from mlx_dgemma import load
@@ -37,6 +37,7 @@ from mlx_dgemma.cli.shared import run_cli
 from mlx_dgemma.drafter.checkpoint import WEIGHTS_FILE, DrafterError, save_drafter
 from mlx_dgemma.drafter.distill import SAMPLES_FILE, Samples, collect, collect_from_data, read_prompts
 from mlx_dgemma.drafter.model import Drafter, DrafterArgs
+from mlx_dgemma.model.arrays import flatten, load_safetensors
 from mlx_dgemma.train import TrainConfig
 from mlx_dgemma.train.checkpoint import current, write_checkpoint
 from mlx_dgemma.train.trainer import OPTIMIZER_FILE, STATE_FILE, Progress, StepLog, make_optimizer
@@ -320,13 +321,13 @@ class DrafterTrainer:
             "prompts": self.samples.prompts,
             "held_out_canvas_accuracy": round(float(whole), 4),
             "held_out_token_accuracy": round(float(token), 4),
-            "parameters": sum(v.size for _, v in tree_flatten(self.drafter.parameters())),
+            "parameters": sum(v.size for _, v in flatten(self.drafter.parameters())),
         }
 
     def save(self) -> None:
         """The drafter's weights, the optimizer's state and the step, as one checkpoint of training's layout."""
-        weights = dict(tree_flatten(self.drafter.parameters()))
-        state = dict(tree_flatten(self.optimizer.state))
+        weights = dict(flatten(self.drafter.parameters()))
+        state = dict(flatten(self.optimizer.state))
         write_checkpoint(
             self.work,
             self.step,
@@ -342,11 +343,12 @@ class DrafterTrainer:
         """Load the checkpoint in ``work`` (or one written before step folders); False when there is none."""
         folder = current(self.work)
         if folder is not None:
-            weights = mx.load(str(folder / WEIGHTS_FILE))
-            state = mx.load(str(folder / OPTIMIZER_FILE))
+            weights = load_safetensors(folder / WEIGHTS_FILE)
+            state = load_safetensors(folder / OPTIMIZER_FILE)
             step = json.loads((folder / STATE_FILE).read_text())["step"]
         elif (self.work / LEGACY_CHECKPOINT).is_file():
-            arrays, metadata = mx.load(str(self.work / LEGACY_CHECKPOINT), return_metadata=True)
+            loaded = mx.load(str(self.work / LEGACY_CHECKPOINT), return_metadata=True)
+            arrays, metadata = cast("tuple[dict[str, mx.array], dict[str, str]]", loaded)  # safetensors
             weights = {k.removeprefix("drafter."): v for k, v in arrays.items() if k.startswith("drafter.")}
             state = {k.removeprefix("optimizer."): v for k, v in arrays.items() if k.startswith("optimizer.")}
             step = metadata["step"]

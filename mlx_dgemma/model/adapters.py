@@ -25,12 +25,13 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.lora import LoRASwitchLinear as _MlxLmLoRASwitchLinear
 
 from mlx_dgemma.errors import AdapterError
+from mlx_dgemma.model.arrays import flatten, load_safetensors
 from mlx_dgemma.model.diffusion_gemma import Model, _switch
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -78,7 +79,8 @@ class LoRASwitchLinear(_MlxLmLoRASwitchLinear):
     @classmethod
     def wrap(cls, base: SwitchLinear | QuantizedSwitchLinear, r: int, dropout: float, scale: float):
         lora = cls(base.input_dims, base.output_dims, base.num_experts, r=r, dropout=dropout, scale=scale)
-        lora.linear = base
+        # mlx-lm infers ``linear: SwitchLinear`` from its __init__; its own from_base wraps quantized ones too
+        lora.linear = base  # type: ignore[assignment]
         return lora
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
@@ -121,7 +123,8 @@ def apply_lora(model: Model, cfg: LoRAConfig) -> Model:
     for name in lora_module_names(model, cfg):
         base = modules[name]
         if isinstance(base, (nn.Linear, nn.QuantizedLinear)):
-            lora = LoRALinear.from_base(base, r=cfg.rank, dropout=cfg.dropout, scale=cfg.scale)
+            # mlx-lm annotates ``linear: nn.Linear`` but handles a QuantizedLinear base (QLoRA)
+            lora = LoRALinear.from_base(base, r=cfg.rank, dropout=cfg.dropout, scale=cfg.scale)  # type: ignore[arg-type]
         elif isinstance(base, (SwitchLinear, QuantizedSwitchLinear)):
             lora = LoRASwitchLinear.wrap(base, r=cfg.rank, dropout=cfg.dropout, scale=cfg.scale)
         else:
@@ -135,7 +138,7 @@ def apply_lora(model: Model, cfg: LoRAConfig) -> Model:
 
 def trainable_weights(model: nn.Module) -> dict[str, mx.array]:
     """The trainable tensors by name: what ``adapters.safetensors`` holds."""
-    return dict(tree_flatten(model.trainable_parameters()))
+    return dict(flatten(model.trainable_parameters()))
 
 
 def lora_config_from(config: dict[str, Any]) -> LoRAConfig:
@@ -187,10 +190,10 @@ def load_adapters(model: Model, path: str | Path) -> Model:
         apply_lora(model, lora_config_from(config))
         expected = trainable_weights(model)
     elif kind == "full":
-        expected = dict(tree_flatten(model.parameters()))
+        expected = dict(flatten(model.parameters()))
     else:
         raise AdapterError(f"{folder / CONFIG_FILE} has fine_tune_type {kind!r}: expected 'lora' or 'full'")
-    weights = mx.load(str(folder / ADAPTER_FILE))
+    weights = load_safetensors(folder / ADAPTER_FILE)
     _check_adapter_weights(weights, expected, folder, exact=kind == "lora")
     model.load_weights(list(weights.items()), strict=False)
     model.eval()

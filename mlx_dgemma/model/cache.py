@@ -43,7 +43,7 @@ class WindowKVCache(_BaseCache):
 
     def fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Stored keys/values followed by ``keys``/``values``, without storing the latter."""
-        if self.keys is None:
+        if self.keys is None or self.values is None:  # both set together
             return keys, values
         return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
 
@@ -67,7 +67,9 @@ class WindowKVCache(_BaseCache):
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        if self.keys is None or self.values is None:  # both set together
+            return 0
+        return self.keys.nbytes + self.values.nbytes
 
     @property
     def state(self) -> tuple[mx.array | None, mx.array | None, int, int]:
@@ -189,7 +191,9 @@ class CanvasKV:
         return self.positions + self.cache.offset
 
     def fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        store = self.stale.stores[self.layer]
+        stores = self.stale.stores
+        assert stores is not None  # ``StaleKV.views`` fills it before making any view
+        store = stores[self.layer]
         if store is None:
             B, C = keys.shape[0], self.stale.canvas
             store = (
@@ -199,7 +203,7 @@ class CanvasKV:
         idx = self.positions[:, None, :, None]
         k = mx.put_along_axis(store[0], mx.broadcast_to(idx, keys.shape), keys, axis=2)
         v = mx.put_along_axis(store[1], mx.broadcast_to(idx, values.shape), values, axis=2)
-        self.stale.stores[self.layer] = (k, v)
+        stores[self.layer] = (k, v)
         return self.cache.fetch(k, v)
 
 

@@ -186,7 +186,7 @@ class Attention(nn.Module):
     ) -> mx.array:
         q, k, v = self._project(x)
         if isinstance(cache, Rows):  # several requests in one pass: each attends to its own cache
-            parts = [self._attend(*part, c, m, write) for part, c, m in cache.split(q, k, v)]
+            parts = [self._attend(pq, pk, pv, c, m, write) for (pq, pk, pv), c, m in cache.split(q, k, v)]
             out = mx.concatenate([o.reshape(1, -1, o.shape[-1]) for o in parts], axis=1)
         else:
             out = self._attend(q, k, v, cache, mask, write)
@@ -254,7 +254,7 @@ class DecoderLayer(nn.Module):
     def __call__(
         self,
         x: mx.array,
-        cache: FullKVCache | WindowKVCache,
+        cache: FullKVCache | WindowKVCache | Rows,
         mask: mx.array | str | None,
         write: bool,
         layer_scalar: mx.array,
@@ -417,7 +417,7 @@ class Model(nn.Module):
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values, image_position_ids)
         if image_features is not None:
-            h = V.scatter_image_features(h, input_ids, image_features, self.vision_args.image_token_id)
+            h = V.scatter_image_features(h, input_ids, image_features, self._vision().image_token_id)
         scalars = self.model.encoder.language_model.layers
         captured = []
         for i, (layer, scalar, c) in enumerate(zip(decoder.layers, scalars, cache)):
@@ -511,24 +511,33 @@ class Model(nn.Module):
     ) -> tuple[dict[str, Any], Sequence[Any]]:
         """The padding masks of a pass (per layer kind) and the layer caches it reads (a sparse pass's views)."""
         B = canvas.shape[0]
-        C = canvas.shape[1] if positions is None else stale.canvas
-        masks = {kind: self._decoder_mask(cache, kind, B, C) for kind in ("sliding", "full")}
-        return masks, cache if positions is None else stale.views(cache, positions)
 
-    def get_image_features(self, pixel_values: mx.array, image_position_ids: mx.array) -> mx.array:
-        """Soft tokens of the images, projected into the text model's width: [sum of soft tokens, hidden]."""
+        def masks(C: int) -> dict[str, Any]:
+            return {kind: self._decoder_mask(cache, kind, B, C) for kind in ("sliding", "full")}
+
+        if positions is None:
+            return masks(canvas.shape[1]), cache
+        assert stale is not None  # a sparse pass sees the rest of the canvas through ``stale`` (``denoise``)
+        return masks(stale.canvas), stale.views(cache, positions)
+
+    def _vision(self) -> V.VisionArgs:
         if self.vision_args is None:
             raise V.GenerationError(
                 "this checkpoint has no vision tower, so it cannot read images: use a multimodal checkpoint "
                 "(e.g. google/diffusiongemma-26B-A4B-it, or one converted without --drop-vision)"
             )
+        return self.vision_args
+
+    def get_image_features(self, pixel_values: mx.array, image_position_ids: mx.array | None) -> mx.array:
+        """Soft tokens of the images, projected into the text model's width: [sum of soft tokens, hidden]."""
+        vision = self._vision()
         if image_position_ids is None:
             raise V.GenerationError(
                 "pixel_values need image_position_ids: pass the image processor's output as it is"
             )
         encoder = self.model.encoder
         positions = mx.array(image_position_ids).astype(mx.int32)
-        V.check_positions(positions, self.vision_args)
+        V.check_positions(positions, vision)
         return encoder.embed_vision(encoder.vision_tower(mx.array(pixel_values), positions))
 
     def logits(self, h: mx.array) -> mx.array:

@@ -10,12 +10,13 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_dgemma.errors import CheckpointError
+from mlx_dgemma.model.arrays import flatten, load_safetensors
 from mlx_dgemma.model.config import ModelArgs, check_vision
 from mlx_dgemma.model.diffusion_gemma import Model
 from mlx_dgemma.model.vision import VisionArgs, has_vision_weights
@@ -171,7 +172,7 @@ def load_weights(folder: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file in weight_files(folder):
         check_safetensors(file)
-        weights.update(mx.load(str(file)))
+        weights.update(load_safetensors(file))
     return weights
 
 
@@ -198,7 +199,7 @@ def _quantize(model: Model, config: dict[str, Any], weights: dict[str, mx.array]
 
 def check_tensors(model: Model, weights: dict[str, mx.array], folder: Path) -> None:
     """Raise one line naming missing, unexpected and mis-shaped tensors of a checkpoint."""
-    expected = dict(_flatten(model.parameters()))
+    expected = dict(flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
@@ -223,12 +224,6 @@ def check_tensors(model: Model, weights: dict[str, mx.array], folder: Path) -> N
             f"weights in {folder} do not match its config.json: {'; '.join(problems)}; "
             "the checkpoint is incomplete or its config belongs to another model"
         )
-
-
-def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, mx.array]]:
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree, prefix=prefix)
 
 
 def load_model(
@@ -320,9 +315,51 @@ def _check_json_object(file: Path) -> None:
         )
 
 
+@overload
 def load(
     path_or_repo: str | Path | None = None,
-    dtype: mx.Dtype | None = None,
+    dtype: mx.Dtype | dict[str, Any] | None = None,
+    adapter_path: str | Path | None = None,
+    *,
+    tokenizer_config: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
+    lazy: bool = True,
+    return_config: Literal[False] = False,
+    trust_remote_code: bool = False,
+) -> tuple[Model, Any]: ...
+
+
+@overload
+def load(
+    path_or_repo: str | Path | None = None,
+    dtype: mx.Dtype | dict[str, Any] | None = None,
+    adapter_path: str | Path | None = None,
+    *,
+    tokenizer_config: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
+    lazy: bool = True,
+    return_config: Literal[True],
+    trust_remote_code: bool = False,
+) -> tuple[Model, Any, dict[str, Any]]: ...
+
+
+@overload
+def load(
+    path_or_repo: str | Path | None = None,
+    dtype: mx.Dtype | dict[str, Any] | None = None,
+    adapter_path: str | Path | None = None,
+    *,
+    tokenizer_config: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
+    lazy: bool = True,
+    return_config: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[Model, Any] | tuple[Model, Any, dict[str, Any]]: ...
+
+
+def load(
+    path_or_repo: str | Path | None = None,
+    dtype: mx.Dtype | dict[str, Any] | None = None,
     adapter_path: str | Path | None = None,
     *,
     tokenizer_config: dict[str, Any] | None = None,

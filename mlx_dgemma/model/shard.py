@@ -30,6 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from mlx_dgemma.model.arrays import flatten
 from mlx_dgemma.model.diffusion_gemma import Model, Whole
 from mlx_dgemma.runtime.distributed import DistributedError, check_same
 
@@ -182,6 +183,4 @@ def shard_weights(
 
 def weight_bytes(model: Model) -> int:
     """Bytes of the parameters this rank holds."""
-    from mlx.utils import tree_flatten
-
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return sum(v.nbytes for _, v in flatten(model.parameters()))

@@ -74,7 +74,7 @@ def has_vision_weights(weights: dict[str, mx.array]) -> bool:
 
 def check_positions(positions: mx.array, args: VisionArgs) -> None:
     """Raise if a patch position is past the tower's position table (the reference's embedding lookup fails)."""
-    top = int(positions.max().item()) if positions.size else 0
+    top = int(positions.max()) if positions.size else 0
     if top >= args.position_embedding_size:
         raise GenerationError(
             f"an image is {top + 1} patches along one side, but this vision tower knows "

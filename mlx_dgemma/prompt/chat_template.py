@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from mlx_dgemma.errors import DGemmaError, GenerationError, TemplateTooSlow
 
@@ -221,7 +221,8 @@ def _import_path() -> list[str]:
     import jinja2
     import markupsafe
 
-    paths = [os.path.dirname(os.path.dirname(m.__file__)) for m in (jinja2, markupsafe)]
+    # Regular packages (not namespace ones): __file__ is set.
+    paths = [os.path.dirname(os.path.dirname(cast(str, m.__file__))) for m in (jinja2, markupsafe)]
     return list(dict.fromkeys(paths))
 
 
@@ -247,6 +248,7 @@ def probe(template: str, special_tokens: dict[str, Any] | None = None) -> dict[s
     key = hashlib.sha256(request.encode()).hexdigest()
     if key in _PROBED:
         return _PROBED[key]
+    result: dict[str, Any] | None
     try:
         done = subprocess.run(
             [sys.executable, "-I", "-S", "-c", _CHILD],

@@ -175,7 +175,7 @@ class PlainText:
                 self.tokenizer.encode(text[start:end], add_special_tokens=False, split_special_tokens=True)
             )
 
-        for m in every.finditer(text) if ids else ():
+        for m in every.finditer(text) if every is not None else ():  # None: no special tokens (ids empty)
             if m.start() in typed:
                 continue
             out += piece(m.start())

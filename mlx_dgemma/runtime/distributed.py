@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -101,7 +101,7 @@ def check_same(group: mx.distributed.Group, folder: Path) -> None:
 
     mine = hashlib.sha256(__version__.encode()).digest()[:8] + fingerprint(folder)[:8]
     everyone = mx.distributed.all_gather(mx.array(list(mine), dtype=mx.int32)[None], group=group)
-    rows = [bytes(r) for r in everyone.tolist()]
+    rows = [bytes(r) for r in cast(list[list[int]], everyone.tolist())]  # 2-D int32
     for r, row in enumerate(rows):
         if row[:8] != rows[0][:8]:
             raise DistributedError(
@@ -122,10 +122,10 @@ def broadcast_json(obj: Any, group: mx.distributed.Group) -> Any:
     broadcast, and a sum of one contribution is exact.
     """
     data = json.dumps(obj).encode() if group.rank() == 0 else b""
-    n = int(mx.distributed.all_sum(mx.array([len(data)], dtype=mx.int32), group=group).item())
+    n = cast(int, mx.distributed.all_sum(mx.array([len(data)], dtype=mx.int32), group=group).item())
     mine = mx.array(list(data), dtype=mx.int32) if data else mx.zeros((n,), dtype=mx.int32)
     payload = mx.distributed.all_sum(mine, group=group)
-    return json.loads(bytes(payload.tolist()).decode())
+    return json.loads(bytes(cast(list[int], payload.tolist())).decode())
 
 
 def broadcast_array(array: Any, group: mx.distributed.Group) -> Any:

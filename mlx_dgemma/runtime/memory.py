@@ -15,7 +15,8 @@ from typing import TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+
+from mlx_dgemma.model.arrays import flatten
 
 T = TypeVar("T")
 CLOSE = 0.9  # warn when the model's weights take more than this share of the recommended working set
@@ -39,7 +40,7 @@ def recommended_working_set() -> int | None:
 
 def model_bytes(model: nn.Module) -> int:
     """Bytes of every array the model holds."""
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array))
+    return sum(v.nbytes for _, v in flatten(model.parameters()) if isinstance(v, mx.array))
 
 
 @contextmanager

@@ -205,7 +205,7 @@ async def _events(msg: Reply, run: Run) -> AsyncIterator[str]:
                     index, open_kind = index + 1, item.kind
                     block = thinking_block("") if item.kind == "reasoning" else text_block("")
                     yield _sse("content_block_start", {"index": index, "content_block": block})
-                delta = (
+                delta: dict[str, Any] = (
                     {"type": "thinking_delta", "thinking": item.text}
                     if item.kind == "reasoning"
                     else {"type": "text_delta", "text": item.text}
@@ -395,7 +395,7 @@ def _text_blocks(blocks: list[Any], where: str) -> list[dict[str, Any]]:
 
 def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
     """An image block (base64 or url source) as a chat ``image_url`` part."""
-    source = block.get("source")
+    source: Any = block.get("source")  # JSON: checked below
     kind = source.get("type") if isinstance(source, dict) else None
     if kind == "base64" and isinstance(source.get("data"), str) and isinstance(source.get("media_type"), str):
         url = f"data:{source['media_type']};base64,{source['data']}"

@@ -560,7 +560,8 @@ class Run:
 
     async def collect(self, request: Request) -> Collected | None:
         """The whole answer; None if the client went away first."""
-        content, reasoning = [], []
+        content: list[str] = []
+        reasoning: list[str] = []
         async for item in self.answer(request):
             if isinstance(item, Text):
                 (content if item.kind == "content" else reasoning).append(item.text)

@@ -11,6 +11,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from mlx_dgemma.cli.shared import add_model_arguments
@@ -48,8 +49,8 @@ class _Refuse(argparse.Action):
 class _Note(argparse.Action):
     """A flag accepted for compatibility with mlx-lm and ignored, with a note."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, nargs=0, **kwargs)
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(
         self, parser: argparse.ArgumentParser, ns: Any, values: Any, option: str | None = None

@@ -32,7 +32,9 @@ def announce(plan: Plan | None) -> None:
         broadcast_json(None, group)
         return
     images = plan.image_prompt
-    data = dataclasses.asdict(dataclasses.replace(plan, image_prompt=None))
+    # The library's request holds objects (the proposer, a compiled grammar): each rank builds its own.
+    data = dataclasses.asdict(dataclasses.replace(plan, image_prompt=None, request=None))
+    del data["request"]
     if images is not None:  # the arrays follow the JSON
         data["image_prompt"] = {
             "ids": [int(i) for i in images.ids],

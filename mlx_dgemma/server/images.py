@@ -18,11 +18,11 @@ import contextvars
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from mlx_dgemma.errors import DGemmaError
-from mlx_dgemma.model.image_processing import MAX_IMAGE_PIXELS, declared_size
+from mlx_dgemma.model.image_processing import MAX_IMAGE_PIXELS, ImageInput, declared_size
 from mlx_dgemma.prompt.multimodal import decode_data_url
 from mlx_dgemma.server import fetch as fetching
 from mlx_dgemma.server.protocol import APIError
@@ -242,4 +242,4 @@ def image_prompt(model: Any, ids: list[int], parts: list[tuple[str, dict]]) -> A
             "messages",
         )
     with scope.policy.pixels.reserve(total):
-        return prepare(model, ids, data)
+        return prepare(model, ids, cast(list[ImageInput], data))  # list[bytes]: prepare only reads it

@@ -213,8 +213,8 @@ def make_config(
     log_level: str = "info",
     max_connections: int = 512,
     header_timeout: float = 10.0,
-    keep_alive_s: float = 5.0,
-    graceful_s: float = 3.0,
+    keep_alive_s: int = 5,
+    graceful_s: int = 3,
     **kw: Any,
 ) -> uvicorn.Config:
     """The uvicorn configuration the server runs with (also used by ``BackgroundServer``)."""

@@ -11,7 +11,7 @@ import functools
 import json
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
@@ -656,10 +656,11 @@ def completion_prompt_ids(
         return encode(tokenizer, prompt, True, context, "prompt")
     if not prompt:
         raise APIError(400, "prompt is empty", "prompt")
+    ids = cast(list[int], prompt)  # a list of prompts is its one prompt by now, and a string was encoded
     vocab = getattr(tokenizer, "vocab_size", None) or math.inf
-    if any(t < 0 or t >= vocab for t in prompt):
+    if any(t < 0 or t >= vocab for t in ids):
         raise APIError(400, f"prompt has token ids outside the vocabulary (0..{vocab - 1})", "prompt")
-    return list(prompt)
+    return list(ids)
 
 
 def fim_suffix(request: _Request, tokenizer: Any, canvas: int) -> list[int] | None:
@@ -764,10 +765,9 @@ def plan(
     sampler = schedule(request, model)
     history, image_prompt = None, None
     if isinstance(request, ChatRequest):
-        images: list = [] if getattr(model, "vision_args", None) is not None else None
-        placeholder = (
-            tokenizer.convert_ids_to_tokens(model.vision_args.image_token_id) if images is not None else ""
-        )
+        vision = getattr(model, "vision_args", None)
+        images: list | None = [] if vision is not None else None
+        placeholder = tokenizer.convert_ids_to_tokens(vision.image_token_id) if vision is not None else ""
         ids, history = chat_prompt_ids(request, tokenizer, context, images, placeholder)
         if images:
             image_prompt = _image_prompt(model, ids, images)
@@ -786,7 +786,7 @@ def plan(
     if request.stream_options is not None and not request.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
     chat = isinstance(request, ChatRequest)
-    tools = chat and bool(request.tools) and _tool_choice(request) != "none"
+    tools = isinstance(request, ChatRequest) and bool(request.tools) and _tool_choice(request) != "none"
     thinking = chat and bool((getattr(request, "chat_template_kwargs", None) or {}).get("enable_thinking"))
     fmt, param = response_format_of(request, tokenizer, forced)
     return Plan(
@@ -926,6 +926,8 @@ def response_format_of(
             )
         from mlx_dgemma.decoding.tool_grammar import tool_call_grammar
 
+        # _forced_tool_choice forces calls only in chats that send tools
+        assert isinstance(request, ChatRequest) and request.tools is not None
         try:
             fmt, param = (
                 {"type": "lark", "lark": tool_call_grammar(request.tools, tool_choice, tokenizer)},

@@ -166,7 +166,7 @@ class Turn:
         """The chat request this request stands for."""
         data = self.data
         instructions = data.get("instructions")
-        system = []
+        system: list[dict[str, Any]] = []
         if isinstance(instructions, str):
             system = [{"role": "system", "content": instructions}] if instructions else []
         elif instructions is not None:
@@ -244,8 +244,8 @@ class Turn:
                 incomplete = {"reason": "max_output_tokens"}
             if done.error:
                 error = {"code": done.error.get("code") or "server_error", "message": done.error["message"]}
-        text = data.get("text") if isinstance(data.get("text"), dict) else {}
-        reasoning = data.get("reasoning") if isinstance(data.get("reasoning"), dict) else {}
+        text: dict[str, Any] = data["text"] if isinstance(data.get("text"), dict) else {}
+        reasoning: dict[str, Any] = data["reasoning"] if isinstance(data.get("reasoning"), dict) else {}
         out = {
             "id": self.id,
             "object": "response",

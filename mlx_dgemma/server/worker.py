@@ -336,6 +336,11 @@ class Worker:
         """Serve the queue: up to ``decode_concurrency`` jobs decoded together, joining and leaving between steps.
         On several ranks, one job at a time (every rank must run the same passes: ``follow.py``)."""
         if launched_group() is not None:
+            if self.decode_concurrency > 1:
+                log.warning(
+                    "split over several ranks, requests are decoded one at a time: --decode-concurrency "
+                    "batches requests in a single process only, for now"
+                )
             self._run_one_at_a_time()
             return
         batch = Batch(self.model, self.tokenizer)
@@ -391,16 +396,21 @@ class Worker:
     def _check(self, batch: Batch, live: dict[int, _Live]) -> None:
         """Between two steps: drop the cancelled jobs, cut the ones past the request timeout."""
         for row_id, item in list(live.items()):
-            if item.job.cancelled.is_set():
+            try:
+                if item.job.cancelled.is_set():
+                    batch.cancel(row_id)
+                    del live[row_id]
+                    self._cancelled(item.job)
+                    self._close(item, None, served=False)
+                elif item.timed_out():
+                    batch.cancel(row_id)
+                    del live[row_id]
+                    item.cut()
+                    self._close(item, None)
+            except Exception as e:  # one job's failure must never take the worker (and the others) down
                 batch.cancel(row_id)
-                del live[row_id]
-                self._cancelled(item.job)
-                self._close(item, None, served=False)
-            elif item.timed_out():
-                batch.cancel(row_id)
-                del live[row_id]
-                item.cut()
-                self._close(item, None)
+                live.pop(row_id, None)
+                self._close(item, e)
 
     def _close(self, item: _Live, event: Any, served: bool = True) -> None:
         """A job left the batch: count it, keep its prompt caches, free its place."""
@@ -574,6 +584,7 @@ class _Answer:
             return True
         self._send(self.scanner.flush())
         self.canvases, self.passes = event.stats.canvases, event.stats.decoder_passes
+        assert event.finish_reason is not None  # set on every Done
         self._finish(event.finish_reason, event.stats.generated_tokens)
         return True
 

@@ -27,7 +27,7 @@ from mlx_dgemma.errors import TrainError
 
 POINTER = "checkpoint.json"
 PREFIX = "checkpoint-"
-Writer = Callable[[Path], None]
+Writer = Callable[[Path], object]  # what it returns (e.g. ``write_text``'s count) is ignored
 
 
 def step_folder_name(step: int) -> str:

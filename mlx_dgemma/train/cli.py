@@ -288,8 +288,7 @@ def _trainer(
     args: argparse.Namespace, model: Any, tokenizer: Any, folder: Path, out: Path, cfg: Any, lora: Any
 ):
     """Data, trainable weights and the trainer, as the flags say; prints what it is about to do."""
-    from mlx.utils import tree_flatten
-
+    from mlx_dgemma.model.arrays import flatten
     from mlx_dgemma.request import eos_ids
     from mlx_dgemma.train.data import data_files, load_jsonl
     from mlx_dgemma.train.trainer import Progress, Trainer
@@ -304,8 +303,8 @@ def _trainer(
         else []
     )
     config = _make_trainable(args, model, lora, base_model=str(folder))
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    trainable = sum(v.size for _, v in flatten(model.trainable_parameters()))
+    total = sum(v.size for _, v in flatten(model.parameters()))
     print(
         f"model {folder}: {args.fine_tune_type if args.fine_tune_type == 'full' else 'LoRA'} fine-tuning, "
         f"{trainable:,} trainable of {total:,} stored parameters; {len(train_set)} training / "

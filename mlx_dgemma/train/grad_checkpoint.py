@@ -20,8 +20,9 @@ def checkpoint_layers(model: Any) -> Any:
     Loss and gradients are unchanged; peak memory drops to about one layer's activations.
     """
     for layer in model.layers:
-        if not getattr(type(layer), "_checkpointed", False):
-            layer.__class__ = _checkpointed(type(layer))
+        cls: type[nn.Module] = type(layer)
+        if not getattr(cls, "_checkpointed", False):
+            layer.__class__ = _checkpointed(cls)
     return model
 
 

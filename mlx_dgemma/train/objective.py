@@ -152,6 +152,8 @@ def sample_noise(
     targets: np.ndarray, vocab_size: int, rng: np.random.Generator, cfg: ObjectiveConfig
 ) -> Noise:
     """Corrupt each row at its own level ``t ~ U(eps, 1)`` with uniform random tokens; draw self-conditioning."""
+    B: int
+    C: int
     B, C = targets.shape
     t = cfg.eps + (1.0 - cfg.eps) * rng.random(B)
     replace = rng.random((B, C)) < t[:, None]
@@ -281,7 +283,9 @@ def training_loss(
     The cache is built inside, so gradients flow from the decoder's loss through the cached keys/values into the
     encoder pass.
     """
-    parts = [(batch, noise)] if isinstance(batch, Batch) else list(zip(batch, noise, strict=True))
+    batches = [batch] if isinstance(batch, Batch) else batch
+    noises = [noise] if isinstance(noise, Noise) else noise
+    parts = list(zip(batches, noises, strict=True))
     if mask_prompt and any(b.answer is None for b, _ in parts):
         raise ValueError("mask_prompt needs a batch from make_batch (it marks the answer tokens)")
     diffusion, encoder, positions, pairs = mx.array(0.0), mx.array(0.0), 0, 0

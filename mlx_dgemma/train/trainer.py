@@ -28,10 +28,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map, tree_unflatten
 from tqdm import tqdm
 
 from mlx_dgemma.errors import TrainError
+from mlx_dgemma.model.arrays import flatten, load_safetensors
 from mlx_dgemma.model.diffusion_gemma import Model
 from mlx_dgemma.train.checkpoint import current, publish, write_checkpoint
 from mlx_dgemma.train.data import Example
@@ -164,6 +165,7 @@ class Progress:
         tps = sum(s.tokens for s in self.window) / max(sum(s.seconds for s in self.window), 1e-9)
         if self.live:
             self.start(log.step - 1)
+            assert self.bar is not None  # start() makes it when live
             self.bar.set_postfix_str(f"loss {loss:.4f}, {tps:,.0f} tok/s", refresh=False)
             self.bar.update(log.step - self.bar.n)
         elif log.step % self.every == 0 or log.step == self.total:
@@ -304,7 +306,7 @@ class Trainer:
         if cfg.grad_clip:
             grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
         else:
-            norm = mx.sqrt(sum((mx.square(g).sum() for _, g in tree_flatten(grads)), mx.array(0.0)))
+            norm = mx.sqrt(sum((mx.square(g).sum() for _, g in flatten(grads)), mx.array(0.0)))
         self._check_finite(step + 1, float(sums[0] / cfg.grad_accum), float(norm.item()))
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
@@ -341,7 +343,7 @@ class Trainer:
             chunk = examples[i * size : (i + 1) * size]
             batch, noise = self._prepare(chunk, np.random.default_rng([self.cfg.seed, VALID_STREAM, i]))
             loss = self._loss(batch, noise)[0]
-            losses.append(float(loss.item()))
+            losses.append(float(loss))
         return sum(losses) / max(len(losses), 1)
 
     # -- the run -----------------------------------------------------------------------------------------------
@@ -362,7 +364,9 @@ class Trainer:
                     if self.valid_set and (
                         (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.iters
                     ):
-                        vals.append((self.step, self.validate()))
+                        val = self.validate()
+                        assert val is not None  # there is a validation set
+                        vals.append((self.step, val))
                         self.val_history.append(vals[-1])
                         self._say(f"step {self.step}: validation loss {vals[-1][1]:.4f}")
                     if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.iters:
@@ -417,7 +421,7 @@ class Trainer:
                 f"the last good checkpoint (step {self.saved_step}) is kept in {self.out}; lower the "
                 "learning rate"
             )
-        state = dict(tree_flatten(self.optimizer.state))
+        state = dict(flatten(self.optimizer.state))
         trainer_state = {
             "step": self.step,
             **self._identity(),
@@ -463,13 +467,13 @@ class Trainer:
                 f"cannot resume {self.out}: {k} was {state.get(k)}, now {self._identity()[k]}; "
                 "resume with the same data, --seed, --batch-size, --grad-accum and --group-by-length"
             )
-        weights = mx.load(str(folder / ADAPTER_FILE))
+        weights = load_safetensors(folder / ADAPTER_FILE)
         if set(weights) != set(trainable_weights(self.model)):
             raise TrainError(
                 f"cannot resume {self.out}: its adapters do not match this run's --lora/--full settings"
             )
         self.model.load_weights(list(weights.items()), strict=False)
-        self.optimizer.state = tree_unflatten(list(mx.load(str(folder / OPTIMIZER_FILE)).items()))
+        self.optimizer.state = tree_unflatten(list(load_safetensors(folder / OPTIMIZER_FILE).items()))
         self.step = self.saved_step = int(state["step"])
         if folder != self.out:
             publish(

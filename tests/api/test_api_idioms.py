@@ -3,6 +3,7 @@ line what to use instead. On the embedded demo model; conversion from the embedd
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -151,10 +152,11 @@ def test_enable_thinking_flag_is_thinking():
 def test_readme_imports_exist():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     imports = [
-        line.split("#")[0].strip()
+        ast.unparse(node)
         for block in blocks
-        for line in block.splitlines()
-        if re.match(r"\s*(from mlx_dgemma\S* import|import mlx_dgemma)", line)
+        for node in ast.walk(ast.parse(block))
+        if (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlx_dgemma"))
+        or (isinstance(node, ast.Import) and any(a.name.startswith("mlx_dgemma") for a in node.names))
     ]
     assert imports
     for line in imports:

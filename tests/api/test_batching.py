@@ -131,6 +131,15 @@ def test_batch_generate_in_mlx_lm_s_shape(demo):
     s = response.stats
     assert s.generation_tokens == sum(d.stats.generated_tokens for d in response.responses) > 0
     assert s.decoder_passes > 0 and s.mean_batch > 1 and s.prompt_tokens > 0 and s.peak_memory_gb > 0
+    assert [tokenizer.decode(t) for t in response.tokens] == response.texts and response.caches is None
+    with_caches = batch_generate(
+        model, tokenizer, DEMO_PROMPTS, max_tokens=48, seed=7, return_prompt_caches=True
+    )
+    assert with_caches.texts == response.texts
+    for cache, done, tokens in zip(with_caches.caches, with_caches.responses, with_caches.tokens):
+        assert cache.offset >= done.prompt_tokens + len(
+            tokens
+        )  # the prompt and the answer, for the next turn
 
 
 def test_the_streaming_form_yields_each_request_s_events_in_order(demo):

@@ -52,8 +52,13 @@ def launch(*args: str, n: int = 2, timeout: float = LAUNCH_TIMEOUT) -> subproces
         str(RANKS_SCRIPT),
         *args,
     ]
+    # The ranks import this checkout, installed or not.
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     return subprocess.run(
-        cmd, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+        cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
     )
 
 

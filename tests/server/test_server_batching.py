@@ -134,3 +134,90 @@ def test_two_conversations_keep_their_prompt_caches_and_answer_as_without_them()
         answers, cached = talk(srv.url)
     assert answers == plain and not any(none)
     assert cached[2] > 0 and cached[3] > 0  # each conversation's second turn reused its first
+
+
+EIGHT = [*PROMPTS, "Write a haiku", "Name three rivers", "What is 2 + 2?", "Fill: Bo, 41, a cook in Rome."]
+CUT, GONE = 5, 6  # the client whose answer the request timeout cuts, the one that hangs up after a chunk
+
+
+def stream_chunks(url: str, content: str, seed: int, hang_up: bool = False) -> list[dict]:
+    """A streaming client's chunks (all of them, or the first one only when it ``hang_up``s)."""
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 48, "seed": seed}
+    chunks = []
+    with httpx.stream(
+        "POST",
+        f"{url}/chat/completions",
+        json={**body, "stream": True, "max_denoising_steps": 4},
+        timeout=HANG_S,
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+                if hang_up:
+                    break
+    return chunks
+
+
+def test_eight_streaming_clients_one_cut_one_gone_the_others_as_alone(passes, monkeypatch):
+    """Eight clients stream at once through one batch; the request timeout cuts one of them after its first
+    canvas and another hangs up after its first chunk: every other answer is its solo answer."""
+    from mlx_dgemma.server import worker as worker_module
+
+    with BackgroundServer(create_app(str(DEMO24), decode_concurrency=1)) as srv:
+        alone = {i: ask(srv.url, p, seed=i) for i, p in enumerate(EIGHT)}
+    passes.clear()
+
+    real = worker_module._Live.timed_out
+
+    def timed_out(self: Any) -> bool:  # the timeout, for one job, once its first canvas is out
+        answer = self.answer
+        return (self.job.plan.seed == CUT and answer is not None and answer.canvases >= 1) or real(self)
+
+    monkeypatch.setattr(worker_module._Live, "timed_out", timed_out)
+    out: dict[int, list[dict]] = {}
+    with BackgroundServer(create_app(str(DEMO24), decode_concurrency=8, request_timeout=HANG_S)) as srv:
+        gate = threading.Barrier(len(EIGHT))
+
+        def one(i: int) -> None:
+            gate.wait(HANG_S)
+            out[i] = stream_chunks(srv.url, EIGHT[i], seed=i, hang_up=i == GONE)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(EIGHT))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(HANG_S)
+        health = httpx.get(srv.url.removesuffix("/v1") + "/health").json()
+
+    def text(chunks: list[dict]) -> str:
+        return "".join(c["delta"].get("content") or "" for k in chunks for c in k.get("choices", []))
+
+    for i in set(range(len(EIGHT))) - {CUT, GONE}:
+        assert text(out[i]) == alone[i], i
+        assert not any("error" in k for k in out[i])
+    last = [k for k in out[CUT] if k.get("choices") and k["choices"][0]["finish_reason"]][-1]
+    assert last["choices"][0]["finish_reason"] == "length" and last["error"]["code"] == "request_timeout"
+    assert alone[CUT].startswith(text(out[CUT])) and text(out[CUT]) != alone[CUT]
+    assert len(out[GONE]) == 1
+    assert max(passes) > 1 and max(passes) <= 8, "no decoder pass carried more than one request"
+    assert health["failed"] == 0
+
+
+def test_a_job_failing_between_steps_fails_alone(monkeypatch):
+    """An error while the worker checks a job between two steps fails that job; the worker goes on serving."""
+    from mlx_dgemma.server import worker as worker_module
+
+    def timed_out(self: Any) -> bool:
+        return self.job.plan.seed == CUT and self.answer is not None and self.answer.canvases >= 1
+
+    def cut(self: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(worker_module._Live, "timed_out", timed_out)
+    monkeypatch.setattr(worker_module._Live, "cut", cut)
+    with BackgroundServer(create_app(str(DEMO24), request_timeout=HANG_S)) as srv:
+        chunks = stream_chunks(srv.url, EIGHT[CUT], seed=CUT)
+        assert "boom" in chunks[-1]["error"]["message"], chunks[-1]
+        assert ask(srv.url, PROMPTS[0], seed=0)
+        health = httpx.get(srv.url.removesuffix("/v1") + "/health").json()
+    assert health["failed"] == 1 and health["running"] == 0
