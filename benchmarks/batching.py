@@ -316,17 +316,21 @@ def pass_growth(model, counts, reps: int, prompt_len: int) -> list[dict]:
     return out
 
 
-def growth_table(growth: list[dict]) -> str:
+def growth_table(growth: list[dict], columns: str = "ms / pass | ms / row | rows/s gain", cells=None) -> str:
+    """One row per batch size, ``columns`` for each pass kind (``cells(r)`` writes them for one measurement)."""
+
+    def measured(r: dict) -> str:
+        return f"{1000 * r['pass_s']:.0f} | {1000 * r['pass_s'] / r['rows']:.0f} | {r['gain']:.2f}x"
+
+    cells = cells or measured
     kinds = list(dict.fromkeys(r["kind"] for r in growth))
     sizes = {r["kind"]: r["positions_per_row"] for r in growth}
-    head = " | ".join(f"{k} ({sizes[k]} / row): ms / pass | ms / row | rows/s gain" for k in kinds)
-    lines = [f"| rows | {head} |", "|---|" + "---|---|---|" * len(kinds)]
+    width = columns.count("|") + 1
+    head = " | ".join(f"{k} ({sizes[k]} / row): {columns}" for k in kinds)
+    lines = [f"| rows | {head} |", "|---|" + "---|" * width * len(kinds)]
     for rows in dict.fromkeys(r["rows"] for r in growth):
-        cells = []
-        for k in kinds:
-            r = next(x for x in growth if x["kind"] == k and x["rows"] == rows)
-            cells.append(f"{1000 * r['pass_s']:.0f} | {1000 * r['pass_s'] / rows:.0f} | {r['gain']:.2f}x")
-        lines.append(f"| {rows} | " + " | ".join(cells) + " |")
+        row = [cells(next(x for x in growth if x["kind"] == k and x["rows"] == rows)) for k in kinds]
+        lines.append(f"| {rows} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -411,18 +415,11 @@ def projected_growth(counts) -> list[dict]:
 
 
 def projected_growth_table(growth: list[dict]) -> str:
-    kinds = list(dict.fromkeys(r["kind"] for r in growth))
-    sizes = {r["kind"]: r["positions_per_row"] for r in growth}
-    head = " | ".join(f"{k} ({sizes[k]} / row): ms / pass | rows/s gain | bound" for k in kinds)
-    lines = [f"| rows | {head} |", "|---|" + "---|---|---|" * len(kinds)]
-    for rows in dict.fromkeys(r["rows"] for r in growth):
-        cells = []
-        for k in kinds:
-            r = next(x for x in growth if x["kind"] == k and x["rows"] == rows)
-            bound = "compute" if r["compute_bound"] else "memory"
-            cells.append(f"{1000 * r['pass_s']:.0f} | {r['gain']:.2f}x | {bound}")
-        lines.append(f"| {rows} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def projected(r: dict) -> str:
+        bound = "compute" if r["compute_bound"] else "memory"
+        return f"{1000 * r['pass_s']:.0f} | {r['gain']:.2f}x | {bound}"
+
+    return growth_table(growth, "ms / pass | rows/s gain | bound", projected)
 
 
 def projection_text(proj: dict, canvas: int, counts) -> str:
