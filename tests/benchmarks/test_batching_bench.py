@@ -58,7 +58,7 @@ def test_quick_run_batches_and_answers_as_alone(tmp_path):
     # (b): 1, 2, 4 rows of each pass kind, timed.
     growth = table_rows(stdout, "## (b) One Model.denoise_rows pass over R rows, demo model")
     assert [int(r[0]) for r in growth] == list(QUICK_COUNTS) and all(
-        len(r) == 1 + 3 * len(SMALL_POSITIONS) for r in growth
+        len(r) == 1 + 3 * (1 + len(SMALL_POSITIONS)) for r in growth
     )
     kinds = {(g["kind"], g["rows"]) for g in figures["demo"]["pass_growth"]}
     assert kinds == {
