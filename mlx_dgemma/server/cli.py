@@ -384,6 +384,11 @@ class BackgroundServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(600)  # a hang guard: requests still running get graceful_s to finish
+        # The worker stops at its next step; wait for it (Worker.stop gives up after 10 s), so that no MLX work of
+        # this server runs on beside the next one in the process (MLX is not made to evaluate from two threads).
+        worker = getattr(self.app.state, "worker", None)
+        if worker is not None:
+            worker.join(600)
         self.socket.close()
 
     def __enter__(self) -> BackgroundServer:

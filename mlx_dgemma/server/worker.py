@@ -263,9 +263,9 @@ class Worker:
         self._queue.put(None)
         self._thread.join(timeout)
 
-    def join(self) -> None:
+    def join(self, timeout: float | None = None) -> None:
         """Wait until the worker thread ends (on a follower rank: until rank 0 stops serving)."""
-        self._thread.join()
+        self._thread.join(timeout)
 
     @property
     def active(self) -> int:
