@@ -66,26 +66,52 @@ def time_pass(model, tokenizer, proposer, prompt: str, reps: int = 30) -> tuple[
     return clock(lambda: model.denoise(canvas, cache)), clock(propose)
 
 
-def projection(passes_none: float, passes_drafted: float) -> str:
-    """Per-canvas cost of the 26B target with and without a drafter, from FLOPs and bytes (assumptions stated)."""
-    canvas, hidden, vocab = 256, 2816, 262_144
-    active, total = (
-        3.8e9,
-        25.2e9,
-    )  # parameters: active per token, all (every expert wakes for a 256-token canvas)
-    drafter_params = 0.37e9  # 4 layers at hidden 2816 + fusion of 6 target layers (see README)
-    head = 2 * hidden * vocab * canvas  # the LM head over the canvas, shared by both
-    target_flops, drafter_flops = 2 * active * canvas + head, 2 * drafter_params * canvas + head
-    target_bytes, drafter_bytes = total * 0.56, drafter_params * 2 + vocab * hidden * 0.56  # 4.5 bits, bf16
-    bandwidth, compute = 400e9, 30e12  # an M3/M4 Max class Mac: bytes/s, half-precision FLOP/s
-    t_target = max(target_flops / compute, target_bytes / bandwidth)
-    t_drafter = max(drafter_flops / compute, drafter_bytes / bandwidth)
-    none, drafted = passes_none * t_target, passes_drafted * t_target + t_drafter
+# The 26B projection's assumptions: an M-series Max (bytes/s, half-precision FLOP/s) and the released shapes.
+BANDWIDTH, COMPUTE = 400e9, 30e12
+CANVAS, HIDDEN, VOCAB = 256, 2816, 262_144
+TARGET_ACTIVE, TARGET_TOTAL = (
+    3.8e9,
+    25.2e9,
+)  # parameters: active per token, all (a 256-token canvas wakes every expert)
+DRAFTER_PARAMS = 0.37e9  # 4 layers at hidden 2816 + the fusion of 6 target layers (docs/drafter.md), bf16
+SHORTLIST = 32_768  # the draft vocabulary EAGLE-3 uses for autoregressive drafters (mlx_dgemma.drafter.head)
+EMBED_BYTES = 0.56  # bytes per embedding weight: the 4.5-bit target's tied embedding, shared as the head
+# The drafter's logits in float32 are written once and read by the argmax, the confidence and the top-k.
+LOGIT_TRAFFIC = 4 * 4
+
+
+def target_pass_seconds() -> float:
+    """One 26B target pass over a 256-token canvas (a roofline: max of compute and weight streaming)."""
+    flops = 2 * TARGET_ACTIVE * CANVAS + 2 * HIDDEN * VOCAB * CANVAS
+    return max(flops / COMPUTE, TARGET_TOTAL * EMBED_BYTES / BANDWIDTH)
+
+
+def drafter_seconds(head_rows: int = VOCAB) -> float:
+    """One proposal of the 26B-size drafter whose head covers ``head_rows`` tokens (all of them, or a shortlist):
+    its layers over the canvas plus the head's FLOPs; bytes: its bf16 weights, the head's embedding rows and the
+    float32 logits' traffic."""
+    flops = 2 * DRAFTER_PARAMS * CANVAS + 2 * HIDDEN * head_rows * CANVAS
+    data = DRAFTER_PARAMS * 2 + head_rows * HIDDEN * EMBED_BYTES + CANVAS * head_rows * LOGIT_TRAFFIC
+    return max(flops / COMPUTE, data / BANDWIDTH)
+
+
+def projection(passes_none: float, passes_drafted: float, shortlist: int = SHORTLIST) -> str:
+    """Per-canvas cost of the 26B target with and without a drafter (its full head, and a ``shortlist``-token
+    head), from FLOPs and bytes: a projection (assumptions stated), not a measurement."""
+    t_target = target_pass_seconds()
+    none = passes_none * t_target
+    parts = []
+    for label, rows in (("full head", VOCAB), (f"shortlist of {shortlist:,}", shortlist)):
+        t_drafter = drafter_seconds(rows)
+        drafted = passes_drafted * t_target + t_drafter
+        parts.append(
+            f"drafter with its {label} {1000 * t_drafter:.1f} ms ({t_drafter / t_target:.1%} of a pass), "
+            f"{1000 * drafted:.0f} ms a canvas ({none / drafted:.2f}x)"
+        )
     return (
-        f"26B projection (assumed {bandwidth / 1e9:.0f} GB/s, {compute / 1e12:.0f} TFLOP/s, 4.5-bit target): "
-        f"target pass {1000 * t_target:.0f} ms, drafter {1000 * t_drafter:.0f} ms "
-        f"({t_drafter / t_target:.0%} of a pass); per canvas {1000 * none:.0f} ms without, "
-        f"{1000 * drafted:.0f} ms with the drafter at the measured passes ({none / drafted:.1f}x)"
+        f"26B projection (assumed {BANDWIDTH / 1e9:.0f} GB/s, {COMPUTE / 1e12:.0f} TFLOP/s, 4.5-bit target, "
+        f"bf16 drafter): target pass {1000 * t_target:.0f} ms; per canvas {1000 * none:.0f} ms without a "
+        f"drafter; at the measured passes: " + "; ".join(parts)
     )
 
 

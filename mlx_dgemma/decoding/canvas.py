@@ -135,6 +135,8 @@ class Start:
     hooks: tuple[Hook, ...] = ()
     adaptive: bool = True  # stop when the sampler's stopping test says so
     passes: mx.array | None = None  # int32 [B]: passes already spent on this canvas (a rejected draft's)
+    soft: mx.array | None = None  # [B, C, H]: the first pass's self-conditioning (a draft's distribution)
+    settle: bool = False  # the reference stepper's ``denoise_step(settle=True)`` (a verified draft's canvas)
     drafted: bool = False
     restarted: bool = False
 

@@ -309,7 +309,7 @@ class FastDenoiser:
         fcfg, s = self.config, row.state
         positions = self._positions(row)
         tokens = mx.take_along_axis(s.canvas, positions, axis=1)
-        soft = None if row.first else self._soft(model, s.sc, positions)
+        soft = self._first_soft(row, positions) if row.first else self._soft(model, s.sc, positions)
         request = Pass(
             tokens,
             cache,
@@ -348,6 +348,12 @@ class FastDenoiser:
         size = C if row.first or refresh else next(s for s in fcfg.sizes(C) if s >= row.live)
         order = mx.argsort(frozen.astype(mx.int32) * C + mx.arange(C), axis=-1)
         return order[:, :size].astype(mx.int32)
+
+    @staticmethod
+    def _first_soft(row: Row, positions: mx.array) -> mx.array | None:
+        """A draft's soft embedding at ``positions``, or None (the reference's first pass: no signal)."""
+        soft = row.start.soft
+        return None if soft is None else mx.take_along_axis(soft, positions[..., None], axis=1)
 
     @staticmethod
     def _soft(model: Model, sc: tuple[mx.array, ...], positions: mx.array) -> mx.array:

@@ -106,16 +106,26 @@ def rewrite(state: CanvasState, projected: np.ndarray, write: np.ndarray) -> Can
 
 @dataclass
 class Drafted(Hook):
-    """Start from ``proposal`` with ``renoise`` of it re-noised and the stability history seeded with it."""
+    """Start from ``proposal`` with ``renoise`` of it re-noised, the stability history seeded with it and the first
+    pass self-conditioned on its distribution (``Proposal.soft``, when it has one)."""
 
     proposal: Proposal
     renoise: float
+    settle: bool = False  # sure, reproduced input tokens spend none of the sampler's entropy budget
 
     def begin(self, start: Start) -> Start:
         # Keys apart from the plain path's: a rejected draft restarts on those (Guard).
         start_key, draft_key = mx.random.split(mx.random.split(start.key, 3)[2])
         canvas, history = draft_start(self.proposal, start_key, start.shape[2], self.renoise, start.cfg)
-        return replace(start, key=draft_key, canvas=canvas, history=history, drafted=True)
+        return replace(
+            start,
+            key=draft_key,
+            canvas=canvas,
+            history=history,
+            drafted=True,
+            soft=self.proposal.soft,
+            settle=self.settle,
+        )
 
 
 @dataclass
@@ -189,4 +199,4 @@ def draft_hooks(proposal: Proposal, vcfg: VerifyConfig, key: mx.array) -> list[H
     held = [Held(proposal)] if vcfg.hold else []
     if vcfg.blind:  # the plain path's key: the first pass is the reference's, over noise
         return [Blind(proposal), *held]
-    return [Drafted(proposal, vcfg.renoise), *held, Guard(proposal, vcfg.guard, key)]
+    return [Drafted(proposal, vcfg.renoise, vcfg.settle), *held, Guard(proposal, vcfg.guard, key)]

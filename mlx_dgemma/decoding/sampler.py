@@ -263,6 +263,7 @@ def denoise_step(
     step: int | mx.array,
     key: mx.array,
     cfg: SamplerConfig,
+    settle: bool = False,
 ) -> StepOutput:
     """One sampler step on the decoder's raw logits ``[B, C, V]``.
 
@@ -276,6 +277,9 @@ def denoise_step(
         step: remaining steps, N..1.
         key: ``mx.random`` key; split here into the categorical draw and the re-noising draw.
         cfg: sampler settings.
+        settle: not the reference's: positions whose input token the argmax reproduces with an entropy under
+            ``cfg.confidence_threshold`` are accepted without spending the entropy budget (a verified draft's
+            canvas, ``VerifyConfig.settle``: held drafted tokens would otherwise use up the budget every step).
 
     Rows already ``done`` keep their previous canvas, argmax and processed logits, as in the reference; the
     stopping test still sees (and the history still records) their frozen argmax. The returned ``logits``
@@ -290,7 +294,13 @@ def denoise_step(
     # argmax of the processed logits, not of logprobs: the shift by logsumexp can round near-ties together.
     new_argmax = mx.argmax(processed, axis=-1).astype(mx.int32)
 
-    accepted = accept_mask(ent, cfg.entropy_bound)
+    if (
+        settle
+    ):  # a verified draft's canvas: sure, reproduced input tokens are accepted at no cost to the budget
+        settled = (canvas == new_argmax) & (ent < cfg.confidence_threshold)
+        accepted = accept_mask(mx.where(settled, 0.0, ent), cfg.entropy_bound) | settled
+    else:
+        accepted = accept_mask(ent, cfg.entropy_bound)
     new_canvas = renoise(mx.where(accepted, sample, canvas), accepted, noise_key, processed.shape[-1])
 
     frozen = done[:, None]

@@ -17,14 +17,16 @@ from mlx_dgemma.decoding.sampler import SamplerConfig, StepOutput, denoise_step
 from mlx_dgemma.model.cache import DiffusionCache
 
 
-def sampler_step(cfg: SamplerConfig, compiled: bool | None = None) -> Callable[..., StepOutput]:
+def sampler_step(
+    cfg: SamplerConfig, compiled: bool | None = None, settle: bool = False
+) -> Callable[..., StepOutput]:
     """The sampler step for ``cfg``, compiled with ``mx.compile`` on GPU devices (or when asked).
 
     Compiling fuses the sampler's many elementwise ops over [B, C, V] into few kernels. On Linux's CPU
     backend it first builds C++ (seconds per trace) for no measured gain, so there it is off by default.
     The step number is passed as an array so that one trace serves every step.
     """
-    step = partial(denoise_step, cfg=cfg)
+    step = partial(denoise_step, cfg=cfg, settle=settle)
     if compiled is None:
         compiled = mx.default_device() == mx.gpu
     if not compiled:
@@ -50,7 +52,7 @@ class ReferenceStepper:
 
     def __init__(self, compiled: bool | None = None, step_fn: Callable[..., StepOutput] | None = None):
         self.compiled, self.step_fn = compiled, step_fn
-        self._steps: dict[SamplerConfig, Callable[..., StepOutput]] = {}
+        self._steps: dict[tuple[SamplerConfig, bool], Callable[..., StepOutput]] = {}
 
     def start(self, model: Any, cache: DiffusionCache, start: Start) -> Row:
         return first_row(start, (), None)
@@ -59,10 +61,13 @@ class ReferenceStepper:
         s = row.state
         sc = s.sc[0] if s.sc else None
         passes = row.passes + (~s.done).astype(mx.int32)
-        request = Pass(s.canvas, cache, sc)
+        soft = row.start.soft if row.first else None
+        request = Pass(s.canvas, cache, sc, soft=soft)
         yield request
         logits = request.result
-        out = self._step(row.cfg)(logits, s.canvas, s.argmax, sc, s.done, s.history, row.step, key)
+        out = self._step(row.cfg, row.start.settle)(
+            logits, s.canvas, s.argmax, sc, s.done, s.history, row.step, key
+        )
         done = out.done if row.start.adaptive else s.done
         state = s._replace(
             canvas=out.canvas, argmax=out.argmax, history=out.history, done=done, sc=(out.logits,)
@@ -72,9 +77,9 @@ class ReferenceStepper:
     def finish(self, model: Any, cache: DiffusionCache, row: Row) -> None:
         pass
 
-    def _step(self, cfg: SamplerConfig) -> Callable[..., StepOutput]:
+    def _step(self, cfg: SamplerConfig, settle: bool) -> Callable[..., StepOutput]:
         if self.step_fn is not None:
             return self.step_fn
-        if cfg not in self._steps:
-            self._steps[cfg] = sampler_step(cfg, self.compiled)
-        return self._steps[cfg]
+        if (cfg, settle) not in self._steps:
+            self._steps[(cfg, settle)] = sampler_step(cfg, self.compiled, settle)
+        return self._steps[(cfg, settle)]

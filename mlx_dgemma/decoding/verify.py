@@ -5,13 +5,21 @@ denoises from that guess instead of from uniform noise (the canvas loop's hooks:
 
 1. A fraction ``renoise`` of the drafted positions is replaced by uniform noise, so the target must predict
    those itself rather than copy its input.
-2. The stability history of the stopping test is seeded with the draft. The stopping test is unchanged: the
-   target's argmax must equal the previous argmax (here: the draft) at every position, and the target's own
-   mean entropy must be under the confidence threshold. A draft the target agrees with commits after one pass;
-   one it partly agrees with is denoised further by the target's own loop.
-3. Guard: if the first pass agrees with fewer than ``guard`` of the drafted positions, the canvas is denoised
+2. The stability history of the stopping test is seeded with the draft, and with the proposer's guesses at the
+   positions it did not draft (``seed_guesses``: a drafter's argmax where it is unsure). The stopping test is
+   unchanged: the target's argmax must equal the previous argmax (here: the draft) at every position, and the
+   target's own mean entropy must be under the confidence threshold. A draft the target agrees with commits after
+   one pass; one it partly agrees with is denoised further by the target's own loop.
+3. ``condition``: the first pass is self-conditioned on the proposer's distribution (``Proposal.soft``, the soft
+   embedding of the drafter's top-k), as every later pass is on the target's own previous one. Without it the first
+   pass reads the draft with no self-conditioning and is rarely sure enough to stop.
+4. ``settle`` (the reference stepper): a position whose input token the target's argmax reproduces with an entropy
+   under the confidence threshold is accepted without spending the sampler's entropy budget; held drafted tokens
+   would otherwise use the budget up every step and the rest of the canvas would wait (fast mode's freeze does
+   the same for its frozen positions).
+5. Guard: if the first pass agrees with fewer than ``guard`` of the drafted positions, the canvas is denoised
    again from noise exactly as without a draft.
-4. A session whose drafted canvases keep getting rejected switches its proposer off (``DraftSession``).
+6. A session whose drafted canvases keep getting rejected switches its proposer off (``DraftSession``).
 
 ``blind`` verification (``VerifyConfig(blind=True)``) never shows the target the draft: its first pass runs over
 noise, exactly the reference's first pass, and a drafted token enters the next decoder input only where it equals
@@ -23,8 +31,9 @@ after the first pass, sure or not (``python -m demo.eval_drafter --blind`` measu
 ``hold`` (``VerifyConfig(hold=True)``) keeps the draft in play after the first pass. The reference's sampler
 re-noises every position it does not accept, so without it a draft the target agrees with is mostly thrown away
 after one pass and re-derived over several. Held, a drafted token the target's argmax agrees with stays in the next
-input wherever the sampler did not accept it. A perfect draft then commits in about two passes (the first reads it
-without self-conditioning and is not yet sure enough). A wrong token the target is led to agree with is held just
+input wherever the sampler did not accept it. A perfect draft then commits in about two passes without
+``condition`` (the first pass, with no self-conditioning, is not yet sure enough); with it, half the long demo's
+drafted canvases commit after one (docs/drafter.md). A wrong token the target is led to agree with is held just
 as firmly, so hold pays only with drafts of what the drafter is sure of (``DrafterProposer(confidence=...)``).
 
 What is committed is always the target's argmax, under the target's commit rule (or at the step limit): a draft
@@ -35,7 +44,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import mlx.core as mx
@@ -60,8 +69,13 @@ class VerifyConfig:
     min_success: float = 0.3  # a session whose drafts succeed less often than this ...
     patience: int = 4  # ... after this many drafted canvases turns its proposer off
     hold: bool = True  # after every pass, drafted tokens equal to the target's argmax join the next input
-    draft_ends: bool = False  # draft end-of-sequence and pad tokens too (DraftSession.propose says why not)
+    draft_ends: bool = True  # draft end-of-sequence and pad tokens too (DraftSession.propose)
     blind: bool = False  # the first pass runs over noise; agreeing drafted tokens join the next input (above)
+    condition: bool = (
+        True  # the first pass is self-conditioned on the proposer's distribution (``Proposal.soft``)
+    )
+    seed_guesses: bool = True  # the history holds the proposer's guess at undrafted positions too
+    settle: bool = True  # positions the target reproduces surely spend none of the sampler's entropy budget
 
     def __post_init__(self) -> None:
         for name in ("renoise", "guard", "min_success"):
@@ -75,10 +89,14 @@ class VerifyConfig:
 @dataclass
 class Proposal:
     """A drafted canvas: ``canvas`` int32 [B, C]; ``drafted`` bool [B, C] marks the positions it proposes
-    (the others are noise the target denoises as usual)."""
+    (the others start as noise the target denoises as usual)."""
 
     canvas: mx.array
     drafted: mx.array
+    # Where the canvas is the proposer's guess though not drafted (a drafter's unsure positions: its argmax).
+    # The stability history is seeded there too (``VerifyConfig.seed_guesses``); None: the drafted positions.
+    guessed: mx.array | None = None
+    soft: mx.array | None = None  # [B, C, H]: the proposer's distribution as a soft embedding (``condition``)
 
 
 class Proposer(Protocol):
@@ -105,9 +123,10 @@ def draft_start(
 
 
 def seeded_history(proposal: Proposal, cfg: SamplerConfig) -> mx.array:
-    """The stability test's argmax history with the draft as the previous argmax at its drafted positions."""
+    """The stability test's argmax history with the draft as the previous argmax where it guessed (``Proposal``)."""
     history = init_history(cfg, *proposal.canvas.shape)
-    return mx.where(proposal.drafted[None], proposal.canvas.astype(mx.int32)[None], history)
+    guessed = proposal.drafted if proposal.guessed is None else proposal.drafted | proposal.guessed
+    return mx.where(guessed[None], proposal.canvas.astype(mx.int32)[None], history)
 
 
 def agreeing(argmax: mx.array, canvas: mx.array, proposal: Proposal) -> mx.array:
@@ -118,7 +137,7 @@ def agreeing(argmax: mx.array, canvas: mx.array, proposal: Proposal) -> mx.array
 
 def without_ends(proposal: Proposal, ends: Iterable[int]) -> Proposal:
     """``proposal`` drafting none of its ``ends`` tokens (end of sequence, pad): those positions start as noise."""
-    return Proposal(proposal.canvas, proposal.drafted & ~is_one_of(proposal.canvas, ends))
+    return replace(proposal, drafted=proposal.drafted & ~is_one_of(proposal.canvas, ends))
 
 
 def agreement(argmax: mx.array, proposal: Proposal) -> float:
@@ -150,13 +169,20 @@ class DraftSession:
     def propose(self, model: Model, cache: DiffusionCache) -> Proposal | None:
         """The proposer's draft of the next canvas, or None (switched off, or nothing to propose).
 
-        Unless ``VerifyConfig.draft_ends``, it drafts no end token (the model's end-of-sequence and pad tokens, and
-        ``ends``, the tokenizer's own end tokens): a drafted end fixes the answer's length, and a target that trusts it fills a misjudged length
-        with misaligned text (measured on the long demo: fast + an earlier drafter lost 5 points more with drafted
-        ends; held perfect drafts took 2.0 passes a canvas, 2.2 with drafted ends).
+        With ``VerifyConfig(draft_ends=False)`` it drafts no end token (the model's end-of-sequence and pad tokens,
+        and ``ends``, the tokenizer's own end tokens): a drafted end fixes the answer's length, and a target that
+        trusts a misjudged one fills it with misaligned text (with an earlier, less accurate drafter, fast +
+        drafter lost 5 points with drafted ends). With the drafter's distribution as the first pass's
+        self-conditioning and its guesses seeded, drafted ends cost no exact match and save passes (docs/drafter.md).
         """
         proposal = self.proposer.propose(model, cache) if self.active else None
-        if proposal is None or self.config.draft_ends:
+        if proposal is None:
+            return None
+        if not self.config.seed_guesses:
+            proposal = replace(proposal, guessed=None)
+        if not self.config.condition:
+            proposal = replace(proposal, soft=None)
+        if self.config.draft_ends:
             return proposal
         return without_ends(proposal, {*model.args.eos_token_id, model.args.pad_token_id or 0, *self.ends})
 

@@ -1,5 +1,6 @@
-"""A drafter folder: ``config.json`` (the drafter's shape and the target it was trained for) and
-``drafter.safetensors`` (its weights only: the target's embedding and LM head are shared, not stored)."""
+"""A drafter folder: ``config.json`` (the drafter's shape and the target it was trained for),
+``drafter.safetensors`` (its weights only: the target's embedding and LM head are shared, not stored) and, optionally,
+``shortlist.safetensors`` (its draft vocabulary: ``mlx_dgemma.drafter.head``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_dgemma.drafter.head import Shortlist, read_shortlist
 from mlx_dgemma.drafter.model import Drafter, DrafterArgs
 from mlx_dgemma.errors import DrafterError
 from mlx_dgemma.model.arrays import flatten, load_safetensors
@@ -110,3 +112,8 @@ def load_drafter(folder: str | Path, model: Any) -> Drafter:
     drafter.eval()
     mx.eval(drafter.parameters())
     return drafter
+
+
+def load_shortlist(folder: str | Path, model: Any) -> Shortlist | None:
+    """The draft vocabulary shortlist in ``folder`` (None: the drafter drafts over the whole vocabulary)."""
+    return read_shortlist(folder, model.args.vocab_size)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -15,13 +16,22 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_dgemma.decoding.fast import sparse_soft
 from mlx_dgemma.decoding.sampler import initial_canvas
 from mlx_dgemma.decoding.verify import Proposal, Proposer
-from mlx_dgemma.drafter.checkpoint import DrafterError, drafting_confidence, load_drafter, matches
+from mlx_dgemma.drafter.checkpoint import (
+    DrafterError,
+    drafting_confidence,
+    load_drafter,
+    load_shortlist,
+    matches,
+)
+from mlx_dgemma.drafter.head import DraftHead, Shortlist
 from mlx_dgemma.drafter.model import Drafter
 from mlx_dgemma.model.cache import DiffusionCache
 from mlx_dgemma.model.diffusion_gemma import Model
 
+SOFT_TOPK = 64  # the draft distribution's support in the target's self-conditioning input (fast mode's k)
 BUNDLED = "drafter"  # a model folder's own drafter lives in this subfolder (the embedded demo model has one)
 
 
@@ -30,19 +40,30 @@ class DrafterProposer:
 
     ``confidence``: draft only the positions whose drafter probability reaches it; the rest start as noise
     that the target denoises itself. A wrong draft token costs more than no draft: an unsure target can
-    settle on it (measured on the long demo), so the drafter proposes what it is sure of."""
+    settle on it (measured on the long demo), so the drafter proposes what it is sure of.
+
+    ``shortlist``: draft only these vocabulary ids (plus, by default, each request's prompt tokens): the head
+    costs S/V of the full one (``mlx_dgemma.drafter.head``; ``benchmarks.drafter_head`` measures what it keeps)."""
 
     name = "drafter"
 
-    def __init__(self, drafter: Drafter, passes: int = 1, confidence: float = 0.0):
+    def __init__(
+        self, drafter: Drafter, passes: int = 1, confidence: float = 0.0, shortlist: Shortlist | None = None
+    ):
         if not 0.0 <= confidence < 1.0:
             raise DrafterError(f"the draft confidence must be in [0, 1) (got {confidence!r})")
         self.drafter, self.passes, self.confidence = drafter, passes, confidence
         self.capture = tuple(drafter.args.target_layers)
+        self.shortlist = shortlist
+        # The shortlist's head per target embedding, built on first use; shared by the sessions' copies.
+        self.heads: dict[int, DraftHead] = {}
+        self.begin([])
 
     def begin(self, prompt_ids: list[list[int]]) -> None:
         self.context: mx.array | None = None
         self.chunks = 0
+        self.prompt_ids = {t for ids in prompt_ids for t in ids}
+        self.head: DraftHead | None = None  # this request's: the shortlist's (plus its prompt's tokens)
 
     def propose(self, model: Model, cache: DiffusionCache) -> Proposal | None:
         if cache.capture != self.capture or sum(f.shape[1] for f in cache.features) != cache.offset:
@@ -53,17 +74,50 @@ class DrafterProposer:
         valid = cache.valid[:, -T:] if cache.valid is not None else None
         B, C = self.context.shape[0], model.args.canvas_length
         tokens = mx.full((B, C), model.args.pad_token_id, dtype=mx.int32)
+        head = self._head(model)
         for _ in range(self.passes):
             h = self.drafter(model.model.decoder.embed(tokens), self.context, valid)
-            logits = model.logits(h)
-            tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
+            if head is None:
+                logits = model.logits(h)
+                tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
+            else:  # the shortlist's logits: its argmax index mapped back to a vocabulary id
+                logits = head.logits(h)
+                tokens = head.ids[mx.argmax(logits, axis=-1)]
+        soft = self._soft(model, logits, head)
         if self.confidence == 0.0:
-            return Proposal(tokens, mx.ones(tokens.shape, dtype=mx.bool_))
+            everywhere = mx.ones(tokens.shape, dtype=mx.bool_)
+            return Proposal(tokens, everywhere, guessed=everywhere, soft=soft)
         # p(argmax) = exp(max - logsumexp): two reductions, no host read (the mask stays on the device). In fp32
         # only here: the default path does not copy [C, V] logits (a 268 MB cast per proposal on the 26B model).
         logits = logits.astype(mx.float32)
-        sure = mx.max(logits, axis=-1) - mx.logsumexp(logits, axis=-1) >= math.log(self.confidence)
-        return Proposal(tokens, sure)
+        total = mx.logsumexp(logits, axis=-1)
+        rest = head.log_rest(h) if head is not None else None
+        if rest is not None:  # the shortlist's mass plus an estimate of the rest's (DraftHead.log_rest)
+            total = mx.logaddexp(total, rest)
+        sure = mx.max(logits, axis=-1) - total >= math.log(self.confidence)
+        # Unsure positions start as noise; the argmax there is still the drafter's guess (the history's seed).
+        return Proposal(tokens, sure, guessed=mx.ones(tokens.shape, dtype=mx.bool_), soft=soft)
+
+    def _head(self, model: Model) -> DraftHead | None:
+        """This request's shortlist head (None: the target's full head), built once per target embedding."""
+        if self.shortlist is None:
+            return None
+        if self.head is None:
+            embedding = model.model.decoder.embed_tokens
+            base = self.heads.get(id(embedding))
+            if base is None or base.embedding is not embedding:
+                base = self.heads[id(embedding)] = DraftHead.for_model(model, self.shortlist)
+            self.head = base.extended(self.prompt_ids) if self.shortlist.prompt else base
+        return self.head
+
+    def _soft(self, model: Model, logits: mx.array, head: DraftHead | None = None) -> mx.array:
+        """The draft's distribution as the target's self-conditioning input: the soft embedding of its top-k
+        (fast mode's sparse form: k gathered embedding rows, not a [C, V] @ [V, H] product); over a shortlist,
+        its top-k mapped back to vocabulary ids."""
+        k = min(SOFT_TOPK, logits.shape[-1])
+        ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+        values = mx.take_along_axis(logits, ids, axis=-1)
+        return sparse_soft(model, values, ids if head is None else head.ids[ids])
 
     def _read(self, cache: DiffusionCache) -> None:
         """Fuse the feature chunks encoded since the last proposal; keep the latest ``context_window``."""
@@ -142,9 +196,18 @@ def bundled_drafter(model: Model) -> Path | None:
     if folder is None or not folder.is_dir():
         return None
     try:
-        return folder if matches(folder, model) else None
-    except DrafterError:
-        return None
+        if matches(folder, model):
+            return folder
+        problem = "was trained for another target"
+    except DrafterError as e:
+        problem = f"cannot be read ({e})"
+    # Not silent: a hand-copied drafter folder would otherwise just cost the user its passes.
+    logging.getLogger(__name__).warning(
+        "the drafter in %s %s: decoding without it (train one for this model with mlx_dgemma.drafter.train)",
+        folder,
+        problem,
+    )
+    return None
 
 
 def make_proposer(spec: Any, model: Model) -> Proposer | None:
@@ -169,5 +232,9 @@ def make_proposer(spec: Any, model: Model) -> Proposer | None:
 
 
 def from_folder(folder: str | Path, model: Model) -> DrafterProposer:
-    """The drafter in ``folder``, drafting at the confidence its folder records."""
-    return DrafterProposer(load_drafter(folder, model), confidence=drafting_confidence(folder))
+    """The drafter in ``folder``, drafting at the confidence its folder records, over its shortlist if it has one."""
+    return DrafterProposer(
+        load_drafter(folder, model),
+        confidence=drafting_confidence(folder),
+        shortlist=load_shortlist(folder, model),
+    )

@@ -1,19 +1,24 @@
 """``mlx_dgemma.drafter.train``: distil a drafter from a target model.
 
-    mlx_dgemma.drafter.train --model TARGET --data prompts.jsonl --out DRAFTER [--iters 2000] [--resume]
+    mlx_dgemma.drafter.train --model TARGET --data DATA --out DRAFTER [--from-data] [--iters 2000] [--resume]
 
-1. Distillation data (``distill.py``): the target answers every prompt; each committed canvas becomes a sample
-   (the target's context features before it, and the canvas). Saved in ``<out>.work/`` once collected.
-   ``--from-data``: the data's own answers instead (prompt/completion records, e.g. the target's fine-tuning
-   set), teacher-forced through the target's encoder: one encoder pass per record, no generation.
-2. Training: the drafter learns to propose the target's canvas, from no canvas tokens at all (the first pass at
+1. Data (``data.py``): ``--data`` is a JSONL / JSON / parquet file, a folder of them, or a Hugging Face dataset id
+   (``--split``, default train); records in any common shape (chat messages, prompt/completion, ShareGPT, Alpaca,
+   question/answer). ``--max-records`` takes the first N.
+2. Features (``distill.py``, ``features.py``): the target answers every prompt (its own sampler) or, with
+   ``--from-data``, encodes each record's prompt and answer once, teacher-forced (no generation); each answer
+   canvas becomes a sample (the target's context features before it, and the canvas). The features stream to disk
+   in shards (``--features``, default ``<work>/features``) as records are encoded; a run continues the shards an
+   earlier one completed with the same data and flags. The plan (records, canvases, disk) is printed first.
+3. Training: the drafter learns to propose the target's canvas, from no canvas tokens at all (the first pass at
    inference, half the rows) or from a partly blanked copy of it (what further passes see). Cross-entropy through
-   the target's frozen LM head; AdamW with a cosine schedule; 5% of the samples held out for canvas accuracy.
-3. ``--out``: the drafter folder (config records the target it was trained for), written atomically.
+   the target's frozen LM head; AdamW with a cosine schedule; 5% of the samples held out for canvas accuracy. The
+   features are read memory-mapped: memory does not grow with the data.
+4. ``--out``: the drafter folder (config records the target it was trained for), written atomically.
 
 Checkpoints (weights, optimizer, step) go to ``--work`` (default ``<out>.work/``) every ``--save-every`` steps,
 in training's layout (``mlx_dgemma.train.checkpoint``: a step folder named by ``checkpoint.json``); ``--resume``
-continues there.
+continues there. docs/drafter-training.md has the command for the 26B model and its cost.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from tqdm import tqdm
 from mlx_dgemma import load
 from mlx_dgemma.cli.shared import run_cli
 from mlx_dgemma.drafter.checkpoint import WEIGHTS_FILE, DrafterError, save_drafter
-from mlx_dgemma.drafter.distill import SAMPLES_FILE, Samples, collect, collect_from_data, read_prompts
+from mlx_dgemma.drafter.data import resolve
+from mlx_dgemma.drafter.distill import collect_features
+from mlx_dgemma.drafter.head import build_for_folder
 from mlx_dgemma.drafter.model import Drafter, DrafterArgs
 from mlx_dgemma.model.arrays import flatten, load_safetensors
 from mlx_dgemma.train import TrainConfig
@@ -67,19 +74,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", default=None, help="the target: model folder or hub id (default: the embedded demo)"
     )
-    p.add_argument("--data", required=True, help='prompts: JSONL with {"prompt": ...} or {"messages": [...]}')
+    p.add_argument(
+        "--data",
+        required=True,
+        help="records: a .jsonl/.json/.parquet file, a folder of them, or a Hugging Face dataset id (org/name)",
+    )
+    p.add_argument(
+        "--split", default="train", help="the split of a folder or dataset to read (default train)"
+    )
+    p.add_argument("--max-records", type=int, default=None, help="use the first N records (default: all)")
     p.add_argument("--out", required=True, help="the drafter folder to write")
     p.add_argument("--iters", type=int, default=2000, help="optimizer steps (default 2000)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay to a tenth)")
     p.add_argument("--layers", type=int, default=2, help="drafter layers (default 2)")
+    p.add_argument("--heads", type=int, default=4, help="drafter attention heads (default 4)")
+    p.add_argument("--head-dim", type=int, default=32, help="drafter attention head size (default 32)")
+    p.add_argument("--intermediate-size", type=int, default=256, help="drafter MLP width (default 256)")
+    p.add_argument(
+        "--context-window",
+        type=int,
+        default=256,
+        help="latest context positions the drafter reads (default 256); the features' disk size grows with it",
+    )
     p.add_argument(
         "--target-layers",
         default=None,
         help="target layers whose hidden states the drafter reads, "
         "e.g. 1,3,5 (default: spread over the target)",
     )
-    p.add_argument("--max-tokens", type=int, default=256, help="longest answer the target writes per prompt")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=256,
+        help="answer tokens per record: the longest answer the target writes, or the part of a record's answer "
+        "used with --from-data (default 256)",
+    )
     p.add_argument(
         "--from-data",
         action="store_true",
@@ -91,7 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="target weights' dtype (default: as stored; float32 is fastest on a CPU)",
     )
-    p.add_argument("--work", default=None, help="distillation data and checkpoints (default: <out>.work)")
+    p.add_argument("--work", default=None, help="features and checkpoints (default: <out>.work)")
+    p.add_argument(
+        "--features",
+        default=None,
+        help="the feature store (default: <work>/features); another run with the same data and flags reuses it",
+    )
+    p.add_argument(
+        "--shard-mb",
+        type=float,
+        default=1024,
+        help="feature shard size in MB (default 1024): the resume unit",
+    )
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument(
         "--confidence",
@@ -100,8 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="record the probability from which the drafter drafts a position (default 0: every one; "
         "choose it by measuring, e.g. python -m demo.eval_drafter --split valid --confidence 0.9)",
     )
+    p.add_argument(
+        "--shortlist",
+        type=int,
+        default=0,
+        help="also write a draft vocabulary of this many of the data's most frequent answer tokens "
+        "(mlx_dgemma.drafter.head; e.g. 32768 for the 26B model; default 0: the full head)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from <out>.work/")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue training from the checkpoint in --work (collection always continues its shards)",
+    )
     return p
 
 
@@ -118,11 +170,21 @@ def check_args(args: argparse.Namespace) -> None:
         ("--layers", args.layers, 1),
         ("--max-tokens", args.max_tokens, 1),
         ("--save-every", args.save_every, 0),
+        ("--heads", args.heads, 1),
+        ("--head-dim", args.head_dim, 2),
+        ("--intermediate-size", args.intermediate_size, 1),
+        ("--context-window", args.context_window, 1),
+        ("--max-records", 1 if args.max_records is None else args.max_records, 1),
+        ("--shortlist", args.shortlist, 0),
     ):
         if value < least:
             raise DrafterError(f"{flag} must be at least {least} (got {value})")
     if not 0.0 <= args.confidence < 1.0:
         raise DrafterError(f"--confidence must be in [0, 1) (got {args.confidence})")
+    if args.head_dim % 2:
+        raise DrafterError(f"--head-dim must be even (rotary embeddings; got {args.head_dim})")
+    if not (math.isfinite(args.shard_mb) and args.shard_mb > 0):
+        raise DrafterError(f"--shard-mb must be a positive number (got {args.shard_mb})")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise DrafterError(f"--lr must be a positive number (got {args.lr})")
 
@@ -131,7 +193,13 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     out = Path(args.out).expanduser()
     work = Path(args.work).expanduser() if args.work else out.with_name(out.name + ".work")
+    source = resolve(args.data, args.split)  # a bad --data fails before the target loads
     model, tokenizer = load(args.model, getattr(mx, args.dtype) if args.dtype else None)
+    if args.shortlist > model.args.vocab_size:
+        raise DrafterError(
+            f"--shortlist {args.shortlist} is larger than the target's vocabulary ({model.args.vocab_size}): "
+            "give a smaller one, or 0 for the full head"
+        )
     a = model.args
     layers = (
         [int(x) for x in args.target_layers.split(",")]
@@ -148,42 +216,37 @@ def run(args: argparse.Namespace) -> int:
         canvas_length=a.canvas_length,
         target_layers=layers,
         num_layers=args.layers,
+        num_heads=args.heads,
+        head_dim=args.head_dim,
+        intermediate_size=args.intermediate_size,
+        context_window=args.context_window,
     )
     work.mkdir(parents=True, exist_ok=True)
-    samples_file = work / SAMPLES_FILE
-    if args.resume and samples_file.is_file():
-        samples = Samples.load(samples_file)
-        print(f"distillation data: {len(samples)} canvases from {samples.prompts} prompts (from {work})")
-    elif args.from_data:
-        print(f"distillation from the data's answers (teacher-forced), reading layers {layers}")
-        with progress_bar(0, "encode", "record") as bar:
-            samples = collect_from_data(
-                model,
-                tokenizer,
-                args.data,
-                layers,
-                dargs.context_window,
-                args.max_tokens,
-                lambda done, total, canvases, seconds: _advance(bar, done, f"{canvases} canvases", total),
-            )
-        print(f"distillation: {len(samples)} canvases from {samples.prompts} records")
-        samples.save(samples_file)
-    else:
-        prompts = read_prompts(args.data)
-        print(f"distillation: the target answers {len(prompts)} prompts, reading layers {layers}")
-        with progress_bar(len(prompts), "distil", "prompt") as bar:
-            samples = collect(
-                model,
-                tokenizer,
-                prompts,
-                layers,
-                dargs.context_window,
-                args.max_tokens,
-                args.seed,
-                lambda done, total, canvases, seconds: _advance(bar, done, f"{canvases} canvases"),
-            )
-        print(f"distillation: {len(samples)} canvases from {len(prompts)} prompts")
-        samples.save(samples_file)
+    features = Path(args.features).expanduser() if args.features else work / "features"
+    how = "the data's answers (teacher-forced)" if args.from_data else "the target's own answers"
+    files = f"{len(source.files)} file{'s' * (len(source.files) != 1)}"
+    print(f"distillation from {how}, reading layers {layers}; data {source.name} ({files})")
+    with StageProgress(sys.stdout) as progress:
+        samples = collect_features(
+            model,
+            tokenizer,
+            source,
+            features,
+            capture=layers,
+            window=args.context_window,
+            max_tokens=args.max_tokens,
+            from_data=args.from_data,
+            max_records=args.max_records,
+            seed=args.seed,
+            dtype=args.dtype or "as stored",
+            shard_bytes=int(args.shard_mb * 2**20),
+            progress=progress,
+        )
+    print(f"distillation: {len(samples)} canvases from {samples.records} records")
+    if len(samples) < 2:
+        raise DrafterError(
+            f"{len(samples)} canvas to train on: a drafter needs at least 2 (one is held out): give more records"
+        )
     mx.random.seed(args.seed)
     drafter = Drafter(dargs)
     trainer = DrafterTrainer(drafter, model, samples, train_config(args), work)
@@ -192,6 +255,11 @@ def run(args: argparse.Namespace) -> int:
     stats = trainer.run(Progress(args.iters, sys.stdout, every=REPORT_EVERY, mean_of=LOSS_WINDOW))
     extra = {"propose": {"confidence": args.confidence}} if args.confidence else {}
     save_drafter(drafter, model, out, {"training": stats, **extra})
+    if args.shortlist:  # after the drafter's folder is written: saving it replaces the folder
+        _, share, _ = build_for_folder(
+            out, model, tokenizer, args.data, args.shortlist, prompt=True, limit=args.max_records
+        )
+        print(f"shortlist: {args.shortlist:,} tokens, {share:.1%} of the data's answer tokens")
     print(
         f"drafter for {model.source}: {out} ({stats['parameters']:,} parameters; held-out canvas accuracy "
         f"{stats['held_out_canvas_accuracy']:.1%}, token accuracy {stats['held_out_token_accuracy']:.1%})"
@@ -214,23 +282,57 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def progress_bar(total: int, desc: str, unit: str) -> tqdm:
-    """The distillation's bar on a terminal; disabled when the output is piped (the caller prints lines then)."""
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit=unit,
-        file=sys.stdout,
-        dynamic_ncols=True,
-        disable=not sys.stdout.isatty(),
-    )
+class StageProgress:
+    """Collection's progress: a tqdm bar per stage (scan, encode, distil) on a terminal; plain lines when piped,
+    one per twentieth of a stage (per ``UNKNOWN_EVERY`` records while its total is unknown) and one at its end."""
 
+    UNKNOWN_EVERY = 1000
 
-def _advance(bar: tqdm, done: int, postfix: str, total: int | None = None) -> None:
-    if total is not None and bar.total != total:
-        bar.total = total
-    bar.set_postfix_str(postfix, refresh=False)
-    bar.update(done - bar.n)
+    def __init__(self, out: Any):
+        self.out, self.live = out, out.isatty()
+        self.bar: tqdm | None = None
+        self.stage, self.shown, self.done, self.last = "", 0, 0, ""
+
+    def __enter__(self) -> StageProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __call__(self, stage: str, done: int, total: int, note: str = "") -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage, self.shown = stage, 0
+            if self.live:
+                self.bar = tqdm(
+                    total=total or None, desc=stage, unit="record", file=self.out, dynamic_ncols=True
+                )
+        text = f"{stage} {done:,}{f'/{total:,}' if total else ''} records" + (f", {note}" if note else "")
+        self.last, self.done = text, done
+        if self.bar is not None:
+            self.bar.set_postfix_str(note, refresh=False)
+            self.bar.update(done - self.bar.n)
+            return
+        every = max(1, total // 20) if total else self.UNKNOWN_EVERY
+        if done - self.shown >= every or done == total:
+            self.line(text)
+            self.shown = done
+
+    def line(self, text: str) -> None:
+        """A line of its own, above the bar on a terminal."""
+        if self.bar is not None:
+            self.bar.write(text, file=self.out)
+        else:
+            print(text, file=self.out, flush=True)
+
+    def close(self) -> None:
+        """End the stage: close its bar, or print its last count if no line showed it."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.last and self.done != self.shown:
+            self.line(self.last)
+        self.last = ""
 
 
 class DrafterTrainer:
@@ -241,9 +343,8 @@ class DrafterTrainer:
     """
 
     def __init__(self, drafter, model, samples, cfg: TrainConfig, work: Path):
+        # samples: a FeatureStore (memory-mapped shards) or in-memory Samples; both read as window / targets.
         self.drafter, self.model, self.samples, self.cfg, self.work = drafter, model, samples, cfg, work
-        self.features = np.array(samples.features)
-        self.canvases = np.array(samples.canvases)
         order = np.random.default_rng(cfg.seed).permutation(len(samples))
         held = max(1, int(HELD_OUT * len(samples)))
         self.valid_idx, self.train_idx = order[:held], order[held:]
@@ -255,13 +356,13 @@ class DrafterTrainer:
         """Left-padded features [B, T, F], their validity [B, T] and the target canvases [B, C]."""
         s = self.samples
         T = int(s.lengths[idx].max())
-        feats = np.zeros((len(idx), T, self.features.shape[-1]), dtype=np.float32)
+        feats = np.zeros((len(idx), T, s.feature_size), dtype=np.float32)
         valid = np.zeros((len(idx), T), dtype=bool)
         for row, i in enumerate(idx):
-            n, at = int(s.lengths[i]), int(s.starts[i])
-            feats[row, T - n :] = self.features[at : at + n]
-            valid[row, T - n :] = True
-        return mx.array(feats), mx.array(valid), mx.array(self.canvases[idx])
+            window = s.window(int(i))
+            feats[row, T - len(window) :] = window
+            valid[row, T - len(window) :] = True
+        return mx.array(feats), mx.array(valid), mx.array(s.targets(idx))
 
     def inputs(self, targets, rng) -> Any:
         """Half the rows see no canvas token (the first pass); the others a copy blanked at a random rate."""

@@ -1,9 +1,13 @@
 """Training data: JSONL records → the prompt and answer token ids the model is trained on.
 
-One JSON object per line (blank lines are skipped), either form:
+One JSON object per line (blank lines are skipped), in any of the common shapes:
 
-* ``{"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", "content": "..."}]}``
+* ``{"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", "content": "..."}]}`` (OpenAI chat)
 * ``{"prompt": "...", "completion": "...", "system": "..." (optional)}``
+* ``{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}`` (ShareGPT)
+* ``{"instruction": "...", "input": "..." (optional), "output": "..."}`` (Alpaca; Dolly's ``context`` /
+  ``response`` too)
+* ``{"question": "...", "answer": "..."}``
 
 The prompt is exactly what generation feeds the encoder: the chat template over every message but the last, with
 the generation prompt (``request.encode_prompt``). The answer is the last (assistant) message's text followed
@@ -131,31 +135,110 @@ def encode_record(record: Any, tokenizer: Any, eos_ids: set[int]) -> Example:
 
 def record_messages(record: Any) -> list[dict[str, Any]]:
     """The chat messages of a record, checked: at least one prompt message, and an assistant message last."""
+    messages = _shape_messages(record, answer=True)
+    if len(messages) < 2 or messages[-1]["role"] not in ("assistant", "model"):
+        raise ValueError("'messages' needs a prompt message and must end with the assistant's answer")
+    return messages
+
+
+def prompt_messages(record: Any) -> list[dict[str, Any]]:
+    """The messages a record asks the model to answer: any shape :func:`record_messages` reads, its answer
+    optional (``{"prompt": ...}``, a conversation ending with the user) and dropped when there is one."""
+    messages = _shape_messages(record, answer=False)
+    if messages and messages[-1]["role"] in ("assistant", "model"):
+        messages = messages[:-1]
+    if not messages:
+        raise ValueError("no prompt message: the record holds only an answer")
+    return messages
+
+
+# ShareGPT's speaker names, as the chat roles they stand for.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+}
+SHAPES = (
+    "expected 'messages' or 'prompt' and 'completion' (or 'conversations', 'instruction' and 'output', "
+    "'question' and 'answer')"
+)
+
+
+def _shape_messages(record: Any, answer: bool) -> list[dict[str, Any]]:
+    """A record of any known shape as chat messages; with ``answer`` the shape's answer field is required."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise ValueError('\'messages\' must be a list of {"role": ..., "content": ...} objects')
-        for i, m in enumerate(messages):
-            if m["role"] not in ROLES:
-                raise ValueError(f"message {i + 1} has role {m['role']!r}: use one of {', '.join(ROLES)}")
-            message_text(m)  # checks the content's type
-        if len(messages) < 2 or messages[-1]["role"] not in ("assistant", "model"):
-            raise ValueError("'messages' needs a prompt message and must end with the assistant's answer")
-        return messages
-    if "prompt" in record and "completion" in record:
-        if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
-            raise ValueError("'prompt' and 'completion' must be strings")
-        if not record["prompt"].strip():
-            raise ValueError("the prompt is empty")
-        system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-        return [
-            *system,
-            {"role": "user", "content": record["prompt"]},
-            {"role": "assistant", "content": record["completion"]},
-        ]
-    raise ValueError(f"expected 'messages' or 'prompt' and 'completion', found keys {sorted(record)}")
+        return _checked_messages(record["messages"], "messages")
+    if "conversations" in record:
+        return _sharegpt(record["conversations"])
+    pairs = (
+        ("prompt", ("completion",)),
+        ("instruction", ("output", "response")),
+        ("question", ("answer",)),
+    )
+    for prompt_key, answer_keys in pairs:
+        answer_key = next((k for k in answer_keys if k in record), None)
+        if prompt_key in record and (answer_key is not None or not answer):
+            return _pair(record, prompt_key, answer_key)
+    raise ValueError(f"{SHAPES}, found keys {sorted(record)}")
+
+
+def _checked_messages(messages: Any, key: str) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError(f'\'{key}\' must be a list of {{"role": ..., "content": ...}} objects')
+    for i, m in enumerate(messages):
+        if m["role"] not in ROLES:
+            raise ValueError(f"message {i + 1} has role {m['role']!r}: use one of {', '.join(ROLES)}")
+        message_text(m)  # checks the content's type
+    return messages
+
+
+def _sharegpt(turns: Any) -> list[dict[str, Any]]:
+    """ShareGPT's ``{"from", "value"}`` turns as messages (role/content turns are taken as they are)."""
+    if isinstance(turns, list) and all(isinstance(t, dict) and "role" in t for t in turns):
+        return _checked_messages(turns, "conversations")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t for t in turns):
+        raise ValueError('\'conversations\' must be a list of {"from": ..., "value": ...} objects')
+    messages = []
+    for i, turn in enumerate(turns):
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise ValueError(
+                f"turn {i + 1} is from {turn['from']!r}: use one of {', '.join(sorted(SHAREGPT_ROLES))}"
+            )
+        if not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {i + 1}'s 'value' must be a string")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def _pair(record: dict[str, Any], prompt_key: str, answer_key: str | None) -> list[dict[str, Any]]:
+    """A prompt/answer record (prompt/completion, Alpaca's instruction/input/output, question/answer)."""
+    prompt = record[prompt_key]
+    extra = record.get("input", record.get("context")) if prompt_key == "instruction" else None
+    answer = record[answer_key] if answer_key is not None else ""
+    if not (
+        isinstance(prompt, str) and isinstance(answer, str) and (extra is None or isinstance(extra, str))
+    ):
+        names = " and ".join(f"'{k}'" for k in (prompt_key, answer_key) if k is not None)
+        raise ValueError(f"{names} must be strings")
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    if extra and extra.strip():
+        prompt = f"{prompt.strip()}\n\n{extra.strip()}"  # Alpaca's input follows its instruction
+    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    messages = [*system, {"role": "user", "content": prompt}]
+    if answer_key is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
 
 
 def message_text(message: dict[str, Any]) -> str:

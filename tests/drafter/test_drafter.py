@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -310,7 +311,9 @@ def test_drafter_train_cli_distils_resumes_and_records_its_target(demo, tmp_path
         "trainer_state.json",
     }
     assert drafter_train.main([*argv[:5], "8", *argv[6:], "--resume"]) == 0
-    assert "resuming at step 4" in capsys.readouterr().out
+    printed = capsys.readouterr().out  # the features are reused, training continues its checkpoint
+    assert "features: all 3 records collected already" in printed and "resuming at step 4" in printed
+    assert "distil 1/3" not in printed
     assert json.loads((out / "config.json").read_text())["training"]["steps"] == 8
     assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]  # the folder writers left nothing
     proposer = make_proposer(out, model)
@@ -524,17 +527,18 @@ def test_held_drafts_stay_in_the_input_and_commit_sooner(demo, fast):
     assert saved > 0
 
 
-def test_drafted_end_tokens_start_as_noise(demo):
-    """A session drafts no end-of-sequence or pad token unless asked to (``VerifyConfig.draft_ends``)."""
+def test_drafted_end_tokens_start_as_noise_with_draft_ends_off(demo):
+    """With ``VerifyConfig(draft_ends=False)`` a session drafts no end-of-sequence or pad token; by default it
+    drafts them (measured: docs/drafter.md)."""
     model, _ = demo
     a = model.args
     canvas = mx.array(
         [[7, a.eos_token_id[0], 9, a.pad_token_id] + [11] * (a.canvas_length - 4)], dtype=mx.int32
     )
     proposer = FixedProposer([canvas])
-    session = DraftSession(proposer, [[1, 2]])
+    session = DraftSession(proposer, [[1, 2]], VerifyConfig(draft_ends=False))
     assert session.propose(model, None).drafted[0, :4].tolist() == [True, False, True, False]
-    session = DraftSession(proposer, [[1, 2]], VerifyConfig(draft_ends=True))
+    session = DraftSession(proposer, [[1, 2]])
     assert session.propose(model, None).drafted.all().item()
 
 
@@ -580,3 +584,20 @@ def test_fast_mode_freezes_held_drafted_tokens_after_the_first_pass(demo):
         )
         assert on.answer == off.answer == run(model, tokenizer, prompt, "none").answer
         assert on.stats.decoder_positions < off.stats.decoder_positions
+
+
+def test_a_bundled_drafter_for_another_target_is_ignored_with_a_warning(tmp_path, caplog):
+    """``--drafter auto`` on a folder whose ``drafter/`` was trained for another model: no drafter, and one
+    warning line naming the folder and the fix (a hand-copied drafter folder used to cost its passes silently)."""
+    import shutil
+
+    from mlx_dgemma import DEFAULT_MODEL
+
+    folder = tmp_path / "model"
+    shutil.copytree(DEMO24, folder)
+    shutil.copytree(Path(DEFAULT_MODEL) / "drafter", folder / "drafter", dirs_exist_ok=True)
+    model, _ = load(folder, dtype=mx.float32)
+    with caplog.at_level("WARNING"):
+        assert bundled_drafter(model) is None and make_proposer("auto", model) is None
+    warned = [r.getMessage() for r in caplog.records if "another target" in r.getMessage()]
+    assert warned and str(folder / "drafter") in warned[0] and "mlx_dgemma.drafter.train" in warned[0]

@@ -50,7 +50,11 @@ class Script:
     as the real model's did). Records the prompts."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *answers: list[str], finish: str | None = "stop"):
-        self.answers, self.prompts = list(answers), []
+        self.answers, self.prompts, self.generated = (
+            list(answers),
+            [],
+            [],
+        )  # generated: the model's own tokens
         real = worker_module.run_steps
 
         def canned(model: Any, tokenizer: Any, request: Any):
@@ -63,6 +67,8 @@ class Script:
                             yield dataclasses.replace(event, text=piece)
                         first = False
                     continue
+                if isinstance(event, Done):
+                    self.generated.append(event.stats.generated_tokens)
                 if isinstance(event, Done) and finish is not None:
                     event = dataclasses.replace(event, finish_reason=finish)
                 yield event
