@@ -294,9 +294,8 @@ def denoise_step(
     # argmax of the processed logits, not of logprobs: the shift by logsumexp can round near-ties together.
     new_argmax = mx.argmax(processed, axis=-1).astype(mx.int32)
 
-    if (
-        settle
-    ):  # a verified draft's canvas: sure, reproduced input tokens are accepted at no cost to the budget
+    # A verified draft's canvas (settle): sure, reproduced input tokens are accepted at no cost to the budget.
+    if settle:
         settled = (canvas == new_argmax) & (ent < cfg.confidence_threshold)
         accepted = accept_mask(mx.where(settled, 0.0, ent), cfg.entropy_bound) | settled
     else:

@@ -71,9 +71,7 @@ class VerifyConfig:
     hold: bool = True  # after every pass, drafted tokens equal to the target's argmax join the next input
     draft_ends: bool = True  # draft end-of-sequence and pad tokens too (DraftSession.propose)
     blind: bool = False  # the first pass runs over noise; agreeing drafted tokens join the next input (above)
-    condition: bool = (
-        True  # the first pass is self-conditioned on the proposer's distribution (``Proposal.soft``)
-    )
+    condition: bool = True  # the first pass is self-conditioned on the draft's distribution (Proposal.soft)
     seed_guesses: bool = True  # the history holds the proposer's guess at undrafted positions too
     settle: bool = True  # positions the target reproduces surely spend none of the sampler's entropy budget
 
