@@ -29,9 +29,7 @@ from tests.conftest import DEMO24, HANG_S
 
 @pytest.fixture(scope="module")
 def server():
-    # No drafter: a drafted canvas may commit in its first pass, before the point where Hold holds a generation.
-    app = create_app(str(DEMO24), max_concurrency=2, max_body_bytes=64 * 1024, drafter="none")
-    with BackgroundServer(app) as srv:
+    with BackgroundServer(create_app(str(DEMO24), max_concurrency=2, max_body_bytes=64 * 1024)) as srv:
         yield srv
 
 
@@ -251,7 +249,10 @@ def test_a_queued_client_that_leaves_frees_its_slot(server, monkeypatch):
     first = httpx.Client(timeout=600)
     body = {"messages": HELLO, "max_tokens": 20, "stream": True, **FAST}
     with first.stream("POST", f"{server.url}/chat/completions", json=body) as running:
-        first_line = next(running.iter_lines())  # the one running request, held
+        # Kept for the whole block: a dropped line iterator is closed when it is collected, and closing it closes
+        # the connection (httpcore), so the running client would leave by itself, racing the hold.
+        lines = running.iter_lines()
+        first_line = next(lines)  # the one running request, held
         assert hold.reached.wait(600), first_line
         # Queued behind it (the server says so), then gone: closed on that event, not after a read timeout.
         gone = send_raw(server, {"messages": HELLO, "max_tokens": 2})
