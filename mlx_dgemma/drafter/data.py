@@ -22,7 +22,7 @@ from jinja2 import TemplateError
 
 from mlx_dgemma.errors import DGemmaError, DrafterError
 from mlx_dgemma.request import encode_prompt
-from mlx_dgemma.train.data import Example, encode_record, prompt_messages
+from mlx_dgemma.train.data import Example, encode_record, one_line, prompt_messages
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 SPLITS = ("train", "validation", "valid", "val", "test", "dev", "eval")
@@ -201,7 +201,7 @@ def _parquet(path: Path) -> Iterator[tuple[str, Any]]:
                 row += 1
                 yield f"{path.name} row {row}", record
     except (OSError, ValueError) as e:  # pyarrow's errors derive from these
-        raise DrafterError(f"{path.name}: not a readable parquet file ({_one_line(e)})") from None
+        raise DrafterError(f"{path.name}: not a readable parquet file ({one_line(e)})") from None
 
 
 def examples(
@@ -238,13 +238,4 @@ def _checked(where: str, encode: Any) -> Any:
     try:
         return encode()
     except (ValueError, DGemmaError, TemplateError) as e:
-        raise DrafterError(f"{where}: {_one_line(e)}") from None
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def describe(source: Source) -> str:
-    """A short name for progress lines: the source and its file count."""
-    return source.name if len(source.files) == 1 else f"{source.name} ({len(source.files)} files)"
+        raise DrafterError(f"{where}: {one_line(e)}") from None

@@ -105,7 +105,7 @@ def load_jsonl(
                     f"{path.name} line {number}: not valid JSON ({e.msg} at column {e.colno})"
                 ) from None
             except (ValueError, DGemmaError, TemplateError) as e:
-                raise TrainError(f"{path.name} line {number}: {_one_line(e)}") from None
+                raise TrainError(f"{path.name} line {number}: {one_line(e)}") from None
             examples.append(example)
     if not examples:
         raise TrainError(f"{path} has no records: write one JSON object a line")
@@ -287,7 +287,8 @@ def _check_text(value: Any) -> None:
             _check_text(v)
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
+    """An error's message on one line (its type's name when it has none)."""
     return " ".join(str(e).split()) or type(e).__name__
 
 
